@@ -1,0 +1,206 @@
+"""`clbench fit | compare | analyze`: the command line.
+
+`fit` is a LightningCLI: `--model.*` configures CLModule, `--trainer.*` Lightning's Trainer
+(including Lightning's own `--trainer.strategy`, e.g. ddp or FSDP), `--strategy` the
+continual-learning strategy, `--stream.*` the tasks, `--run.*` the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from clbench.data.loaders import StreamConfig, load_stream
+from clbench.errors import ConfigError
+from clbench.module import CLModule
+from clbench.runner import RunConfig, Runner, prepare_run_dir
+from strategies import CLStrategy, class_path, name_of
+
+USAGE = """usage: clbench {fit,compare,analyze} ...
+
+  fit       train one strategy through a task stream:  clbench fit --strategy seqft --config FILE
+  compare   several strategies (and seeds) on one stream, one table: clbench compare --help
+  analyze   importance overlap analysis of a finished run:            clbench analyze --help
+
+Set CLBENCH_TRACEBACK=1 to see full tracebacks of errors."""
+
+
+class CLBenchCLI(LightningCLI):
+    """LightningCLI that adds the stream, the run folder and the continual-learning strategy."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_subclass_arguments(CLStrategy, "strategy", required=True, instantiate=True)
+        parser.add_class_arguments(StreamConfig, "stream")
+        parser.add_class_arguments(RunConfig, "run")
+
+    def before_instantiate_classes(self) -> None:
+        # Check data and the run folder before the (slow) model load, so bad input fails fast.
+        cfg = self.config
+        self.stream = load_stream(StreamConfig(**_plain(cfg.stream)))
+        strategy_name = cfg.strategy.class_path.rsplit(".", 1)[-1].lower()
+        for name, path in _registry_paths().items():
+            if path == cfg.strategy.class_path:
+                strategy_name = name
+        cfg.run.name = cfg.run.name or f"{self.stream.name}-{strategy_name}-seed{cfg.seed_everything}"
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"run.name: {run_dir} already holds a run; choose another run.name or remove it"
+            )
+
+
+def _registry_paths() -> dict[str, str]:
+    from strategies import available
+
+    return available()
+
+
+def _plain(ns: Namespace) -> dict:
+    """A jsonargparse namespace as plain dicts (nested task configs included)."""
+    from clbench.data.loaders import TaskConfig
+
+    d = ns.as_dict() if isinstance(ns, Namespace) else dict(ns)
+    d["tasks"] = [TaskConfig(**t) if isinstance(t, dict) else t for t in d.get("tasks", [])]
+    return d
+
+
+def resolve_strategy_args(argv: list[str]) -> list[str]:
+    """Replace registry names (`--strategy ewc`, `strategy: ewc` in a config) by class paths."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--strategy" and i + 1 < len(argv) and not argv[i + 1].lstrip().startswith(("{", "-")):
+            out += [arg, class_path(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--strategy=") and not arg.split("=", 1)[1].lstrip().startswith("{"):
+            out.append("--strategy=" + class_path(arg.split("=", 1)[1]))
+        elif arg == "--config" and i + 1 < len(argv):
+            out += [arg, _resolve_config_strategy(argv[i + 1])]
+            i += 2
+            continue
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _resolve_config_strategy(path: str) -> str:
+    """The config file, or its text with the strategy name resolved when it uses a short name."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or "strategy" not in data:
+        return path
+    strat = data["strategy"]
+    try:
+        if isinstance(strat, str):
+            data["strategy"] = {"class_path": class_path(strat)}
+        elif isinstance(strat, dict) and "class_path" in strat:
+            strat["class_path"] = class_path(strat["class_path"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: strategy: {e}") from None
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def build_cli(argv: list[str]) -> CLBenchCLI:
+    """Parse `fit` arguments and instantiate the module and strategy (no training yet)."""
+    return CLBenchCLI(
+        model_class=CLModule,
+        save_config_callback=None,  # the runner writes the resolved config into the run folder
+        trainer_defaults={
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 5,
+            "limit_val_batches": 0,
+            "devices": 1,
+        },
+        seed_everything_default=1234,
+        parser_kwargs={"exit_on_error": False, "prog": "clbench fit"},
+        args=resolve_strategy_args(argv),
+        run=False,
+        auto_configure_optimizers=False,
+    )
+
+
+def fit(argv: list[str]) -> dict:
+    """`clbench fit`: one strategy through one stream; returns the results."""
+    cli = build_cli(argv)
+    cfg = cli.config
+    trainer_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
+
+    def trainer_factory(**kwargs):
+        kwargs["callbacks"] = trainer_callbacks + list(kwargs.get("callbacks") or [])
+        return cli.instantiate_trainer(**kwargs)
+
+    strategy = cli.config_init.strategy
+    runner = Runner(
+        cli.model,
+        cli.stream,
+        strategy,
+        trainer_factory,
+        RunConfig(**cfg.run.as_dict()),
+        prompt_format=cfg.stream.prompt_format,
+        batch_size=cfg.stream.batch_size,
+        eval_batch_size=cfg.stream.eval_batch_size,
+        seed=cfg.seed_everything,
+    )
+    config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
+    results = runner.run(config_text)
+    print(
+        f"clbench: {name_of(strategy)} on {cli.stream.name}: OP {results['summary']['OP']:.3f}; "
+        f"report: {runner.run_dir / 'results.md'}"
+    )
+    return results
+
+
+def _one_line(message: str) -> str:
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    return " ".join(lines)[:600]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `clbench` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"fit": fit, "compare": _compare, "analyze": _analyze}
+    if command not in commands:
+        print(f"clbench: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        commands[command](rest)
+    except (ConfigError, ValueError, argparse.ArgumentError) as e:
+        if os.environ.get("CLBENCH_TRACEBACK"):
+            raise
+        print(f"clbench {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _compare(argv: list[str]) -> None:
+    from clbench.compare import main as compare_main
+
+    compare_main(argv)
+
+
+def _analyze(argv: list[str]) -> None:
+    from clbench.analyze import main as analyze_main
+
+    analyze_main(argv)
+
+
+__all__ = ["main", "fit", "build_cli", "prepare_run_dir"]

@@ -1,0 +1,96 @@
+"""Tokenisation and batching: left padding, loss on answer + EOS only, prompt-side truncation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from clbench.data.tasks import Example, Task
+
+IGNORE_INDEX = -100
+
+
+def format_prompt(tokenizer, prompt: str, prompt_format: str) -> list[int]:
+    """Prompt token ids: the raw text (TRACE) or the tokenizer's chat template."""
+    if prompt_format == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def truncate_prompt(prompt_ids: list[int], budget: int, bos_id: int | None) -> list[int]:
+    """Cut a prompt from the left to `budget` tokens (the end holds the question), keeping BOS."""
+    budget = max(budget, 1)
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id:
+        return [bos_id] + prompt_ids[len(prompt_ids) - budget + 1 :]
+    return prompt_ids[len(prompt_ids) - budget :]
+
+
+class TokenizedTask(Dataset):
+    """A task split tokenised once: items are dicts of prompt ids and answer ids (+ EOS).
+
+    The answer is never cut. The prompt gets at most `max_prompt_tokens`, and less when a long
+    answer would push prompt + answer past `max_prompt_tokens + max_answer_tokens`.
+    """
+
+    def __init__(
+        self, examples: Sequence[Example], task: Task, tokenizer, prompt_format: str, with_answer: bool
+    ):
+        self.items = []
+        eos = tokenizer.eos_token_id
+        for ex in examples:
+            prompt = format_prompt(tokenizer, ex.prompt, prompt_format)
+            answer = (
+                tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [eos] if with_answer else []
+            )
+            budget = min(
+                task.max_prompt_tokens, task.max_prompt_tokens + task.max_answer_tokens - len(answer)
+            )
+            self.items.append(
+                {
+                    "prompt_ids": truncate_prompt(prompt, budget, tokenizer.bos_token_id),
+                    "answer_ids": answer,
+                    "max_new_tokens": task.max_new_tokens,
+                }
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@dataclass
+class LeftPadCollator:
+    """Left-pads prompt+answer sequences; labels are -100 on prompt and padding.
+
+    Left padding keeps every sequence's last real token at the same position, which is what
+    batched generation needs; training uses the same layout so the two agree.
+    """
+
+    pad_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        seqs = [it["prompt_ids"] + it["answer_ids"] for it in items]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (it, seq) in enumerate(zip(items, seqs, strict=True)):
+            start = width - len(seq)
+            input_ids[row, start:] = torch.tensor(seq)
+            attention_mask[row, start:] = 1
+            n_ans = len(it["answer_ids"])
+            if n_ans:
+                labels[row, width - n_ans :] = torch.tensor(it["answer_ids"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch["max_new_tokens"] = max(it["max_new_tokens"] for it in items)
+        return batch

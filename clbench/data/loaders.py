@@ -1,0 +1,229 @@
+"""Reading tasks from disk: the TRACE layout, JSONL files and Hugging Face `datasets`.
+
+Every loader ends in the same validation, so a bundled stream and a user's TRACE folder are
+checked by one set of rules.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from clbench.data.tasks import Example, Task, TaskStream
+from clbench.errors import ConfigError
+from clbench.evaluation.metrics import get_metric
+
+SPLITS = ("train", "eval", "test")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a stream.
+
+    Args:
+        name: Task name, used in reports and file names.
+        path: TRACE folder, folder of {split}.jsonl files, or a `datasets` name/path;
+            relative paths resolve against the stream's `data_root`.
+        loader: "trace" (train/eval/test.json lists), "jsonl", or "hf" (`datasets.load_dataset`).
+        metric: exact_match (alias accuracy), first_char, rouge_l, edit_similarity or sari.
+        epochs: Training epochs on this task.
+        max_steps: Cap on optimizer steps for this task (-1: epochs decide).
+        n_train: Seeded subsample of the training split (None: all).
+        n_eval: Seeded subsample of the eval split.
+        n_test: Seeded subsample of the test split.
+        max_prompt_tokens: Longer prompts are cut from the left; the answer is never cut.
+        max_answer_tokens: Answer budget; it only widens the room the prompt is cut to.
+        max_new_tokens: Generation budget at evaluation.
+        postprocess: "strip" (whitespace) or "first_line" (strip, then up to the first newline).
+        classification: Closed answer set: reports add valid-label share and majority baseline.
+        hf_config: `datasets` configuration name (loader hf).
+        hf_splits: Split names in the `datasets` source, keyed by train/eval/test.
+        prompt_field: Field holding the prompt (loader hf/jsonl).
+        answer_field: Field holding the answer (loader hf/jsonl).
+        prompt_template: Optional str.format template over a row's fields, instead of prompt_field.
+    """
+
+    name: str
+    path: str
+    loader: Literal["trace", "jsonl", "hf"] = "trace"
+    metric: str = "exact_match"
+    epochs: int = 1
+    max_steps: int = -1
+    n_train: int | None = None
+    n_eval: int | None = None
+    n_test: int | None = None
+    max_prompt_tokens: int = 1024
+    max_answer_tokens: int = 512
+    max_new_tokens: int = 64
+    postprocess: Literal["strip", "first_line"] = "strip"
+    classification: bool = False
+    hf_config: str | None = None
+    hf_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "eval": "validation", "test": "test"}
+    )
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompt_template: str | None = None
+
+
+@dataclass
+class StreamConfig:
+    """An ordered task stream and how its batches are made.
+
+    Args:
+        name: Stream name, used in run names and reports.
+        tasks: The tasks, in training order.
+        data_root: Folder that relative task paths resolve against.
+        prompt_format: "raw" (the prompt as written, as TRACE does) or "chat" (tokenizer template).
+        seed: Seed of the per-task subsampling.
+        batch_size: Training batch size.
+        eval_batch_size: Generation batch size.
+    """
+
+    name: str = "stream"
+    tasks: list[TaskConfig] = field(default_factory=list)
+    data_root: str = "."
+    prompt_format: Literal["raw", "chat"] = "raw"
+    seed: int = 1234
+    batch_size: int = 8
+    eval_batch_size: int = 16
+
+
+def parse_examples(rows: object, where: str) -> list[Example]:
+    """Validate a decoded JSON value as a non-empty list of {prompt, answer} string objects."""
+    if not isinstance(rows, list):
+        raise ConfigError(
+            f"{where}: expected a JSON list of {{prompt, answer}} objects, got {type(rows).__name__}"
+        )
+    if not rows:
+        raise ConfigError(f"{where}: the split is empty")
+    examples = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: item {i} is {type(row).__name__}, not an object")
+        for key in ("prompt", "answer"):
+            if not isinstance(row.get(key), str):
+                raise ConfigError(f"{where}: item {i}: field '{key}' is missing or not a string")
+        examples.append(Example(row["prompt"], row["answer"]))
+    return examples
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_jsonl(path: Path, cfg: TaskConfig) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    return [_map_fields(r, cfg, f"{path}: line {i + 1}") for i, r in enumerate(rows)]
+
+
+def _map_fields(row: object, cfg: TaskConfig, where: str) -> object:
+    """Turn a source row into {prompt, answer} by the task's field mapping."""
+    if not isinstance(row, dict):
+        return row
+    try:
+        prompt = cfg.prompt_template.format(**row) if cfg.prompt_template else row.get(cfg.prompt_field)
+    except KeyError as e:
+        raise ConfigError(f"{where}: prompt_template field {e} not in the row") from None
+    answer = row.get(cfg.answer_field)
+    return {"prompt": prompt, "answer": answer if not isinstance(answer, (int, float)) else str(answer)}
+
+
+def _load_hf_split(cfg: TaskConfig, root: Path, split: str) -> list[dict] | None:
+    import datasets
+
+    source = root / cfg.path if (root / cfg.path).exists() else cfg.path
+    name = cfg.hf_splits.get(split)
+    if name is None:
+        return None
+    kwargs = {}
+    if Path(source).is_file():
+        kwargs = {"path": Path(source).suffix.lstrip(".").replace("jsonl", "json"), "data_files": str(source)}
+    else:
+        kwargs = {"path": str(source), "name": cfg.hf_config}
+    try:
+        ds = datasets.load_dataset(**kwargs, split=name)
+    except ValueError as e:
+        if split == "eval":
+            return None
+        raise ConfigError(f"{source}: split '{name}' ({split}): {e}") from None
+    return [_map_fields(r, cfg, f"{source}[{name}] row {i}") for i, r in enumerate(ds)]
+
+
+def _load_split(cfg: TaskConfig, root: Path, split: str) -> tuple[list[Example], str]:
+    folder = root / cfg.path
+    if cfg.loader == "trace":
+        path = folder / f"{split}.json"
+        return parse_examples(_read_json(path), str(path)), str(path)
+    if cfg.loader == "jsonl":
+        path = folder / f"{split}.jsonl"
+        if split == "eval" and not path.exists():
+            return [], str(path)
+        return parse_examples(_read_jsonl(path, cfg), str(path)), str(path)
+    rows = _load_hf_split(cfg, root, split)
+    if rows is None:
+        return [], cfg.path
+    return parse_examples(rows, f"{cfg.path}[{split}]"), cfg.path
+
+
+def subsample(examples: list[Example], n: int | None, seed: int, key: str) -> list[Example]:
+    """A seeded random subset of size n (order kept), stable across runs and machines."""
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(f"{seed}:{key}").sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def load_task(cfg: TaskConfig, root: Path, seed: int) -> Task:
+    """Read, validate and subsample one task's splits."""
+    try:
+        get_metric(cfg.metric)
+    except ValueError as e:
+        raise ConfigError(f"stream.tasks[{cfg.name}].metric: {e}") from None
+    splits = {}
+    for split, n in zip(SPLITS, (cfg.n_train, cfg.n_eval, cfg.n_test), strict=True):
+        examples, _ = _load_split(cfg, root, split)
+        splits[split] = subsample(examples, n, seed, f"{cfg.name}:{split}")
+    labels = sorted({ex.answer.strip() for ex in splits["train"]}) if cfg.classification else None
+    return Task(
+        name=cfg.name,
+        train=splits["train"],
+        eval=splits["eval"],
+        test=splits["test"],
+        metric=cfg.metric,
+        epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_answer_tokens=cfg.max_answer_tokens,
+        max_new_tokens=cfg.max_new_tokens,
+        postprocess=cfg.postprocess,
+        labels=labels,
+        source=str(root / cfg.path),
+    )
+
+
+def load_stream(cfg: StreamConfig) -> TaskStream:
+    """Load every task of the stream; errors name the file and field that is wrong."""
+    if not cfg.tasks:
+        raise ConfigError("stream.tasks: the stream has no tasks")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stream.tasks: task names repeat: {names}")
+    root = Path(cfg.data_root)
+    return TaskStream(cfg.name, [load_task(t, root, cfg.seed) for t in cfg.tasks])

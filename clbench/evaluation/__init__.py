@@ -1,0 +1,1 @@
+"""Evaluation: per-example text metrics and the continual-learning accuracy matrix."""

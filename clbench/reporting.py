@@ -1,0 +1,96 @@
+"""Run outputs people read: results.json, results.md and the matrix heatmap."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def matrix_table(tasks: list[str], matrix: list[list[float | None]]) -> str:
+    """Markdown table of R: one row per point of the stream, one column per task."""
+    lines = ["| after \\ task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for r, row in enumerate(matrix):
+        label = "start" if r == 0 else f"{r}. {tasks[r - 1]}"
+        lines.append(f"| {label} | " + " | ".join(_fmt(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """The whole run as tables: summary, matrix, final per-task details."""
+    s = results["summary"]
+    out = [
+        f"# {results['stream']} · {results['strategy']} · seed {results['seed']}",
+        "",
+        "Scores are on [0, 1] for every metric (ROUGE-L, edit similarity and SARI divided by 100 where",
+        "their usual scale is 0-100). BWT (TRACE) = (1/T)·Σ_{i≤T}(R[T][i] − R[i][i]);",
+        "BWT (GEM) = (1/(T−1))·Σ_{i<T}(R[T][i] − R[i][i]); FWT = (1/(T−1))·Σ_{i≥2}(R[i−1][i] − R[0][i]).",
+        "",
+        "| OP | BWT (TRACE) | BWT (GEM) | FWT | train s | eval s |",
+        "|---|---|---|---|---|---|",
+        f"| {_fmt(s['OP'])} | {_fmt(s['BWT_TRACE'])} | {_fmt(s['BWT_GEM'])} | {_fmt(s['FWT'])} "
+        f"| {results['timings']['train_s']:.0f} | {results['timings']['eval_s']:.0f} |",
+        "",
+        "## Accuracy matrix R[t][i]",
+        "",
+        matrix_table(results["tasks"], results["matrix"]),
+        "",
+        "## Per task",
+        "",
+        "| task | metric | n test | start | after own task | final | ± s.e. | valid label share (final) "
+        "| majority baseline | train loss before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in results["tasks"]:
+        d = results["per_task"][name]
+        out.append(
+            f"| {name} | {d['metric']} | {d['n_test']} | {_fmt(d['start'])} | {_fmt(d['after_own_task'])} "
+            f"| {_fmt(d['final'])} | {_fmt(d['final_stderr'])} | {_fmt(d['valid_label_share'], 2)} "
+            f"| {_fmt(d['majority_baseline'])} | {_fmt(d['loss_before'])} → {_fmt(d['loss_after'])} |"
+        )
+    out += [
+        "",
+        f"Predictions: `predictions/after_<t>/<task>.jsonl`. Package versions: {results['versions']}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot_heatmap(tasks: list[str], matrix: list[list[float | None]], title: str, path: Path) -> None:
+    """Heatmap of R with values written in the cells; unevaluated cells stay blank."""
+    data = [[float("nan") if x is None else x for x in row] for row in matrix]
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2.5, 0.55 * len(matrix) + 1.8))
+    im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), ["start"] + [f"after {t}" for t in tasks])
+    for r, row in enumerate(data):
+        for c, x in enumerate(row):
+            if x == x:  # not NaN
+                ax.text(c, r, f"{x:.2f}", ha="center", va="center", color="white" if x < 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="score")
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

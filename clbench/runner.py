@@ -1,0 +1,290 @@
+"""The continual-learning loop: for each task, hooks -> fit -> hooks -> evaluate -> write.
+
+One fresh Lightning Trainer per task: a Trainer that already reached `max_epochs` would
+return at once on the next `fit` (the max_epochs pitfall), and per-task epochs differ anyway.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from clbench.data.collate import LeftPadCollator, TokenizedTask
+from clbench.data.tasks import Example, Task, TaskStream
+from clbench.errors import ConfigError
+from clbench.evaluation.evaluator import TaskScore, score_task
+from clbench.evaluation.matrix import summarize
+from clbench.module import CLModule
+from clbench.reporting import plot_heatmap, results_markdown, write_atomic, write_json
+from strategies import CLStrategy, StrategyContext, name_of
+
+PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how much it evaluates.
+
+    Args:
+        output_dir: Parent folder of run folders.
+        name: Run folder name; default "<stream>-<strategy>-seed<seed>". An existing run is never overwritten.
+        evaluate: "all" fills the whole matrix (FWT needs it); "needed" only the diagonal and the
+            last row (enough for OP and BWT).
+        evaluate_start: Evaluate the starting model (row 0; needed for FWT).
+        checkpoints: Save the model after every task ("every_task"), only the latest ("last"),
+            or never. Only adapters are saved under LoRA.
+        num_workers: DataLoader workers.
+    """
+
+    output_dir: str = "runs"
+    name: str | None = None
+    evaluate: Literal["all", "needed"] = "all"
+    evaluate_start: bool = True
+    checkpoints: Literal["every_task", "last", "none"] = "every_task"
+    num_workers: int = 0
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory when on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare_run_dir(output_dir: str, name: str) -> Path:
+    """Create a new run folder; refuse one that already holds anything, to never overwrite a run."""
+    run_dir = Path(output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run.name: {run_dir} already holds a run; choose another run.name or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Runner:
+    """Runs one strategy over one task stream and writes the run folder."""
+
+    def __init__(
+        self,
+        module: CLModule,
+        stream: TaskStream,
+        strategy: CLStrategy,
+        trainer_factory: Callable[..., pl.Trainer],
+        run: RunConfig | None = None,
+        prompt_format: str = "raw",
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        self.module, self.stream, self.strategy = module, stream, strategy
+        self.trainer_factory, self.run_cfg = trainer_factory, run or RunConfig()
+        self.prompt_format, self.batch_size, self.eval_batch_size = prompt_format, batch_size, eval_batch_size
+        self.seed = seed
+        self.strategy_name = name_of(strategy)
+        self.run_dir = Path(self.run_cfg.output_dir) / (
+            self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
+        )
+        T = len(stream)
+        self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
+        self.scores: dict[int, dict[str, TaskScore]] = {}
+        self.losses: dict[str, tuple[float | None, float | None]] = {}
+        self.timings = {"train_s": 0.0, "eval_s": 0.0, "per_task_train_s": {}, "steps": {}}
+
+    # -- data ---------------------------------------------------------------------------------
+    def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader:
+        """Training-style batches (prompt + answer, answer-only labels) of the given examples."""
+        task = task or self.stream.tasks[self._task_index]
+        data = TokenizedTask(examples, task, self.module.tokenizer, self.prompt_format, with_answer=True)
+        return self._loader(data, self.batch_size, shuffle)
+
+    def _loader(self, data: TokenizedTask, batch_size: int, shuffle: bool) -> DataLoader:
+        collate = LeftPadCollator(self.module.tokenizer.pad_token_id)
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.run_cfg.num_workers,
+        )
+
+    def _ctx(self, t: int, trainer: pl.Trainer | None = None) -> StrategyContext:
+        self._task_index = t
+        return StrategyContext(
+            self.module, self.stream, t, self.run_dir, self.make_loader, self.seed, trainer
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, config_text: str | None = None) -> dict:
+        """Train through the stream, evaluating after each task; returns the results dict."""
+        prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
+        if config_text is not None:
+            write_atomic(self.run_dir / "config.yaml", config_text)
+        self.strategy.setup(self._ctx(0))
+        if self.run_cfg.evaluate_start:
+            self._evaluate_row(0)
+        for t, task in enumerate(self.stream.tasks):
+            self._train_task(t, task)
+            self._evaluate_row(t + 1)
+            self._checkpoint(t, task)
+            self._write_results(done=t + 1 == len(self.stream))
+        return self.results()
+
+    def _train_task(self, t: int, task: Task) -> None:
+        start = time.perf_counter()
+        ctx = self._ctx(t)
+        self.strategy.on_task_start(ctx)
+        examples = self.strategy.training_examples(ctx, task.train)
+        probe = self._loss_probe(task)
+        before = self._mean_loss(probe)
+        trainer = self.trainer_factory(
+            max_epochs=task.epochs,
+            max_steps=task.max_steps,
+            default_root_dir=str(self.run_dir),
+            logger=TensorBoardLogger(
+                str(self.run_dir), name="tensorboard", version=f"task{t + 1}-{task.name}"
+            ),
+            callbacks=[LearningRateMonitor(logging_interval="step")],
+            enable_checkpointing=False,
+        )
+        ctx.trainer = trainer
+        self.module.attach(self.strategy, ctx)
+        trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True))
+        self.strategy.on_task_end(ctx)
+        self.losses[task.name] = (before, self._mean_loss(probe))
+        self.timings["steps"][task.name] = trainer.global_step
+        elapsed = time.perf_counter() - start
+        self.timings["per_task_train_s"][task.name] = elapsed
+        self.timings["train_s"] += elapsed
+
+    def _loss_probe(self, task: Task) -> DataLoader:
+        """The task's eval split (or first 64 training examples): loss before vs after its training."""
+        examples = task.eval or task.train[:64]
+        return self.make_loader(examples, shuffle=False, task=task)
+
+    def _mean_loss(self, loader: DataLoader) -> float:
+        trainer = self._quiet_trainer()
+        return float(trainer.validate(self.module, dataloaders=loader, verbose=False)[0]["val/loss"])
+
+    def _quiet_trainer(self) -> pl.Trainer:
+        return self.trainer_factory(
+            logger=False,
+            enable_checkpointing=False,
+            callbacks=[],
+            limit_val_batches=1.0,
+            enable_model_summary=False,
+        )
+
+    def _row_tasks(self, row: int) -> list[int]:
+        T = len(self.stream)
+        if self.run_cfg.evaluate == "all" or row == T or row == 0:
+            return list(range(T))
+        return [row - 1]
+
+    def _evaluate_row(self, row: int) -> None:
+        start = time.perf_counter()
+        trainer = self._quiet_trainer()
+        self.scores[row] = {}
+        for i in self._row_tasks(row):
+            task = self.stream.tasks[i]
+            data = TokenizedTask(
+                task.test, task, self.module.tokenizer, self.prompt_format, with_answer=False
+            )
+            batches = trainer.predict(
+                self.module, dataloaders=self._loader(data, self.eval_batch_size, False)
+            )
+            raw = [text for batch in batches for text in batch]
+            out = self.run_dir / "predictions" / f"after_{row}" / f"{task.name}.jsonl"
+            score = score_task(task, raw, out)
+            self.scores[row][task.name] = score
+            self.matrix[row][i] = score.score
+        self._log_scores(row)
+        self.timings["eval_s"] += time.perf_counter() - start
+
+    def _log_scores(self, row: int) -> None:
+        logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="scores")
+        logger.log_metrics({f"score/{n}": s.score for n, s in self.scores[row].items()}, step=row)
+        logger.finalize("success")
+
+    def _checkpoint(self, t: int, task: Task) -> None:
+        if self.run_cfg.checkpoints == "none":
+            return
+        folder = self.run_dir / "checkpoints" / f"task{t + 1}-{task.name}"
+        self.module.model.save_pretrained(folder)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.strategy.state_dict().items()}
+        if state:
+            save_file(state, str(folder / "strategy.safetensors"))
+        if self.run_cfg.checkpoints == "last" and t > 0:
+            prev = self.stream.tasks[t - 1]
+            shutil.rmtree(self.run_dir / "checkpoints" / f"task{t}-{prev.name}", ignore_errors=True)
+
+    # -- results ------------------------------------------------------------------------------
+    def results(self, done: bool = True) -> dict:
+        T = len(self.stream)
+        per_task = {}
+        for i, task in enumerate(self.stream.tasks):
+            final = self.scores.get(T, {}).get(task.name)
+            before, after = self.losses.get(task.name, (None, None))
+            per_task[task.name] = {
+                "metric": task.metric,
+                "n_test": len(task.test),
+                "n_train": len(task.train),
+                "start": self.matrix[0][i],
+                "after_own_task": self.matrix[i + 1][i],
+                "final": self.matrix[T][i],
+                "final_stderr": final.stderr if final else None,
+                "valid_label_share": final.valid_label_share if final else None,
+                "majority_baseline": task.majority_baseline(),
+                "labels": task.labels,
+                "loss_before": before,
+                "loss_after": after,
+                "valid_label_share_by_row": {
+                    r: s[task.name].valid_label_share for r, s in self.scores.items() if task.name in s
+                },
+            }
+        self.timings["peak_memory_mb"] = peak_memory_mb()
+        return {
+            "status": "complete" if done else "running",
+            "stream": self.stream.name,
+            "strategy": self.strategy_name,
+            "seed": self.seed,
+            "tasks": self.stream.names,
+            "matrix": self.matrix,
+            "summary": summarize(self.matrix) if done else None,
+            "per_task": per_task,
+            "timings": self.timings,
+            "versions": package_versions(),
+        }
+
+    def _write_results(self, done: bool) -> None:
+        results = self.results(done)
+        write_json(self.run_dir / "results.json", results)
+        if done:
+            write_atomic(self.run_dir / "results.md", results_markdown(results))
+            title = f"{self.stream.name} · {self.strategy_name}"
+            plot_heatmap(self.stream.names, self.matrix, title, self.run_dir / "heatmap.png")
+            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="scores")
+            logger.log_metrics({f"summary/{k}": v for k, v in results["summary"].items() if v is not None})
+            logger.finalize("success")

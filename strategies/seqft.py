@@ -1,0 +1,10 @@
+"""Naive sequential fine-tuning: train on each task in turn, no protection against forgetting.
+
+The lower bound every continual-learning method is measured against (TRACE's "SeqFT").
+"""
+
+from strategies.base import CLStrategy
+
+
+class SeqFT(CLStrategy):
+    """Every hook is the base class's no-op: the model just keeps training."""

@@ -1,0 +1,106 @@
+"""End to end: `clbench fit` on a 3-task stream with a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clbench.cli import main
+
+
+def toy_config(trace_dir: Path, model_dir: Path, out: Path, strategy: str = "seqft") -> dict:
+    return {
+        "strategy": strategy,
+        "model": {"model": str(model_dir), "lr": 3e-3},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "log_every_n_steps": 1},
+        "stream": {
+            "name": "toy",
+            "data_root": str(trace_dir),
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "tasks": [
+                {"name": n, "path": n, "epochs": 4, "max_new_tokens": 4, "metric": m, "classification": c}
+                for n, m, c in (
+                    ("parity", "exact_match", True),
+                    ("reverse", "edit_similarity", False),
+                    ("upper", "rouge_l", False),
+                )
+            ],
+        },
+        "run": {"output_dir": str(out), "name": "run"},
+    }
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_fit_three_tasks_end_to_end(trace_dir, tiny_model_dir, tmp_path):
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, tmp_path / "runs"))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "runs" / "run"
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "complete" and res["tasks"] == ["parity", "reverse", "upper"]
+    matrix = res["matrix"]
+    assert len(matrix) == 4 and all(len(r) == 3 and None not in r for r in matrix)
+    assert set(res["summary"]) == {"OP", "BWT_TRACE", "BWT_GEM", "FWT"}
+    for name in res["tasks"]:
+        d = res["per_task"][name]
+        assert d["loss_after"] < d["loss_before"] - 0.1, name  # every task really trained
+        assert res["timings"]["steps"][name] == 12  # 24 examples / 8 per batch * 4 epochs, every task
+        rows = [
+            json.loads(x)
+            for x in (run / "predictions" / "after_3" / f"{name}.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 8 and {"prompt", "answer", "prediction", "score"} <= set(rows[0])
+    assert res["per_task"]["parity"]["valid_label_share"] is not None
+    assert (run / "results.md").read_text().count("| parity |") >= 1
+    assert (run / "heatmap.png").stat().st_size > 1000
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "task1-parity",
+        "task2-reverse",
+        "task3-upper",
+    ]
+
+
+def test_rerun_refuses_to_overwrite(trace_dir, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "results.json").write_text("{}")
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, out))
+    assert main(["fit", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run.name" in err and "already holds a run" in err
+    assert (out / "run" / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c, d: (d / "parity" / "test.json").unlink(), "test.json: file not found"),
+        (
+            lambda c, d: (d / "reverse" / "train.json").write_text('{"prompt": "x"}'),
+            "train.json: expected a JSON list",
+        ),
+        (lambda c, d: (d / "upper" / "eval.json").write_text('[{"prompt": "x"}]'), "field 'answer'"),
+        (lambda c, d: (d / "upper" / "test.json").write_text("[]"), "test.json: the split is empty"),
+        (lambda c, d: c["stream"]["tasks"][0].update(metric="bleu"), "unknown metric 'bleu'"),
+        (lambda c, d: c.update(strategy="nosuch"), "unknown strategy 'nosuch'"),
+        (lambda c, d: c["stream"].update(batchsize=3), "batchsize"),
+    ],
+)
+def test_bad_input_is_one_line(trace_dir, tiny_model_dir, tmp_path, capsys, mutate, expected):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    mutate(cfg, trace_dir)
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    assert main(["fit", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err
+    assert not (tmp_path / "runs" / "run").exists()
