@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -116,6 +117,7 @@ def _resolve_config_strategy(path: str) -> str:
 
 def build_cli(argv: list[str]) -> CLBenchCLI:
     """Parse `fit` arguments and instantiate the module and strategy (no training yet)."""
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     return CLBenchCLI(
         model_class=CLModule,
         save_config_callback=None,  # the runner writes the resolved config into the run folder
@@ -183,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         commands[command](rest)
-    except (ConfigError, ValueError, argparse.ArgumentError) as e:
+    except argparse.ArgumentError as e:  # a config key or value jsonargparse refused
+        if os.environ.get("CLBENCH_TRACEBACK"):
+            raise
+        files = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"]
+        where = f"{', '.join(files)}: " if files else ""
+        print(f"clbench {command}: error: {where}{_one_line(e)}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError) as e:
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
         print(f"clbench {command}: error: {_one_line(e)}", file=sys.stderr)

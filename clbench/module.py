@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from transformers import GenerationConfig
 
+from clbench.data.collate import position_ids_for
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
 from strategies.base import CLStrategy, StrategyContext
 
@@ -23,11 +24,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each sequence's first real token, as `generate` does with left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class CLModule(pl.LightningModule):
@@ -130,6 +126,7 @@ class CLModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self.model.train()  # HF models load in eval mode and Lightning no longer switches them
         if self.keep_optimizer_state and self._saved_optimizer_state:
             self._restore_optimizer_state(self.trainer.optimizers[0])
 

@@ -172,6 +172,7 @@ class Runner:
         ctx.trainer = trainer
         self.module.attach(self.strategy, ctx)
         trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True))
+        self.module.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU
         self.strategy.on_task_end(ctx)
         self.losses[task.name] = (before, self._mean_loss(probe))
         self.timings["steps"][task.name] = trainer.global_step

@@ -10,10 +10,20 @@ import importlib
 from importlib.metadata import entry_points
 
 from strategies.base import CLStrategy, StrategyContext
+from strategies.ewc import EWC
+from strategies.freeze import Freeze
+from strategies.lwf import LwF
+from strategies.multitask import Multitask
+from strategies.replay import Replay
 from strategies.seqft import SeqFT
 
 REGISTRY: dict[str, type[CLStrategy]] = {
     "seqft": SeqFT,
+    "replay": Replay,
+    "ewc": EWC,
+    "freeze": Freeze,
+    "multitask": Multitask,
+    "lwf": LwF,
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

@@ -33,6 +33,11 @@ def truncate_prompt(prompt_ids: list[int], budget: int, bos_id: int | None) -> l
     return prompt_ids[len(prompt_ids) - budget :]
 
 
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each sequence's first real token, as `generate` does with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class TokenizedTask(Dataset):
     """A task split tokenised once: items are dicts of prompt ids and answer ids (+ EOS).
 

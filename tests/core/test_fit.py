@@ -92,7 +92,7 @@ def test_rerun_refuses_to_overwrite(trace_dir, tiny_model_dir, tmp_path, capsys)
         (lambda c, d: (d / "upper" / "test.json").write_text("[]"), "test.json: the split is empty"),
         (lambda c, d: c["stream"]["tasks"][0].update(metric="bleu"), "unknown metric 'bleu'"),
         (lambda c, d: c.update(strategy="nosuch"), "unknown strategy 'nosuch'"),
-        (lambda c, d: c["stream"].update(batchsize=3), "batchsize"),
+        (lambda c, d: c["stream"].update(batchsize=3), "bad.yaml: Group 'stream' does not accept"),
     ],
 )
 def test_bad_input_is_one_line(trace_dir, tiny_model_dir, tmp_path, capsys, mutate, expected):

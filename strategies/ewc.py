@@ -1,0 +1,144 @@
+"""Elastic Weight Consolidation, online form: a quadratic pull towards the weights of earlier tasks.
+
+Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks" (PNAS); the
+online recursion of Schwarz et al. 2018 ("Progress & Compress") and Huszár 2018 ("Note on the
+quadratic penalties in elastic weight consolidation"): after task t,
+
+    F     <- gamma * F + F_t          (F_t: diagonal Fisher of task t at its final weights)
+    theta* <- theta                   (the weights after task t)
+    penalty = (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2
+
+gamma = 1 is Huszár's exact Laplace recursion; gamma < 1 lets old tasks fade. One Fisher and one
+anchor are kept whatever the number of tasks (Kirkpatrick's one penalty per task would grow
+memory by two model copies per task). TRACE uses lambda = 400.
+
+Fisher estimator: the *empirical* Fisher, squared gradients of the training loss (answer tokens,
+the same loss as training) on the finished task's training examples, averaged over
+`fisher_batches` batches. By default the squares are of whole-batch mean-loss gradients (one
+backward pass per batch, as TRACE does); `per_sample` squares each example's gradient instead,
+the textbook estimator, at one backward pass per example. The two differ in scale (per-batch is
+about 1/batch_size of per-sample), so lambda is tuned for one of them.
+
+Only parameters that train are regularised (every weight in full fine-tuning, the adapters with
+LoRA). Fisher and anchors are fp32, on the parameters' device, keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from strategies.base import CLStrategy, StrategyContext
+
+Tensors = dict[str, torch.Tensor]
+
+
+def ewc_penalty(params: Tensors, fisher: Tensors, anchor: Tensors, lam: float) -> torch.Tensor:
+    """(lam / 2) * sum F * (theta - theta*)^2 over the parameters present in all three dicts."""
+    total = torch.zeros((), device=next(iter(fisher.values())).device)
+    for name, p in params.items():
+        if name in fisher:
+            total = total + (fisher[name] * (p.float() - anchor[name]).square()).sum()
+    return 0.5 * lam * total
+
+
+def squared_grads(loss: torch.Tensor, params: Tensors) -> list[torch.Tensor]:
+    """Squared gradients of `loss` for each parameter, fp32, without touching `.grad`."""
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return [
+        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().square()
+        for g, p in zip(grads, params.values(), strict=True)
+    ]
+
+
+def rows(batch: dict) -> Iterator[dict]:
+    """One-example batches from a batch (left padding is harmless: it is masked and labelled -100)."""
+    for i in range(batch["input_ids"].shape[0]):
+        yield {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class EWC(CLStrategy):
+    """Online EWC with a diagonal empirical Fisher computed at the end of each task.
+
+    Args:
+        ewc_lambda: Strength lambda of the penalty (lambda / 2) * sum F (theta - theta*)^2 (TRACE: 400).
+        gamma: Decay of the earlier tasks' Fisher at each task end (F <- gamma F + F_new); 1 keeps all.
+        fisher_batches: Training batches of the finished task the Fisher is averaged over; None: all.
+        per_sample: Square each example's gradient (textbook, slower) instead of each batch's.
+    """
+
+    def __init__(
+        self,
+        ewc_lambda: float = 400.0,
+        gamma: float = 1.0,
+        fisher_batches: int | None = 64,
+        per_sample: bool = False,
+    ) -> None:
+        if ewc_lambda < 0:
+            raise ValueError(f"ewc.ewc_lambda must be >= 0, got {ewc_lambda}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"ewc.gamma must be in [0, 1], got {gamma}")
+        if fisher_batches is not None and fisher_batches < 1:
+            raise ValueError(f"ewc.fisher_batches must be a positive count or None, got {fisher_batches}")
+        self.ewc_lambda, self.gamma = ewc_lambda, gamma
+        self.fisher_batches, self.per_sample = fisher_batches, per_sample
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    def training_penalty(self, ctx: StrategyContext, batch: dict, outputs: object) -> torch.Tensor | None:
+        if not self.fisher:
+            return None
+        params = ctx.module.trainable_parameters()
+        self._follow(params)
+        return ewc_penalty(params, self.fisher, self.anchor, self.ewc_lambda)
+
+    def _follow(self, params: Tensors) -> None:
+        # Lightning moves the model between devices around fit (and a resume loads on CPU):
+        # keep each Fisher and anchor where its parameter is, moving it once.
+        for name, p in params.items():
+            if name in self.fisher and self.fisher[name].device != p.device:
+                self.fisher[name] = self.fisher[name].to(p.device)
+                self.anchor[name] = self.anchor[name].to(p.device)
+
+    def on_task_end(self, ctx: StrategyContext) -> None:
+        params = ctx.module.trainable_parameters()
+        new = self.estimate_fisher(ctx, params)
+        for name, f in new.items():
+            old = self.fisher.get(name)
+            self.fisher[name] = f if old is None else self.gamma * old + f
+            self.anchor[name] = params[name].detach().float().clone()
+
+    def estimate_fisher(self, ctx: StrategyContext, params: Tensors) -> Tensors:
+        """Mean squared gradient over the first `fisher_batches` (shuffled) training batches."""
+        module, device = ctx.module, next(iter(params.values())).device
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in params.values()]
+        count, was_training = 0, module.training
+        module.eval()  # dropout off: the Fisher of the deterministic model at theta*
+        try:
+            with torch.enable_grad():
+                for batch in self._batches(ctx.make_loader(ctx.task.train, True)):
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    for part in rows(batch) if self.per_sample else [batch]:
+                        for s, g in zip(sums, squared_grads(module(part).loss, params), strict=True):
+                            s += g
+                        count += 1
+        finally:
+            module.train(was_training)
+        return {name: s / max(count, 1) for name, s in zip(params, sums, strict=True)}
+
+    def _batches(self, loader: Iterable) -> Iterator[dict]:
+        for i, batch in enumerate(loader):
+            if self.fisher_batches is not None and i >= self.fisher_batches:
+                return
+            yield batch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"fisher.{name}": f for name, f in self.fisher.items()},
+            **{f"anchor.{name}": a for name, a in self.anchor.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fisher = {k[len("fisher.") :]: v.float() for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor.") :]: v.float() for k, v in state.items() if k.startswith("anchor.")}

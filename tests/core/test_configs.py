@@ -1,0 +1,62 @@
+"""Every shipped config parses, and configs/trace.yaml runs on a miniature TRACE folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from toydata import write_trace_folder
+
+from clbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TRACE_ORDER = [
+    "C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten",
+]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_config_parses_and_prints(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["strategy"]["class_path"].startswith("strategies.")
+    assert printed["stream"]["tasks"] and printed["trainer"]["strategy"] == "auto"  # Lightning's, untouched
+
+
+def test_trace_config_matches_trace():
+    cfg = yaml.safe_load((ROOT / "configs" / "trace.yaml").read_text())
+    tasks = cfg["stream"]["tasks"]
+    assert [t["name"] for t in tasks] == TRACE_ORDER
+    assert [t["epochs"] for t in tasks] == [5, 3, 7, 5, 3, 5, 5, 7]
+    metrics = {t["name"]: t["metric"] for t in tasks}
+    assert metrics["MeetingBank"] == "rouge_l" and metrics["Py150"] == "edit_similarity"
+    assert metrics["20Minuten"] == "sari" and metrics["ScienceQA"] == "first_char"
+    assert {metrics[n] for n in ("C-STANCE", "FOMC", "NumGLUE-cm", "NumGLUE-ds")} == {"exact_match"}
+    assert cfg["model"]["model"] == "meta-llama/Llama-3.2-3B-Instruct"
+
+
+def test_trace_config_runs_on_miniature_trace(tiny_model_dir, tmp_path):
+    rows = {
+        name: {
+            split: [{"prompt": f"[{name}] item {i}: say {i % 3}", "answer": str(i % 3)} for i in range(n)]
+            for split, n in (("train", 4), ("eval", 2), ("test", 3))
+        }
+        for name in TRACE_ORDER
+    }
+    data = write_trace_folder(tmp_path / "TRACE", rows)
+    args = [
+        "fit", "--config", str(ROOT / "configs" / "trace.yaml"),
+        "--model.model", str(tiny_model_dir), "--trainer.precision", "32-true",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--stream.data_root", str(data),
+        "--run.output_dir", str(tmp_path / "runs"), "--run.name", "mini",
+    ]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "runs" / "mini" / "results.json").read_text())
+    assert res["tasks"] == TRACE_ORDER and len(res["matrix"]) == 9
+    # epochs come from the config: 4 examples, batch 4, accumulate 4 -> 1 optimizer step per epoch
+    assert [res["timings"]["steps"][n] for n in TRACE_ORDER] == [5, 3, 7, 5, 3, 5, 5, 7]
