@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -157,6 +158,7 @@ class Runner:
         ctx = self._ctx(t)
         self.strategy.on_task_start(ctx)
         examples = self.strategy.training_examples(ctx, task.train)
+        rank_zero_info(f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples")
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
         trainer = self.trainer_factory(
@@ -222,6 +224,8 @@ class Runner:
             self.scores[row][task.name] = score
             self.matrix[row][i] = score.score
         self._log_scores(row)
+        scores = ", ".join(f"{n} {s.score:.3f}" for n, s in self.scores[row].items())
+        rank_zero_info(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {scores}")
         self.timings["eval_s"] += time.perf_counter() - start
 
     def _log_scores(self, row: int) -> None:
