@@ -158,7 +158,9 @@ class Runner:
         ctx = self._ctx(t)
         self.strategy.on_task_start(ctx)
         examples = self.strategy.training_examples(ctx, task.train)
-        rank_zero_info(f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples")
+        rank_zero_info(
+            f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples"
+        )
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
         trainer = self.trainer_factory(

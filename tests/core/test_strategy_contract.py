@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_fit import toy_config, write_config
 
 import strategies
 from clbench.cli import main
 from strategies import CLStrategy
-from test_fit import toy_config, write_config
 
 CALLS: list[tuple] = []
 
@@ -57,7 +57,9 @@ def _two_task_config(trace_dir: Path, model_dir: Path, out: Path, strategy: str)
 
 def test_outside_strategy_by_class_path_sees_every_hook(trace_dir, tiny_model_dir, tmp_path):
     CALLS.clear()
-    cfg = write_config(tmp_path / "c.yaml", _two_task_config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft"))
+    cfg = write_config(
+        tmp_path / "c.yaml", _two_task_config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft")
+    )
     assert main(["fit", "--config", str(cfg), "--strategy", "test_strategy_contract.RecordingStrategy"]) == 0
     for t in (0, 1):
         names = [name for name, task in CALLS if task == t and name != "setup"]
