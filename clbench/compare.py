@@ -1,0 +1,250 @@
+"""`clbench compare`: several strategies (and seeds) on one stream, one table and one chart.
+
+    clbench compare --config FILE --strategies seqft,replay,ewc --seeds 1,2,3 [--trainer.max_epochs 1]
+
+Every (strategy, seed) is an ordinary `clbench fit` run in <comparison>/runs/<strategy>-seed<seed>/,
+all with the same config and pass-through overrides (per-strategy hyper-parameters belong in
+per-strategy config files, run with `clbench fit`). A rerun reuses finished runs and moves
+unfinished ones aside (never deleting them), so an interrupted comparison resumes where it
+stopped; delete a run folder to redo that run after changing the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from clbench.errors import ConfigError
+from clbench.reporting import write_atomic
+from strategies import class_path
+
+METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
+RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
+Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through clbench's main instead of usage + exit
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Compare's own options, and the rest to pass through to every `fit`."""
+    epilog = "Other arguments (e.g. --run.checkpoints none) are passed to every `clbench fit` run."
+    p = _Parser(
+        prog="clbench compare", allow_abbrev=False, description=__doc__.split("\n\n")[0], epilog=epilog
+    )
+    p.add_argument("--config", required=True, help="the fit config (model, stream, trainer)")
+    p.add_argument("--strategies", required=True, help="comma-separated registry names or class paths")
+    p.add_argument("--seeds", help="comma-separated integer seeds (default: the config's seed_everything)")
+    p.add_argument("--output_dir", help="parent of the comparison folder (default: config run.output_dir)")
+    p.add_argument("--name", help="comparison folder name (default: compare-<stream name or config stem>)")
+    args, passthrough = p.parse_known_args(argv)
+    for arg in passthrough:
+        if arg.split("=", 1)[0] in RESERVED:
+            raise ConfigError(f"{arg}: set by compare; use --strategies, --seeds, --output_dir, --name")
+    cfg = _read_config(args.config)
+    args.strategies = _split(args.strategies, "strategies")
+    for s in args.strategies:
+        class_path(s)  # unknown names fail here, before any training
+    if len({short_name(s) for s in args.strategies}) != len(args.strategies):
+        raise ConfigError(
+            f"--strategies: two strategies share a run-folder name in '{','.join(args.strategies)}'"
+        )
+    seeds = _split(args.seeds or str(cfg.get("seed_everything", 1234)), "seeds")
+    try:
+        args.seeds = [int(x) for x in seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
+    stream = (cfg.get("stream") or {}).get("name") or Path(args.config).stem
+    parent = args.output_dir or (cfg.get("run") or {}).get("output_dir") or "runs"
+    args.compare_dir = Path(parent) / (args.name or f"compare-{stream}")
+    return args, passthrough
+
+
+def _read_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _split(text: str, option: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or len(set(items)) != len(items):
+        raise ConfigError(f"--{option}: expected a comma-separated list without repeats, got '{text}'")
+    return items
+
+
+def short_name(strategy: str) -> str:
+    """Run-folder name of a strategy: the registry name, or a class path's class in lower case."""
+    return strategy.rsplit(".", 1)[-1].lower()
+
+
+def finished_results(run_dir: Path) -> dict | None:
+    """A finished run's results; an unfinished run folder is moved aside (kept, never deleted)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and results.get("status") == "complete":
+        return results
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"clbench compare: {run_dir} holds an unfinished run; moved it to {aside.name}, rerunning")
+    return None
+
+
+def mean_std(values: list[float | None]) -> Cell:
+    """Mean and sample standard deviation (ddof=1) of the values that are not None."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std
+
+
+def run_columns(results: dict) -> dict[str, float | None]:
+    """The numbers of one run that the comparison table shows, by column name."""
+    summary, timings = results.get("summary") or {}, results.get("timings") or {}
+    cols = {label: summary.get(key) for label, key in METRICS.items()}
+    for task in results.get("tasks") or list(results.get("per_task", {})):
+        cols[f"final {task}"] = results["per_task"][task].get("final")
+    train, evaluate = timings.get("train_s"), timings.get("eval_s")
+    cols["wall time s"] = None if train is None or evaluate is None else train + evaluate
+    cols["peak memory MB"] = timings.get("peak_memory_mb")
+    return cols
+
+
+def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per strategy: strategy, seeds, n_seeds, and a (mean, std) Cell per column."""
+    per_run = {s: [run_columns(r) for r in results] for s, results in runs.items()}
+    columns = list(dict.fromkeys(k for cols in per_run.values() for c in cols for k in c))
+    rows = []
+    for s, cols in per_run.items():
+        row: dict = {"strategy": s, "seeds": [r.get("seed") for r in runs[s]], "n_seeds": len(cols)}
+        rows.append(row | {k: mean_std([c.get(k) for c in cols]) for k in columns})
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return [k for k in rows[0] if k not in ("strategy", "seeds", "n_seeds")] if rows else []
+
+
+def _cell(cell: Cell, column: str) -> str:
+    mean, std = cell
+    digits = 0 if column in ("wall time s", "peak memory MB") else 3
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Mean ± std per strategy, with links to each seed's run report."""
+    cols = _columns(rows)
+    lines = ["| strategy | n seeds | " + " | ".join(cols) + " | runs |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        links = ", ".join(f"[seed {s}](runs/{r['strategy']}-seed{s}/results.md)" for s in r["seeds"])
+        cells = " | ".join(_cell(r[c], c) for c in cols)
+        lines.append(f"| {r['strategy']} | {r['n_seeds']} | {cells} | {links} |")
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The table as CSV: a mean and a std column per metric (blank when undefined)."""
+    cols = _columns(rows)
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["strategy", "n_seeds", *(f"{c} {x}" for c in cols for x in ("mean", "std")), "runs"])
+    for r in rows:
+        nums = ["" if x is None else repr(x) for c in cols for x in r[c]]
+        runs = " ".join(f"runs/{r['strategy']}-seed{s}" for s in r["seeds"])
+        out.writerow([r["strategy"], r["n_seeds"], *nums, runs])
+    return buf.getvalue()
+
+
+def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
+    """Grouped bars: one group per summary metric, one bar per strategy, std as error bars."""
+    import matplotlib.pyplot as plt  # after clbench.reporting chose the Agg backend
+
+    metrics = [m for m in METRICS if any(r[m][0] is not None for r in rows)]
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(1.4 * len(metrics) + 0.3 * len(rows) + 2.5, 4.0))
+    for k, r in enumerate(rows):
+        xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(metrics))]
+        means = [math.nan if r[m][0] is None else r[m][0] for m in metrics]
+        stds = [0.0 if r[m][1] is None else r[m][1] for m in metrics]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r["strategy"])
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> dict[str, list[dict]]:
+    """`clbench compare`: run (or reuse) every strategy x seed, then write the comparison."""
+    from clbench.cli import fit
+
+    args, passthrough = parse_args(argv)
+    runs: dict[str, list[dict]] = {}
+    for strategy in args.strategies:
+        for seed in args.seeds:
+            name = f"{short_name(strategy)}-seed{seed}"
+            run_dir = args.compare_dir / "runs" / name
+            results = finished_results(run_dir)
+            if results is not None:
+                print(f"clbench compare: reusing finished run {run_dir}")
+            else:
+                _reset_peak_memory()
+                fit(
+                    ["--config", args.config, "--strategy", strategy, "--seed_everything", str(seed),
+                     "--run.output_dir", str(run_dir.parent), "--run.name", name, *passthrough]
+                )  # fmt: skip
+                # What is on disk, so a later rerun that reuses this run builds the same table.
+                results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+            runs.setdefault(short_name(strategy), []).append(results)
+    rows, out = aggregate(runs), args.compare_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stream = next(iter(runs.values()))[0].get("stream", "")
+    header = [
+        f"# Comparison on {stream}",
+        "",
+        f"Config `{args.config}`" + (f", overrides `{' '.join(passthrough)}`" if passthrough else "") + ".",
+        "Mean ± sample standard deviation (ddof=1) over seeds; a blank std means one seed.",
+        "Scores are on [0, 1]; wall time = train + eval seconds.",
+        "",
+        "",
+    ]
+    write_atomic(out / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
+    write_atomic(out / "comparison.csv", csv_text(rows))
+    plot_comparison(rows, f"{stream}: {len(args.seeds)} seed(s)", out / "comparison.png")
+    print(f"clbench compare: {len(rows)} strategies x {len(args.seeds)} seeds: {out / 'comparison.md'}")
+    return runs
+
+
+def _reset_peak_memory() -> None:
+    """Peak CUDA memory per run, not since the process started (CPU RSS cannot be reset)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,136 @@
+"""`clbench compare`: aggregation by hand, reuse of finished runs, and a tiny end-to-end comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from test_fit import toy_config, write_config
+
+from clbench.cli import main
+from clbench.compare import aggregate, csv_text, finished_results, markdown_table, mean_std
+
+
+def fake_run(seed, op, bwt_trace, bwt_gem, fwt, final_a, train_s, eval_s, mem):
+    return {
+        "status": "complete",
+        "stream": "toy",
+        "seed": seed,
+        "tasks": ["a"],
+        "summary": {"OP": op, "BWT_TRACE": bwt_trace, "BWT_GEM": bwt_gem, "FWT": fwt},
+        "per_task": {"a": {"final": final_a}},
+        "timings": {"train_s": train_s, "eval_s": eval_s, "peak_memory_mb": mem},
+    }
+
+
+def test_mean_std_by_hand():
+    assert mean_std([]) == (None, None)
+    assert mean_std([None, None]) == (None, None)
+    assert mean_std([0.25, None]) == (0.25, None)  # one value: no std
+    mean, std = mean_std([1.0, 2.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert std == pytest.approx(math.sqrt((4 + 1 + 9) / 2))  # sample std, ddof=1
+
+
+def test_aggregate_and_tables():
+    runs = {
+        "seqft": [
+            fake_run(1, 0.5, -0.2, None, None, 0.4, 10.0, 2.0, 100.0),
+            fake_run(2, 0.7, -0.4, -0.1, None, 0.8, 14.0, 4.0, 200.0),
+        ],
+        "replay": [fake_run(1, 0.9, 0.0, 0.0, None, 0.9, 20.0, 2.0, 150.0)],
+    }
+    seqft, replay = aggregate(runs)
+    assert seqft["strategy"] == "seqft" and seqft["n_seeds"] == 2 and seqft["seeds"] == [1, 2]
+    assert seqft["OP"] == pytest.approx((0.6, math.sqrt(0.02)))
+    assert seqft["BWT (TRACE)"] == pytest.approx((-0.3, math.sqrt(0.02)))
+    assert seqft["BWT (GEM)"] == pytest.approx((-0.1, None))  # None on one seed: the other alone
+    assert seqft["FWT"] == (None, None)
+    assert seqft["final a"] == pytest.approx((0.6, math.sqrt(0.08)))
+    assert seqft["wall time s"] == pytest.approx((15.0, math.sqrt(18.0)))  # 12 and 18
+    assert seqft["peak memory MB"] == pytest.approx((150.0, math.sqrt(5000.0)))
+    assert replay["OP"] == (0.9, None) and replay["n_seeds"] == 1
+
+    md = markdown_table([seqft, replay]).splitlines()
+    assert md[0].startswith("| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | final a |")
+    assert md[2].startswith(
+        "| seqft | 2 | 0.600 ± 0.141 | -0.300 ± 0.141 | -0.100 |  | 0.600 ± 0.283 | 15 ± 4 |"
+    )
+    assert "[seed 2](runs/seqft-seed2/results.md)" in md[2]
+    assert md[3].startswith("| replay | 1 | 0.900 | 0.000 | 0.000 |  | 0.900 | 22 | 150 |")
+
+    rows = list(csv.DictReader(csv_text([seqft, replay]).splitlines()))
+    assert [r["strategy"] for r in rows] == ["seqft", "replay"]
+    assert float(rows[0]["OP mean"]) == pytest.approx(0.6)
+    assert float(rows[0]["OP std"]) == pytest.approx(math.sqrt(0.02))
+    assert rows[0]["FWT mean"] == "" and rows[1]["OP std"] == ""
+    assert rows[0]["runs"] == "runs/seqft-seed1 runs/seqft-seed2"
+
+
+def test_finished_results_reuses_complete_and_moves_unfinished_aside(tmp_path, capsys):
+    done, crashed, empty = tmp_path / "done", tmp_path / "crashed", tmp_path / "empty"
+    for d in (done, crashed, empty):
+        d.mkdir()
+    (done / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
+    (crashed / "results.json").write_text(json.dumps({"status": "running"}))
+    (crashed / "config.yaml").write_text("kept")
+    assert finished_results(done) == {"status": "complete", "seed": 1}
+    assert finished_results(crashed) is None and not crashed.exists()
+    (aside,) = tmp_path.glob("crashed.incomplete-*")
+    assert (aside / "config.yaml").read_text() == "kept"  # moved, never deleted
+    assert "moved it to crashed.incomplete-" in capsys.readouterr().out
+    assert finished_results(empty) is None and empty.is_dir()  # nothing to keep; fit accepts it
+    assert finished_results(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config", "nosuch.yaml", "--strategies", "seqft"], "nosuch.yaml: config file not found"),
+        (["--config", "CFG", "--strategies", "seqft,nosuch"], "unknown strategy 'nosuch'"),
+        (["--config", "CFG", "--strategies", "seqft", "--seeds", "1,x"], "--seeds: expected"),
+        (["--config", "CFG"], "required: --strategies"),
+        (["--config", "CFG", "--strategies", "seqft", "--strategy", "ewc"], "--strategy: set by compare"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, args, expected):
+    cfg = write_config(tmp_path / "toy.yaml", {"stream": {"name": "toy"}})
+    args = [str(cfg) if a == "CFG" else a for a in args]
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    for task in cfg["stream"]["tasks"]:
+        task["epochs"] = 1
+    path = write_config(tmp_path / "toy.yaml", cfg)
+    argv = ["compare", "--config", str(path), "--strategies", "seqft,replay", "--seeds", "1,2"]
+    argv += ["--run.checkpoints", "none"]  # passed through to every fit
+    assert main(argv) == 0
+    out = tmp_path / "runs" / "compare-toy"
+    names = ["replay-seed1", "replay-seed2", "seqft-seed1", "seqft-seed2"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == names
+    assert not (out / "runs" / "seqft-seed1" / "checkpoints").exists()
+    md = (out / "comparison.md").read_text()
+    table = [ln.split(" | ")[0] for ln in md.splitlines() if ln.startswith("| ") and "seed 1]" in ln]
+    assert table == ["| seqft", "| replay"]  # one row per strategy
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    assert [r["strategy"] for r in rows] == ["seqft", "replay"] and {r["n_seeds"] for r in rows} == {"2"}
+    for r in rows:
+        assert 0.0 <= float(r["OP mean"]) <= 1.0 and float(r["OP std"]) >= 0.0
+        assert {"final parity mean", "final upper std", "wall time s mean"} <= set(r)
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert not list(out.glob("*.tmp")) and not list(out.glob("tmp-*"))
+
+    mtimes = {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in names}
+    capsys.readouterr()
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("reusing finished run") == 4 and "OP" not in stdout  # fit prints OP; none ran
+    assert mtimes == {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in names}
+    assert (out / "comparison.md").read_text() == md

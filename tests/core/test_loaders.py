@@ -1,0 +1,91 @@
+"""Loaders: TRACE folders, JSONL and `datasets` files end in the same validated Tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clbench.data.loaders import StreamConfig, TaskConfig, load_stream, load_task, subsample
+from clbench.errors import ConfigError
+
+
+def _rows(n: int, tag: str = "") -> list[dict]:
+    return [{"prompt": f"{tag}q{i}", "answer": f"a{i % 2}"} for i in range(n)]
+
+
+def test_trace_folder_with_caps_and_labels(trace_dir):
+    cfg = TaskConfig(name="parity", path="parity", n_train=10, n_test=5, classification=True)
+    task = load_task(cfg, trace_dir, seed=7)
+    assert (len(task.train), len(task.eval), len(task.test)) == (10, 4, 5)
+    assert task.labels == ["no", "yes"] and task.majority_baseline() is not None
+    again = load_task(cfg, trace_dir, seed=7)
+    other = load_task(cfg, trace_dir, seed=8)
+    assert again.train == task.train  # seeded: the same subsample every time
+    assert other.train != task.train
+
+
+def test_subsample_keeps_order_and_is_a_subset():
+    items = list(range(100))
+    picked = subsample(items, 10, seed=1, key="t:train")
+    assert len(picked) == 10 and picked == sorted(picked) and set(picked) <= set(items)
+    assert subsample(items, None, 1, "k") is items and subsample(items, 200, 1, "k") is items
+
+
+def test_jsonl_with_field_mapping_and_template(tmp_path):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for split, n in (("train", 6), ("test", 3)):
+        lines = [json.dumps({"question": f"q{i}", "ctx": "c", "label": i}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = TaskConfig(
+        name="qa", path="qa", loader="jsonl", prompt_template="{ctx}: {question}?", answer_field="label"
+    )
+    task = load_task(cfg, tmp_path, seed=0)
+    assert task.train[2].prompt == "c: q2?" and task.train[2].answer == "2"  # numbers become strings
+    assert task.eval == [] and len(task.test) == 3  # eval is optional for JSONL
+
+
+def test_hf_datasets_local_files(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.json").write_text(json.dumps([{"text": f"t{i}", "y": "z"} for i in range(4)]))
+    cfg = TaskConfig(
+        name="hf",
+        path=str(folder),
+        loader="hf",
+        prompt_field="text",
+        answer_field="y",
+        hf_splits={"train": "train", "test": "test"},
+    )
+    task = load_task(cfg, tmp_path, seed=0)
+    assert [e.prompt for e in task.train] == ["t0", "t1", "t2", "t3"] and task.test[0].answer == "z"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "x", "answer": "y"}', "expected a JSON list"),
+        ('[["x", "y"]]', "item 0 is list, not an object"),
+        ('[{"prompt": "x", "answer": 3}]', "field 'answer' is missing or not a string"),
+        ("[]", "the split is empty"),
+        ("[{", "not valid JSON"),
+    ],
+)
+def test_bad_trace_files_name_file_and_field(trace_dir, content, message):
+    (trace_dir / "upper" / "train.json").write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load_task(TaskConfig(name="upper", path="upper"), trace_dir, seed=0)
+    assert str(trace_dir / "upper" / "train.json") in str(err.value) and message in str(err.value)
+
+
+def test_stream_rejects_repeated_names_and_empty(trace_dir):
+    with pytest.raises(ConfigError, match="repeat"):
+        load_stream(
+            StreamConfig(
+                tasks=[TaskConfig("a", "parity"), TaskConfig("a", "upper")], data_root=str(trace_dir)
+            )
+        )
+    with pytest.raises(ConfigError, match="no tasks"):
+        load_stream(StreamConfig(tasks=[]))

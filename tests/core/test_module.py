@@ -1,0 +1,45 @@
+"""CLModule: optimizer state carried or reset between tasks, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+from torch.utils.data import DataLoader
+
+from clbench.data.collate import LeftPadCollator, TokenizedTask
+from clbench.data.tasks import Example, Task
+from clbench.module import CLModule, lr_factor
+
+
+def _fit(module: CLModule, steps: int) -> pl.Trainer:
+    task = Task("t", train=[], test=[])
+    examples = [Example(f"Upper cat {i}:", "CAT") for i in range(16)]
+    data = TokenizedTask(examples, task, module.tokenizer, "raw", True)
+    loader = DataLoader(data, batch_size=4, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_optimizer_state_kept_or_reset_between_tasks(tiny_model_dir, keep):
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3, keep_optimizer_state=keep)
+    _fit(module, 3)
+    trainer = _fit(module, 2)
+    steps = {float(st["step"]) for st in trainer.optimizers[0].state.values()}
+    assert steps == ({5.0} if keep else {2.0})  # AdamW's step count carried across the fresh Trainer
+
+
+def test_lr_factor_shapes():
+    assert lr_factor(0, 4, 100, "constant") == 0.25 and lr_factor(3, 4, 100, "constant") == 1.0
+    assert lr_factor(50, 0, 100, "constant") == 1.0
+    assert lr_factor(50, 0, 100, "linear") == pytest.approx(0.5)
+    assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0)
