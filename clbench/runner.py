@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError
-from clbench.evaluation.evaluator import TaskScore, score_task
+from clbench.evaluation.evaluator import TaskScore, postprocess, score_task
 from clbench.evaluation.matrix import summarize
 from clbench.module import CLModule
 from clbench.reporting import plot_heatmap, results_markdown, write_atomic, write_json
@@ -131,10 +131,39 @@ class Runner:
             num_workers=self.run_cfg.num_workers,
         )
 
+    def make_prompt_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:
+        """Prompt-only batches (left-padded, no answer), as generation sees them."""
+        task = task or self.stream.tasks[self._task_index]
+        data = TokenizedTask(examples, task, self.module.tokenizer, self.prompt_format, with_answer=False)
+        return self._loader(data, self.eval_batch_size, shuffle=False)
+
+    def predict(self, task: Task, examples: list[Example]) -> list[str]:
+        """Greedy answers to the examples' prompts, post-processed like the evaluator's."""
+        loader = self.make_prompt_loader(examples, task)
+        batches = self._quiet_trainer().predict(self.module, dataloaders=loader)
+        return [postprocess(text, task.postprocess) for batch in batches for text in batch]
+
+    def side_fit(self, task: Task, examples: list[Example]) -> None:
+        """Train the module on examples without strategy hooks or the continual optimizer state."""
+        saved_state, hooks = self.module._saved_optimizer_state, (self.module.cl_strategy, self.module.ctx)
+        self.module._saved_optimizer_state = {}
+        self.module.attach(CLStrategy(), self.module.ctx)
+        try:
+            trainer = self.trainer_factory(
+                max_epochs=task.epochs, max_steps=task.max_steps, logger=False, enable_checkpointing=False,
+                callbacks=[], default_root_dir=str(self.run_dir),
+            )
+            trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True, task=task))
+            self.module.to(trainer.strategy.root_device)
+        finally:
+            self.module._saved_optimizer_state = saved_state
+            self.module.attach(*hooks)
+
     def _ctx(self, t: int, trainer: pl.Trainer | None = None) -> StrategyContext:
         self._task_index = t
         return StrategyContext(
-            self.module, self.stream, t, self.run_dir, self.make_loader, self.seed, trainer
+            self.module, self.stream, t, self.run_dir, self.make_loader, self.seed, trainer,
+            make_prompt_loader=self.make_prompt_loader, predict=self.predict, fit=self.side_fit,
         )
 
     # -- the loop -----------------------------------------------------------------------------

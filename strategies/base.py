@@ -37,6 +37,11 @@ class StrategyContext:
 
     `make_loader(examples, shuffle)` batches examples exactly as training does (same
     tokenizer, prompt format, collator and batch size), for Fisher estimates and the like.
+    `make_prompt_loader(examples)` batches prompts only (left-padded, no answer), as
+    generation sees them. `predict(task, examples)` returns the model's greedy answers,
+    post-processed as the evaluator does. `fit(task, examples)` trains `module` on examples
+    with a fresh Trainer and the task's epochs, with no strategy hooks and without touching
+    the continual optimizer state (for side models such as single-task importance priors).
     """
 
     module: CLModule
@@ -46,6 +51,9 @@ class StrategyContext:
     make_loader: Callable[[list[Example], bool], DataLoader]
     seed: int = 0
     trainer: pl.Trainer | None = None
+    make_prompt_loader: Callable[[list[Example]], DataLoader] | None = None
+    predict: Callable[[Task, list[Example]], list[str]] | None = None
+    fit: Callable[[Task, list[Example]], None] | None = None
 
     @property
     def task(self) -> Task:

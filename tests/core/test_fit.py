@@ -104,3 +104,16 @@ def test_bad_input_is_one_line(trace_dir, tiny_model_dir, tmp_path, capsys, muta
     assert len(err.splitlines()) == 1, err
     assert expected in err
     assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_lora_run_checkpoints_only_the_adapter(trace_dir, tiny_model_dir, tmp_path):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    cfg["stream"]["tasks"] = cfg["stream"]["tasks"][:2]
+    cfg["run"]["evaluate"] = "needed"
+    assert main(["fit", "--config", str(write_config(tmp_path / "lora.yaml", cfg))]) == 0
+    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "task2-reverse"
+    files = {p.name for p in ckpt.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert res["per_task"]["reverse"]["loss_after"] < res["per_task"]["reverse"]["loss_before"]
