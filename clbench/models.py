@@ -76,8 +76,12 @@ def load_causal_lm(
         )
     except OSError as e:
         raise ConfigError(f"model.model: cannot load '{name}' offline: {str(e).splitlines()[0]}") from None
-    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
-        del model.config.quantization_config  # weights are dequantised; keep save_pretrained plain
+    if name in BUNDLED:
+        # GGUF weights arrive dequantised into plain tensors: forget the quantizer so that
+        # checkpoints save as ordinary safetensors.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        del model.config.quantization_config
     return model
 
 

@@ -125,8 +125,10 @@ class CLModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         self.model.train()  # HF models load in eval mode and Lightning no longer switches them
+
+    def on_train_start(self) -> None:
         if self.keep_optimizer_state and self._saved_optimizer_state:
             self._restore_optimizer_state(self.trainer.optimizers[0])
 
