@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class CLBenchCLI(LightningCLI):
         for name, path in _registry_paths().items():
             if path == cfg.strategy.class_path:
                 strategy_name = name
-        cfg.run.name = cfg.run.name or f"{self.stream.name}-{strategy_name}-seed{cfg.seed_everything}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.run.name = cfg.run.name or f"{self.stream.name}-{strategy_name}-seed{cfg.seed_everything}-{stamp}"
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
@@ -160,10 +162,10 @@ def fit(argv: list[str]) -> dict:
     )
     config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
     results = runner.run(config_text)
-    print(
-        f"clbench: {name_of(strategy)} on {cli.stream.name}: OP {results['summary']['OP']:.3f}; "
-        f"report: {runner.run_dir / 'results.md'}"
-    )
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in results["summary"].items() if v is not None)
+    print(f"clbench: {name_of(strategy)} on {cli.stream.name}: {summary}")
+    report = runner.run_dir / "results.md"
+    print(f"clbench: report {report} (heatmap.png, predictions/, tensorboard/ next to it)")
     return results
 
 

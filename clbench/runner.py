@@ -42,7 +42,8 @@ class RunConfig:
 
     Args:
         output_dir: Parent folder of run folders.
-        name: Run folder name; default "<stream>-<strategy>-seed<seed>". An existing run is never overwritten.
+        name: Run folder name; default "<stream>-<strategy>-seed<seed>-<time>". An existing run is
+            never overwritten.
         evaluate: "all" fills the whole matrix (FWT needs it); "needed" only the diagonal and the
             last row (enough for OP and BWT).
         evaluate_start: Evaluate the starting model (row 0; needed for FWT).

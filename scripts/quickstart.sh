@@ -5,6 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-name="quickstart-seqft-$(date +%Y%m%d-%H%M%S)"
-.venv/bin/clbench fit --config configs/quickstart.yaml --run.name "$name" "$@"
-echo "Report: runs/$name/results.md  (heatmap: runs/$name/heatmap.png, TensorBoard: runs/$name/tensorboard)"
+.venv/bin/clbench fit --config configs/quickstart.yaml "$@"
