@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from strategies.attribution import Attribution
 from strategies.base import CLStrategy, StrategyContext
 from strategies.ewc import EWC
 from strategies.freeze import Freeze
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[CLStrategy]] = {
     "freeze": Freeze,
     "multitask": Multitask,
     "lwf": LwF,
+    "attribution": Attribution,
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

@@ -54,19 +54,29 @@ def main() -> None:
 
         def step(model=model, ctx=ctx, opt=opt):
             with ctx():
-                loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), labels=ids).loss
+                loss = model(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), labels=ids
+                ).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
 
         def generate(model=model, ctx=ctx):
             with torch.no_grad(), ctx():
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
 
         results[name] = (timed(step, args.repeats), timed(generate, args.repeats))
     fp32_train, fp32_gen = results["fp32"]
-    print(f"batch {args.batch} x {args.tokens} tokens, {args.new} new tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"batch {args.batch} x {args.tokens} tokens, {args.new} new tokens, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'setup':12} {'train step s':>12} {'ratio':>6} {'generate s':>11} {'ratio':>6}")
     for name, (train_s, gen_s) in results.items():
         print(f"{name:12} {train_s:12.3f} {train_s / fp32_train:6.2f} {gen_s:11.3f} {gen_s / fp32_gen:6.2f}")

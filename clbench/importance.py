@@ -1,0 +1,257 @@
+"""Importance priors (arXiv 2605.05285 section 4.2, Eq. 10-13): per-sample scores, normalisation,
+streaming top-K mean, the historical gate, and a cache of priors on disk.
+
+See docs/attribution.md section 5. For a parameter tensor W and a sample k with relevance R_k(W):
+
+    Eq. 10   R^_k = sign(R_k) log(1 + |R_k|) / (max over W's elements of log(1 + |R_k|) + eps)
+    Eq. 11   prior(W) = per element, the mean of the K largest R^_k over the scored samples
+    Eq. 12   Rbar = clamp(max over earlier tasks of prior, min=0)   (one tensor per parameter)
+    Eq. 13   g <- (1 - Rbar) * g
+
+"Largest" is over signed values (reading 3.8): negatively relevant parameters are never protected.
+With fewer than K samples the mean is over the samples there are.
+
+Estimators (the ablations of the importance source's scoring rule), all normalised by Eq. 10:
+  lrp            parameter-level LRP of the argmax logit at the last prompt position (the paper);
+  grad_x_weight  signed gradient x weight of the same logit (first-order Taylor, one sample at a time);
+  fisher         squared gradients of the answer loss (empirical Fisher, one sample at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from clbench.attribution import scoring_scope, stream_parameter_relevance
+
+EPS = 1e-8
+Tensors = dict[str, Tensor]
+Consumer = Callable[[str, Tensor], None]
+METADATA_KEY = "clbench.prior"
+
+
+def normalise(relevance: Tensor, eps: float = EPS) -> Tensor:
+    """Eq. 10 per sample and per tensor: (B, *shape) -> (B, *shape) in [-1, 1], fp32."""
+    relevance = relevance.float()
+    mag = relevance.abs().log1p()  # (B, *shape)
+    peak = mag.reshape(mag.shape[0], -1).amax(1) if mag[0].numel() else mag.new_zeros(mag.shape[0])
+    return relevance.sign() * mag / (peak.view(-1, *[1] * (mag.dim() - 1)) + eps)
+
+
+class TopKMean:
+    """Eq. 11, streaming: the K largest values seen per element, and their mean.
+
+    Holds min(n, K) values per element (memory K x the tensor); each batch costs one topk over
+    K + B values per element.
+    """
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {k}")
+        self.k = k
+        self.top: Tensors = {}
+
+    def add(self, name: str, values: Tensor) -> None:
+        """Fold in a batch of per-sample values (B, *shape)."""
+        old = self.top.get(name)
+        merged = values if old is None else torch.cat([old, values.to(old.device)])  # (n + B, *shape)
+        if merged.shape[0] > self.k:
+            merged = merged.topk(self.k, dim=0).values
+        self.top[name] = merged
+
+    def mean(self, name: str) -> Tensor:
+        return self.top[name].mean(0)
+
+
+def fold_max(rbar: Tensors, prior: Tensors) -> None:
+    """Eq. 12, incrementally: Rbar <- max(Rbar, clamp(prior, 0)), in place, on Rbar's device."""
+    for name, p in prior.items():
+        p = p.float().clamp(min=0)
+        if name in rbar:
+            torch.maximum(rbar[name], p.to(rbar[name].device), out=rbar[name])
+        else:
+            rbar[name] = p.clone()
+
+
+# -- per-sample scores ------------------------------------------------------------------------
+
+
+def _lrp(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
+    def keep(name: str, relevance: Tensor) -> None:
+        if name in params:
+            consume(name, relevance)
+
+    stream_parameter_relevance(model, batch["input_ids"], batch["attention_mask"], keep)
+
+
+def _unpadded(batch: dict, i: int) -> dict:
+    """Row i of a left-padded batch without its padding, as a batch of one."""
+    keep = batch["attention_mask"][i].bool()
+    return {k: v[i : i + 1, keep] for k, v in batch.items() if k in ("input_ids", "labels")}
+
+
+def _grad_x_weight(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
+    for i in range(batch["input_ids"].shape[0]):
+        row = _unpadded(batch, i)
+        logits = model(input_ids=row["input_ids"]).logits[0, -1]  # (V,) at the seed position
+        grads = torch.autograd.grad(logits.max(), list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            r = torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() * p.detach().float()
+            consume(name, r[None])
+
+
+def _fisher(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
+    for i in range(batch["input_ids"].shape[0]):
+        row = _unpadded(batch, i)
+        loss = model(input_ids=row["input_ids"], labels=row["labels"]).loss
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            consume(
+                name, (torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().square())[None]
+            )
+
+
+ESTIMATORS: dict[str, Callable[[nn.Module, dict, Tensors, Consumer], None]] = {
+    "lrp": _lrp,
+    "grad_x_weight": _grad_x_weight,
+    "fisher": _fisher,
+}
+NEEDS_ANSWERS = {"fisher"}  # batches with answers (training layout) rather than prompts only
+
+
+def task_prior(
+    model: nn.Module, params: Tensors, batches: Iterable[dict], estimator: str, k: int, eps: float = EPS
+) -> tuple[Tensors, int]:
+    """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (CPU fp32) and
+    the number of samples. No sample: a zero prior."""
+    score, agg, n = ESTIMATORS[estimator], TopKMean(k), 0
+    device = next(iter(params.values())).device
+    with scoring_scope(model):
+        model.eval()  # dropout off (the LRP engine does so itself)
+        for batch in batches:
+            batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
+            score(model, batch, params, lambda name, r: agg.add(name, normalise(r, eps)))
+            n += batch["input_ids"].shape[0]
+    prior = {
+        name: agg.mean(name).cpu() if n else torch.zeros(p.shape, dtype=torch.float32)
+        for name, p in params.items()
+    }
+    return prior, n
+
+
+def permute_within(prior: Tensors, seed: int) -> Tensors:
+    """Each tensor's elements shuffled by a permutation fixed by (seed, name)."""
+    out = {}
+    for name, t in prior.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        out[name] = t.flatten()[torch.randperm(t.numel(), generator=g)].view_as(t)
+    return out
+
+
+@contextmanager
+def rng_preserved(seed: int) -> Iterator[None]:
+    """Seed every generator for a side computation, then put their states back."""
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# -- identities and the store -----------------------------------------------------------------
+
+
+def digest(obj: object, length: int = 16) -> str:
+    """A short stable hash of a JSON-able object."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def parameter_signature(params: Tensors) -> str:
+    """Hash of the parameter names and shapes a prior covers (refuses priors of another model)."""
+    return digest([[name, list(p.shape)] for name, p in params.items()])
+
+
+@dataclass
+class PriorKey:
+    """What a stored prior depends on; equal keys mean the same prior.
+
+    model: model identity (name, LoRA settings, dtype); task: task name; data: hash of its training
+    data and tokenisation; settings: scoring and single-task training settings and the seed.
+    """
+
+    model: dict
+    task: str
+    data: str
+    settings: dict = field(default_factory=dict)
+
+    def filename(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.task)
+        return f"{safe}-{digest(asdict(self))}.safetensors"
+
+
+class PriorStore:
+    """Priors as safetensors files in one folder, named by task and key hash, with the full key,
+    the parameter signature and how they were made in the metadata."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: PriorKey) -> Path:
+        return self.root / key.filename()
+
+    def load(self, key: PriorKey, signature: str) -> tuple[Tensors, dict] | None:
+        """The stored prior and its metadata, None if absent; ValueError if it does not match."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+            prior = {name: f.get_tensor(name) for name in f.keys()}
+        if meta.get("key") != json.loads(json.dumps(asdict(key), default=str)):
+            raise ValueError(
+                f"prior_dir: {path} was stored for another key; delete it or use another prior_dir"
+            )
+        if meta.get("signature") != signature:
+            raise ValueError(
+                f"prior_dir: {path} was computed for another model (parameter names and shapes hash "
+                f"{meta.get('signature')}, this model {signature}); delete it or use another prior_dir"
+            )
+        return prior, meta
+
+    def save(self, key: PriorKey, signature: str, prior: Tensors, info: dict) -> Path:
+        """Write atomically (a temporary file, then rename), so readers never see half a prior."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"key": asdict(key), "signature": signature, **info}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tensors = {name: t.detach().float().contiguous().cpu() for name, t in prior.items()}
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, default=str)})
+        os.replace(tmp, path)
+        return path
+
+
+def read_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))

@@ -1,0 +1,347 @@
+"""Attribution gating: Eq. 10-11 against direct computations, the gate once per optimizer step, what
+moves a gated parameter under each target, and the prior cache (reuse, refusal)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from clbench.attribution import parameter_relevance
+from clbench.data.collate import LeftPadCollator, TokenizedTask
+from clbench.evaluation.evaluator import postprocess
+from clbench.importance import TopKMean, fold_max, normalise
+from clbench.module import CLModule
+from strategies.attribution import Attribution
+from strategies.base import CLStrategy, StrategyContext
+from strategies.seqft import SeqFT
+
+GATED = "model.layers.0.self_attn.q_proj.weight"
+
+
+# -- Eq. 10-12 ----------------------------------------------------------------------------------
+def test_normalise_is_eq10_per_sample_and_tensor():
+    torch.manual_seed(0)
+    r = torch.randn(3, 4, 5) * torch.tensor([1.0, 50.0, 0.0])[:, None, None]  # third sample all zero
+    out = normalise(r, eps=1e-8)
+    for k in range(3):
+        mag = torch.log1p(r[k].abs())
+        expected = torch.sign(r[k]) * mag / (mag.max() + 1e-8)
+        torch.testing.assert_close(out[k], expected)
+    assert out[1].abs().max().item() == pytest.approx(1.0, abs=1e-6) and out[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n, k", [(11, 4), (3, 5), (5, 5)])
+def test_streaming_topk_mean_matches_a_direct_computation(n, k):
+    torch.manual_seed(1)
+    values = torch.randn(n, 6, 7)
+    agg = TopKMean(k)
+    for chunk in values.split({11: [2, 1, 3, 5], 3: [1, 2], 5: [5]}[n]):
+        agg.add("w", chunk)
+    direct = values.sort(0, descending=True).values[: min(n, k)].mean(0)  # fewer than K: all of them
+    torch.testing.assert_close(agg.mean("w"), direct)
+
+
+def test_fold_max_clamps_and_keeps_the_running_max():
+    rbar = {}
+    fold_max(rbar, {"w": torch.tensor([-0.5, 0.2, 0.9])})
+    fold_max(rbar, {"w": torch.tensor([0.3, -1.0, 0.4])})
+    assert torch.equal(rbar["w"], torch.tensor([0.3, 0.2, 0.9]))
+
+
+def test_lrp_prior_of_one_sample_is_the_normalised_engine_relevance(make_module, stream_of, tmp_path):
+    module, stream = make_module(), stream_of(1, 4)
+    ctx = full_ctx(module, stream, 0, tmp_path)
+    strat = Attribution(top_k=3, correct_threshold=0.0, prior_dir=str(tmp_path / "p"))
+    strat.setup(ctx)
+    strat.on_task_end(ctx)
+    batch = next(iter(ctx.make_prompt_loader(stream.tasks[0].train)))
+    direct = parameter_relevance(module.model, batch["input_ids"], batch["attention_mask"])
+    for name, r in direct.items():
+        torch.testing.assert_close(strat.rbar[name], normalise(r)[0].clamp(min=0))
+
+
+# -- contexts and fitting -----------------------------------------------------------------------
+def full_ctx(
+    module: CLModule, stream, t: int, run_dir, fits: list | None = None, predict=None
+) -> StrategyContext:
+    """A context with the runner's services: loaders, greedy predict, and a counting side fit."""
+
+    def loader(examples, with_answer: bool, shuffle: bool = False) -> DataLoader:
+        data = TokenizedTask(examples, stream.tasks[t], module.tokenizer, "raw", with_answer=with_answer)
+        return DataLoader(
+            data, batch_size=4, shuffle=shuffle, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id)
+        )
+
+    def greedy(task, examples):
+        return [postprocess(x, task.postprocess) for b in loader(examples, False) for x in module.generate(b)]
+
+    def side_fit(task, examples):
+        fits.append(task.name)
+        hooks, saved = (module.cl_strategy, module.ctx), module._saved_optimizer_state
+        module.attach(CLStrategy(), module.ctx)
+        module._saved_optimizer_state = {}
+        fit(module, loader(examples, True, shuffle=True), steps=2)
+        module.attach(*hooks)
+        module._saved_optimizer_state = saved
+
+    fits = [] if fits is None else fits
+    return StrategyContext(
+        module,
+        stream,
+        t,
+        run_dir,
+        lambda ex, shuffle: loader(ex, True, shuffle),
+        seed=7,
+        make_prompt_loader=lambda ex: loader(ex, False),
+        predict=predict or greedy,
+        fit=side_fit,
+    )
+
+
+def fit(module: CLModule, loader: DataLoader, steps: int = 1, accumulate: int = 1) -> None:
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def gated_fit(module, strategy, stream, make_ctx, batch_size=8, accumulate=1, steps=1, t=1):
+    ctx = make_ctx(module, stream, t, batch_size)
+    module.attach(strategy, ctx)
+    fit(module, ctx.make_loader(stream.tasks[t].train[:8], False), steps, accumulate)
+
+
+def fixed_gate(module, value=None, seed=0) -> Attribution:
+    """An Attribution strategy whose Rbar is set by hand: random in [0, 1], or `value` for GATED."""
+    torch.manual_seed(seed)
+    strat = Attribution(gate_target="grad")
+    strat.load_state_dict(
+        {
+            f"rbar.{n}": torch.rand_like(p)
+            if value is None
+            else torch.full_like(p, float(n == GATED) * value)
+            for n, p in module.trainable_parameters().items()
+        }
+    )
+    return strat
+
+
+def params_of(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.trainable_parameters().items()}
+
+
+# -- the gate -----------------------------------------------------------------------------------
+def test_accumulated_batches_give_the_update_of_one_large_batch(make_module, stream_of, make_ctx):
+    """accumulate_grad_batches=4 x batch 2 == batch 8, gate on: the gate is applied once per step."""
+    stream = stream_of(8, 8)  # every example has the same token count, so loss means agree
+    updates = []
+    for batch_size, accumulate in ((8, 1), (2, 4)):
+        module = make_module()
+        before = params_of(module)
+        gated_fit(module, fixed_gate(module), stream, make_ctx, batch_size, accumulate)
+        updates.append({n: p - before[n] for n, p in params_of(module).items()})
+    ungated = make_module()
+    before = params_of(ungated)
+    gated_fit(ungated, SeqFT(), stream, make_ctx)
+    assert any(not torch.allclose(updates[0][n], p - before[n]) for n, p in params_of(ungated).items())
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-4, atol=1e-6)
+
+
+class GradProbe(Attribution):
+    """Records the gated gradient of GATED at every step."""
+
+    seen: list = []
+
+    def on_before_optimizer_step(self, ctx, optimizer):
+        super().on_before_optimizer_step(ctx, optimizer)
+        self.seen.append(ctx.module.trainable_parameters()[GATED].grad.clone())
+
+
+def _with_gate(strategy: Attribution, module, value: float) -> Attribution:
+    strategy.load_state_dict(fixed_gate(module, value).state_dict())
+    return strategy
+
+
+def test_update_target_freezes_a_fully_gated_parameter_weight_decay_included(
+    make_module, stream_of, make_ctx
+):
+    module, stream = make_module(weight_decay=0.1), stream_of(8, 8)
+    gated_fit(module, SeqFT(), stream, make_ctx, t=0, steps=2)  # momentum from an earlier task
+    before = params_of(module)
+    gated_fit(module, _with_gate(Attribution(gate_target="update"), module, 1.0), stream, make_ctx, steps=2)
+    after = params_of(module)
+    assert torch.equal(after[GATED], before[GATED])
+    assert not torch.equal(
+        after["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"]
+    )
+
+
+def test_grad_target_zeroes_the_gradient_but_weight_decay_still_moves(make_module, stream_of, make_ctx):
+    module, stream = make_module(weight_decay=0.1), stream_of(8, 8)
+    before = params_of(module)
+    probe = _with_gate(GradProbe(gate_target="grad"), module, 1.0)
+    probe.seen = []
+    gated_fit(module, probe, stream, make_ctx)
+    assert len(probe.seen) == 1 and probe.seen[0].abs().sum() == 0  # exactly zero gradient
+    # fresh AdamW, m = 0: the step is the decoupled decay alone, theta (1 - lr wd)
+    torch.testing.assert_close(params_of(module)[GATED], before[GATED] * (1 - 1e-2 * 0.1))
+    assert not torch.equal(params_of(module)[GATED], before[GATED])
+
+
+def test_grad_target_momentum_from_an_earlier_task_still_moves(make_module, stream_of, make_ctx):
+    moved = {}
+    for target in ("grad", "update"):
+        module, stream = make_module(weight_decay=0.0), stream_of(8, 8)
+        gated_fit(module, SeqFT(), stream, make_ctx, t=0, steps=2)  # AdamW moments kept across tasks
+        before = params_of(module)[GATED]
+        gated_fit(module, _with_gate(Attribution(gate_target=target), module, 1.0), stream, make_ctx, steps=2)
+        moved[target] = (params_of(module)[GATED] - before).abs().max().item()
+    assert moved["grad"] > 1e-4 and moved["update"] == 0.0
+
+
+@pytest.mark.parametrize("target", ["grad", "update"])
+def test_ungated_elements_move_exactly_as_under_seqft(make_module, stream_of, make_ctx, target):
+    stream, results = stream_of(8, 8), []
+    for gated in (False, True):
+        module = make_module(weight_decay=0.1)
+        gated_fit(module, SeqFT(), stream, make_ctx, t=0)
+        strat = SeqFT()
+        if gated:
+            strat = _with_gate(Attribution(gate_target=target), module, 0.0)
+            strat.rbar[GATED].view(-1)[0] = 1.0  # one gated element makes the tensor go through the gate
+            strat.load_state_dict(strat.state_dict())
+        gated_fit(module, strat, stream, make_ctx)
+        results.append(params_of(module))
+    assert torch.equal(results[0][GATED].view(-1)[1:], results[1][GATED].view(-1)[1:])  # bit-identical
+    assert not torch.equal(results[0][GATED].view(-1)[0], results[1][GATED].view(-1)[0])
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]) or name == GATED
+
+
+# -- priors and the cache -----------------------------------------------------------------------
+def run_priors(module, stream, run_dir, prior_dir, fits, **kwargs) -> Attribution:
+    strat = Attribution(
+        prior_dir=str(prior_dir), **{"correct_threshold": 0.0, "max_prior_samples": 4, **kwargs}
+    )
+    strat.setup(full_ctx(module, stream, 0, run_dir, fits))
+    for t in range(len(stream)):
+        strat.on_task_end(full_ctx(module, stream, t, run_dir, fits))
+    return strat
+
+
+def test_stored_prior_is_reused_without_a_second_single_task_training(make_module, stream_of, tmp_path):
+    stream, fits = stream_of(6, 6, 6), []
+    module = make_module()
+    before, rng = params_of(module), torch.get_rng_state()
+    first = run_priors(module, stream, tmp_path / "run1", tmp_path / "priors", fits)
+    assert fits == ["beta"]  # task 1 scored in place, the last task not at all
+    assert all(torch.equal(p, before[n]) for n, p in params_of(module).items())  # continual weights back
+    assert torch.equal(torch.get_rng_state(), rng)  # and the random-number state
+    assert len(list((tmp_path / "priors").glob("*.safetensors"))) == 2
+    second = run_priors(make_module(), stream, tmp_path / "run2", tmp_path / "priors", fits)
+    assert fits == ["beta"]
+    assert first.state_dict().keys() == second.state_dict().keys()
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+    used = json.loads((tmp_path / "run2" / "importance" / "used.json").read_text())["maps"]
+    assert [(m["task"], m["reused"]) for m in used] == [("alpha", True), ("beta", True)]
+    run_priors(make_module(), stream, tmp_path / "run3", tmp_path / "priors", fits, top_k=2)
+    assert fits == ["beta", "beta"]  # other settings, another prior
+
+
+def test_prior_of_another_model_is_refused(words_model_dir, stream_of, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(words_model_dir, folder)
+    stream = stream_of(4, 4)
+    run_priors(CLModule(model=str(folder)), stream, tmp_path / "r1", tmp_path / "priors", [])
+    config = LlamaForCausalLM.from_pretrained(folder).config
+    config.intermediate_size = 48  # same name, other shapes
+    LlamaForCausalLM(config).save_pretrained(folder)
+    with pytest.raises(ValueError, match="computed for another model"):
+        run_priors(CLModule(model=str(folder)), stream, tmp_path / "r2", tmp_path / "priors", [])
+
+
+def test_only_correctly_answered_samples_count(make_module, stream_of, tmp_path):
+    module, stream = make_module(), stream_of(6, 6)
+    answers = lambda task, exs: [ex.answer if i % 2 == 0 else "wrong" for i, ex in enumerate(exs)]  # noqa: E731
+    strat = Attribution(prior_dir=str(tmp_path / "p"), correct_threshold=1.0)
+    strat.setup(full_ctx(module, stream, 0, tmp_path))
+    strat.on_task_end(full_ctx(module, stream, 0, tmp_path, predict=answers))
+    used = json.loads((tmp_path / "importance" / "used.json").read_text())["maps"]
+    assert used[0]["samples_used"] == 3
+
+
+@pytest.mark.parametrize("estimator", ["grad_x_weight", "fisher", "random"])
+def test_estimators_give_bounded_priors_of_every_trainable_tensor(
+    make_module, stream_of, tmp_path, estimator
+):
+    stream = stream_of(4, 4)
+    strat = run_priors(make_module(), stream, tmp_path / "r", tmp_path / "p", [], estimator=estimator)
+    lrp = run_priors(make_module(), stream, tmp_path / "r2", tmp_path / "p", [])
+    assert strat.rbar.keys() == lrp.rbar.keys()
+    assert all(0 <= r.min() and r.max() <= 1 for r in strat.rbar.values())
+    if estimator == "random":  # the LRP gate, permuted within each tensor
+        for name, r in strat.rbar.items():
+            assert torch.equal(r.flatten().sort().values, lrp.rbar[name].flatten().sort().values)
+        assert not torch.equal(strat.rbar[GATED], lrp.rbar[GATED])
+    else:
+        assert sum(r.sum() for r in strat.rbar.values()) > 0
+
+
+def test_continual_source_trains_no_side_model_and_records_maps(make_module, stream_of, tmp_path):
+    fits = []
+    strat = run_priors(
+        make_module(), stream_of(4, 4, 4), tmp_path / "r", tmp_path / "p", fits, source="continual"
+    )
+    assert fits == [] and strat.tasks_folded == 2
+    assert len(list((tmp_path / "r" / "importance" / "continual").glob("*.safetensors"))) == 2
+
+
+def test_lora_adapters_are_the_gated_tensors(make_module, stream_of, tmp_path):
+    from clbench.models import LoRA
+
+    module = make_module(lora=LoRA(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    strat = run_priors(module, stream_of(4, 4), tmp_path / "r", tmp_path / "p", [])
+    assert strat.rbar.keys() == module.trainable_parameters().keys()
+    assert all("lora_" in n for n in strat.rbar)
+    # B = 0 at the start and no training here: LoRA relevance is exactly zero (docs reading 3.7)
+    assert all(r.sum() == 0 for r in strat.rbar.values())
+
+
+def test_state_dict_round_trips(make_module):
+    module = make_module()
+    strat = fixed_gate(module)
+    strat.tasks_folded = 2
+    fresh = Attribution()
+    fresh.load_state_dict(strat.state_dict())
+    again = fresh.state_dict()
+    assert again.keys() == strat.state_dict().keys() and int(again["tasks_folded"]) == 2
+    assert all(torch.equal(again[k], v) for k, v in strat.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"gate_target": "loss"}, "gate_target"),
+        ({"top_k": 0}, "top_k"),
+        ({"estimator": "shap"}, "estimator"),
+        ({"correct_threshold": 2.0}, "correct_threshold"),
+        ({"max_prior_samples": 0}, "max_prior_samples"),
+    ],
+)
+def test_bad_options_name_themselves(kwargs, option):
+    with pytest.raises(ValueError, match=f"attribution.{option}"):
+        Attribution(**kwargs)
