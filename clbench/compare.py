@@ -1,10 +1,10 @@
 """`clbench compare`: several strategies (and seeds) on one stream, one table and one chart.
 
-    clbench compare --config FILE --strategies seqft,replay,ewc --seeds 1,2,3 [--trainer.max_epochs 1]
+    clbench compare --config FILE --strategies seqft,replay,ewc --seeds 1,2,3 [--presets DIR]
 
 Every (strategy, seed) is an ordinary `clbench fit` run in <comparison>/runs/<strategy>-seed<seed>/,
-all with the same config and pass-through overrides (per-strategy hyper-parameters belong in
-per-strategy config files, run with `clbench fit`). A rerun reuses finished runs and moves
+all with the same config and pass-through overrides; per-strategy hyper-parameters and variants
+come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. A rerun reuses finished runs and moves
 unfinished ones aside (never deleting them), so an interrupted comparison resumes where it
 stopped; delete a run folder to redo that run after changing the config.
 """
@@ -47,6 +47,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", help="comma-separated integer seeds (default: the config's seed_everything)")
     p.add_argument("--output_dir", help="parent of the comparison folder (default: config run.output_dir)")
     p.add_argument("--name", help="comparison folder name (default: compare-<stream name or config stem>)")
+    p.add_argument(
+        "--presets",
+        help="folder of per-strategy configs: <entry>.yaml is added to that entry's runs and may set its "
+        "strategy and hyper-parameters, so variants (e.g. attribution-grad) are entries too",
+    )
     args, passthrough = p.parse_known_args(argv)
     for arg in passthrough:
         if arg.split("=", 1)[0] in RESERVED:
@@ -54,7 +59,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     cfg = _read_config(args.config)
     args.strategies = _split(args.strategies, "strategies")
     for s in args.strategies:
-        class_path(s)  # unknown names fail here, before any training
+        if preset_file(args.presets, s) is None:
+            class_path(s)  # unknown names fail here, before any training
     if len({short_name(s) for s in args.strategies}) != len(args.strategies):
         raise ConfigError(
             f"--strategies: two strategies share a run-folder name in '{','.join(args.strategies)}'"
@@ -68,6 +74,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parent = args.output_dir or (cfg.get("run") or {}).get("output_dir") or "runs"
     args.compare_dir = Path(parent) / (args.name or f"compare-{stream}")
     return args, passthrough
+
+
+def preset_file(presets: str | None, entry: str) -> Path | None:
+    """The entry's preset config, when a presets folder holds one."""
+    path = Path(presets) / f"{entry}.yaml" if presets else None
+    return path if path is not None and path.is_file() else None
 
 
 def _read_config(path: str) -> dict:
@@ -216,8 +228,10 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
                 print(f"clbench compare: reusing finished run {run_dir}")
             else:
                 _reset_peak_memory()
+                preset = preset_file(args.presets, strategy)
+                chosen = ["--config", str(preset)] if preset else ["--strategy", strategy]
                 fit(
-                    ["--config", args.config, "--strategy", strategy, "--seed_everything", str(seed),
+                    ["--config", args.config, *chosen, "--seed_everything", str(seed),
                      "--run.output_dir", str(run_dir.parent), "--run.name", name, *passthrough]
                 )  # fmt: skip
                 # What is on disk, so a later rerun that reuses this run builds the same table.

@@ -17,14 +17,33 @@ TRACE_ORDER = [
 ]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_config_parses_and_prints(path, capsys):
+STREAM_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+PRESETS = sorted((ROOT / "configs").glob("*/*.yaml"))  # per-strategy presets beside a stream config
+
+
+def _print_config(capsys, *configs: Path) -> dict:
+    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(path), "--print_config"])
+        main(args)
     assert exit_.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", STREAM_CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_prints(path, capsys):
+    printed = _print_config(capsys, path)
     assert printed["strategy"]["class_path"].startswith("strategies.")
     assert printed["stream"]["tasks"] and printed["trainer"]["strategy"] == "auto"  # Lightning's, untouched
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_strategy_preset_parses_over_its_stream(preset, capsys):
+    stream_config = ROOT / "configs" / f"{preset.parent.name}.yaml"
+    printed = _print_config(capsys, stream_config, preset)
+    wanted = yaml.safe_load(preset.read_text())["strategy"]
+    assert printed["strategy"]["class_path"].rsplit(".", 1)[-1].lower() == wanted["class_path"]
+    for key, value in wanted.get("init_args", {}).items():
+        assert printed["strategy"]["init_args"][key] == value
 
 
 def test_trace_config_matches_trace():
