@@ -4,9 +4,9 @@
 
 Every (strategy, seed) is an ordinary `clbench fit` run in <comparison>/runs/<strategy>-seed<seed>/,
 all with the same config and pass-through overrides; per-strategy hyper-parameters and variants
-come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. A rerun reuses finished runs and moves
-unfinished ones aside (never deleting them), so an interrupted comparison resumes where it
-stopped; delete a run folder to redo that run after changing the config.
+come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. A rerun reuses
+finished runs and moves unfinished ones aside (never deleting them), so an interrupted
+comparison resumes where it stopped; delete a run folder to redo that run after changing the config.
 """
 
 from __future__ import annotations

@@ -20,19 +20,19 @@ def postprocess(text: str, mode: str) -> str:
 
 @dataclass
 class TaskScore:
-    """One task's score at one point of the stream, with what the reports need beside it."""
+    """One task's score at one point of the stream, with what the reports need beside it.
+
+    `stderr` is the standard error of the mean over test examples (sample std / sqrt(n)), so a
+    reader can tell forgetting from noise.
+    """
 
     task: str
     metric: str
     score: float
     n: int
+    stderr: float
     valid_label_share: float | None = None
     majority_baseline: float | None = None
-
-    @property
-    def stderr(self) -> float:
-        """Standard error of the mean, treating the per-example scores as bounded in [0, 1]."""
-        return (max(self.score * (1 - self.score), 0.0) / max(self.n, 1)) ** 0.5
 
 
 def score_task(task: Task, raw_predictions: list[str], out_file: Path | None = None) -> TaskScore:
@@ -47,6 +47,8 @@ def score_task(task: Task, raw_predictions: list[str], out_file: Path | None = N
             for ex, raw, pred, s in zip(task.test, raw_predictions, preds, scores, strict=True):
                 row = {"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "raw": raw, "score": s}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    mean = sum(scores) / len(scores)
+    var = sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1)
     return TaskScore(
-        task.name, task.metric, sum(scores) / len(scores), len(scores), valid, task.majority_baseline()
+        task.name, task.metric, mean, len(scores), (var / len(scores)) ** 0.5, valid, task.majority_baseline()
     )
