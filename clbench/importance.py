@@ -133,18 +133,27 @@ NEEDS_ANSWERS = {"fisher"}  # batches with answers (training layout) rather than
 
 
 def task_prior(
-    model: nn.Module, params: Tensors, batches: Iterable[dict], estimator: str, k: int, eps: float = EPS
+    model: nn.Module, params: Tensors, batches: Iterable[dict], estimator: str, k: int, eps: float = EPS,
+    chunk: int = 4,
 ) -> tuple[Tensors, int]:
     """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (CPU fp32) and
-    the number of samples. No sample: a zero prior."""
+    the number of samples. No sample: a zero prior.
+
+    Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) and the
+    embedding's alone is B x vocab x d floats (113 MB a sample for SmolLM2), so memory, not
+    speed, sets the scoring batch."""
     score, agg, n = ESTIMATORS[estimator], TopKMean(k), 0
     device = next(iter(params.values())).device
     with scoring_scope(model):
         model.eval()  # dropout off (the LRP engine does so itself)
         for batch in batches:
-            batch = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
-            score(model, batch, params, lambda name, r: agg.add(name, normalise(r, eps)))
-            n += batch["input_ids"].shape[0]
+            for start in range(0, batch["input_ids"].shape[0], chunk):
+                part = {
+                    k_: v[start : start + chunk].to(device) if torch.is_tensor(v) else v
+                    for k_, v in batch.items()
+                }
+                score(model, part, params, lambda name, r: agg.add(name, normalise(r, eps)))
+                n += part["input_ids"].shape[0]
     prior = {
         name: agg.mean(name).cpu() if n else torch.zeros(p.shape, dtype=torch.float32)
         for name, p in params.items()

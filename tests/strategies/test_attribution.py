@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from clbench.attribution import parameter_relevance
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.evaluation.evaluator import postprocess
-from clbench.importance import TopKMean, fold_max, normalise
+from clbench.importance import TopKMean, fold_max, normalise, task_prior
 from clbench.module import CLModule
 from strategies.attribution import Attribution
 from strategies.base import CLStrategy, StrategyContext
@@ -63,6 +63,18 @@ def test_lrp_prior_of_one_sample_is_the_normalised_engine_relevance(make_module,
     direct = parameter_relevance(module.model, batch["input_ids"], batch["attention_mask"])
     for name, r in direct.items():
         torch.testing.assert_close(strat.rbar[name], normalise(r)[0].clamp(min=0))
+
+
+def test_scoring_in_chunks_gives_the_prior_of_whole_batches(make_module, stream_of, tmp_path):
+    module, stream = make_module(), stream_of(6)
+    ctx = full_ctx(module, stream, 0, tmp_path)
+    params = module.trainable_parameters()
+    batches = list(ctx.make_prompt_loader(stream.tasks[0].train))
+    whole, n_whole = task_prior(module.model, params, batches, "lrp", k=3, chunk=64)
+    parts, n_parts = task_prior(module.model, params, batches, "lrp", k=3, chunk=1)
+    assert n_whole == n_parts == 6
+    for name in params:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-6)
 
 
 # -- contexts and fitting -----------------------------------------------------------------------
