@@ -74,9 +74,8 @@ def main() -> None:
 
         results[name] = (timed(step, args.repeats), timed(generate, args.repeats))
     fp32_train, fp32_gen = results["fp32"]
-    print(
-        f"batch {args.batch} x {args.tokens} tokens, {args.new} new tokens, torch threads {torch.get_num_threads()}"
-    )
+    threads = torch.get_num_threads()
+    print(f"batch {args.batch} x {args.tokens} tokens, {args.new} new tokens, torch threads {threads}")
     print(f"{'setup':12} {'train step s':>12} {'ratio':>6} {'generate s':>11} {'ratio':>6}")
     for name, (train_s, gen_s) in results.items():
         print(f"{name:12} {train_s:12.3f} {train_s / fp32_train:6.2f} {gen_s:11.3f} {gen_s / fp32_gen:6.2f}")
