@@ -68,12 +68,35 @@ def results_markdown(results: dict) -> str:
             f"| {_fmt(d['final'])} | {_fmt(d['final_stderr'])} | {_fmt(d['valid_label_share'], 2)} "
             f"| {_fmt(d['majority_baseline'])} | {_fmt(d['loss_before'])} → {_fmt(d['loss_after'])} |"
         )
+    out += _label_share_table(results)
     out += [
         "",
         f"Predictions: `predictions/after_<t>/<task>.jsonl`. Package versions: {results['versions']}",
         "",
     ]
     return "\n".join(out)
+
+
+def _label_share_table(results: dict) -> list[str]:
+    """Valid-label share of classification tasks after each task: a falling share means a later
+    task's answer format took over (format forgetting), a steady one that the model still answers
+    with labels but picks wrong ones (knowledge forgetting)."""
+    names = [n for n in results["tasks"] if results["per_task"][n]["labels"]]
+    if not names:
+        return []
+    out = [
+        "",
+        "## Valid-label share of classification tasks",
+        "",
+        "| after \\ task | " + " | ".join(names) + " |",
+    ]
+    out.append("|---" * (len(names) + 1) + "|")
+    for r in range(len(results["matrix"])):
+        shares = [results["per_task"][n]["valid_label_share_by_row"].get(r) for n in names]
+        if any(x is not None for x in shares):
+            label = "start" if r == 0 else f"{r}. {results['tasks'][r - 1]}"
+            out.append(f"| {label} | " + " | ".join(_fmt(x, 2) for x in shares) + " |")
+    return out
 
 
 def plot_heatmap(tasks: list[str], matrix: list[list[float | None]], title: str, path: Path) -> None:

@@ -58,7 +58,8 @@ def test_fit_three_tasks_end_to_end(trace_dir, tiny_model_dir, tmp_path):
         ]
         assert len(rows) == 8 and {"prompt", "answer", "prediction", "score"} <= set(rows[0])
     assert res["per_task"]["parity"]["valid_label_share"] is not None
-    assert (run / "results.md").read_text().count("| parity |") >= 1
+    report = (run / "results.md").read_text()
+    assert report.count("| parity |") >= 1 and "## Valid-label share of classification tasks" in report
     assert (run / "heatmap.png").stat().st_size > 1000
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
