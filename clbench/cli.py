@@ -95,15 +95,20 @@ def resolve_strategy_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _resolve_config_strategy(path: str) -> str:
-    """The config file, or its text with the strategy name resolved when it uses a short name."""
+def read_yaml(path: str) -> object:
+    """A YAML config file's content; a missing or malformed file is a one-line ConfigError."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _resolve_config_strategy(path: str) -> str:
+    """The config file, or its text with the strategy name resolved when it uses a short name."""
+    data = read_yaml(path)
     if not isinstance(data, dict) or "strategy" not in data:
         return path
     strat = data["strategy"]

@@ -20,8 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import yaml
-
 from clbench.errors import ConfigError
 from clbench.reporting import write_atomic
 from strategies import class_path
@@ -83,13 +81,9 @@ def preset_file(presets: str | None, entry: str) -> Path | None:
 
 
 def _read_config(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from clbench.cli import read_yaml
+
+    cfg = read_yaml(path)
     return cfg if isinstance(cfg, dict) else {}
 
 

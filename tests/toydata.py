@@ -85,3 +85,18 @@ def write_trace_folder(root: Path, tasks: dict[str, dict[str, list[dict]]]) -> P
         for split, rows in splits.items():
             (root / name / f"{split}.json").write_text(json.dumps(rows), encoding="utf-8")
     return root
+
+
+def quiet_trainer(steps: int, accumulate: int = 1):
+    """A CPU Lightning Trainer for a few steps, with no logger, checkpoint or progress bar."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 from torch.utils.data import DataLoader
+from toydata import quiet_trainer
 
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task
@@ -16,14 +17,7 @@ def _fit(module: CLModule, steps: int) -> pl.Trainer:
     examples = [Example(f"Upper cat {i}:", "CAT") for i in range(16)]
     data = TokenizedTask(examples, task, module.tokenizer, "raw", True)
     loader = DataLoader(data, batch_size=4, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id))
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(steps)
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 

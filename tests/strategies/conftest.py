@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from toydata import quiet_trainer
 
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
@@ -103,15 +103,7 @@ def _fit_task(module: CLModule, strategy: CLStrategy, ctx: StrategyContext, step
     module.attach(strategy, ctx)
     strategy.on_task_start(ctx)
     loader = ctx.make_loader(strategy.training_examples(ctx, ctx.task.train), True)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    quiet_trainer(steps).fit(module, train_dataloaders=loader)
     strategy.on_task_end(ctx)
 
 

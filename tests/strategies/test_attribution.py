@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from toydata import quiet_trainer
 
 from clbench.attribution import parameter_relevance
 from clbench.data.collate import LeftPadCollator, TokenizedTask
@@ -116,16 +116,7 @@ def full_ctx(
 
 
 def fit(module: CLModule, loader: DataLoader, steps: int = 1, accumulate: int = 1) -> None:
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    quiet_trainer(steps, accumulate).fit(module, train_dataloaders=loader)
 
 
 def gated_fit(module, strategy, stream, make_ctx, batch_size=8, accumulate=1, steps=1, t=1):
