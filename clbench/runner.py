@@ -109,6 +109,7 @@ class Runner:
         self.run_dir = Path(self.run_cfg.output_dir) / (
             self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
         )
+        self._task_index = 0
         T = len(stream)
         self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.scores: dict[int, dict[str, TaskScore]] = {}
@@ -124,12 +125,16 @@ class Runner:
 
     def _loader(self, data: TokenizedTask, batch_size: int, shuffle: bool) -> DataLoader:
         collate = LeftPadCollator(self.module.tokenizer.pad_token_id)
+        # Every DataLoader iterator draws from the global RNG, evaluation's too; a generator of
+        # its own per task keeps the training order the same whatever was evaluated before.
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self._task_index)
         return DataLoader(
             data,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=collate,
             num_workers=self.run_cfg.num_workers,
+            generator=generator,
         )
 
     def make_prompt_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:

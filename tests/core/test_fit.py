@@ -118,3 +118,14 @@ def test_lora_run_checkpoints_only_the_adapter(trace_dir, tiny_model_dir, tmp_pa
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
     assert res["per_task"]["reverse"]["loss_after"] < res["per_task"]["reverse"]["loss_before"]
+
+
+def test_training_order_does_not_depend_on_what_was_evaluated(trace_dir, tiny_model_dir, tmp_path):
+    losses = []
+    for evaluate in ("all", "needed"):
+        cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / evaluate)
+        cfg["run"]["evaluate"] = evaluate
+        assert main(["fit", "--config", str(write_config(tmp_path / f"{evaluate}.yaml", cfg))]) == 0
+        res = json.loads((tmp_path / evaluate / "run" / "results.json").read_text())
+        losses.append([res["per_task"][t]["loss_after"] for t in res["tasks"]])
+    assert losses[0] == losses[1]
