@@ -17,6 +17,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -209,8 +211,6 @@ def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
 
 def main(argv: list[str]) -> dict[str, list[dict]]:
     """`clbench compare`: run (or reuse) every strategy x seed, then write the comparison."""
-    from clbench.cli import fit
-
     args, passthrough = parse_args(argv)
     runs: dict[str, list[dict]] = {}
     for strategy in args.strategies:
@@ -221,10 +221,9 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
             if results is not None:
                 print(f"clbench compare: reusing finished run {run_dir}")
             else:
-                _reset_peak_memory()
                 preset = preset_file(args.presets, strategy)
                 chosen = ["--config", str(preset)] if preset else ["--strategy", strategy]
-                fit(
+                run_fit(
                     ["--config", args.config, *chosen, "--seed_everything", str(seed),
                      "--run.output_dir", str(run_dir.parent), "--run.name", name, *passthrough]
                 )  # fmt: skip
@@ -250,9 +249,9 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     return runs
 
 
-def _reset_peak_memory() -> None:
-    """Peak CUDA memory per run, not since the process started (CPU RSS cannot be reset)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+def run_fit(argv: list[str]) -> None:
+    """One `clbench fit` in a process of its own: memory is returned between runs, and each run's
+    peak memory is its own."""
+    done = subprocess.run([sys.executable, "-m", "clbench", "fit", *argv], check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {done.returncode}); its error is above")
