@@ -86,6 +86,17 @@ def fold_max(rbar: Tensors, prior: Tensors) -> None:
             rbar[name] = p.clone()
 
 
+def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9)) -> dict:
+    """How strong a gate is over all its elements: the mean (the share of a uniform step it
+    removes) and the share of elements above each threshold."""
+    n = sum(g.numel() for g in gate.values())
+    if n == 0:
+        return {"elements": 0}
+    total = sum(g.double().sum().item() for g in gate.values())
+    above = {f"share_above_{t}": sum((g > t).sum().item() for g in gate.values()) / n for t in thresholds}
+    return {"elements": n, "mean": total / n, **above}
+
+
 # -- per-sample scores ------------------------------------------------------------------------
 
 
@@ -133,7 +144,12 @@ NEEDS_ANSWERS = {"fisher"}  # batches with answers (training layout) rather than
 
 
 def task_prior(
-    model: nn.Module, params: Tensors, batches: Iterable[dict], estimator: str, k: int, eps: float = EPS,
+    model: nn.Module,
+    params: Tensors,
+    batches: Iterable[dict],
+    estimator: str,
+    k: int,
+    eps: float = EPS,
     chunk: int = 4,
 ) -> tuple[Tensors, int]:
     """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (CPU fp32) and

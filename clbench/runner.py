@@ -156,8 +156,12 @@ class Runner:
         self.module.attach(CLStrategy(), self.module.ctx)
         try:
             trainer = self.trainer_factory(
-                max_epochs=task.epochs, max_steps=task.max_steps, logger=False, enable_checkpointing=False,
-                callbacks=[], default_root_dir=str(self.run_dir),
+                max_epochs=task.epochs,
+                max_steps=task.max_steps,
+                logger=False,
+                enable_checkpointing=False,
+                callbacks=[],
+                default_root_dir=str(self.run_dir),
             )
             trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True, task=task))
             self.module.to(trainer.strategy.root_device)
@@ -168,8 +172,16 @@ class Runner:
     def _ctx(self, t: int, trainer: pl.Trainer | None = None) -> StrategyContext:
         self._task_index = t
         return StrategyContext(
-            self.module, self.stream, t, self.run_dir, self.make_loader, self.seed, trainer,
-            make_prompt_loader=self.make_prompt_loader, predict=self.predict, fit=self.side_fit,
+            self.module,
+            self.stream,
+            t,
+            self.run_dir,
+            self.make_loader,
+            self.seed,
+            trainer,
+            make_prompt_loader=self.make_prompt_loader,
+            predict=self.predict,
+            fit=self.side_fit,
         )
 
     # -- the loop -----------------------------------------------------------------------------

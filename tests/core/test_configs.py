@@ -13,7 +13,14 @@ from clbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE_ORDER = [
-    "C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten",
+    "C-STANCE",
+    "FOMC",
+    "MeetingBank",
+    "Py150",
+    "ScienceQA",
+    "NumGLUE-cm",
+    "NumGLUE-ds",
+    "20Minuten",
 ]
 
 
@@ -68,11 +75,23 @@ def test_trace_config_runs_on_miniature_trace(tiny_model_dir, tmp_path):
     }
     data = write_trace_folder(tmp_path / "TRACE", rows)
     args = [
-        "fit", "--config", str(ROOT / "configs" / "trace.yaml"),
-        "--model.model", str(tiny_model_dir), "--trainer.precision", "32-true",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--stream.data_root", str(data),
-        "--run.output_dir", str(tmp_path / "runs"), "--run.name", "mini",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "trace.yaml"),
+        "--model.model",
+        str(tiny_model_dir),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--stream.data_root",
+        str(data),
+        "--run.output_dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "mini",
     ]
     assert main(args) == 0
     res = json.loads((tmp_path / "runs" / "mini" / "results.json").read_text())

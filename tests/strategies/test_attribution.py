@@ -14,7 +14,7 @@ from toydata import quiet_trainer
 from clbench.attribution import parameter_relevance
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.evaluation.evaluator import postprocess
-from clbench.importance import TopKMean, fold_max, normalise, task_prior
+from clbench.importance import TopKMean, fold_max, gate_statistics, normalise, task_prior
 from clbench.module import CLModule
 from strategies.attribution import Attribution
 from strategies.base import CLStrategy, StrategyContext
@@ -233,6 +233,32 @@ def test_ungated_elements_move_exactly_as_under_seqft(make_module, stream_of, ma
         assert torch.equal(results[0][name], results[1][name]) or name == GATED
 
 
+def test_gate_power_scales_the_update_and_the_removed_mass_is_measured(make_module, stream_of, make_ctx):
+    """Rbar 0.25 ** 0.5 = gate 0.5 on GATED: its step is half of seqft's, and gate.json's measured
+    share of the update mass removed is 0.5 (GATED is the only gated tensor)."""
+    stream, steps = stream_of(8, 8), {}
+    for power in (None, 0.5):
+        module = make_module(weight_decay=0.1)
+        gated_fit(module, SeqFT(), stream, make_ctx, t=0)
+        before = params_of(module)[GATED]
+        strat = SeqFT()
+        if power is not None:
+            strat = _with_gate(Attribution("update", gate_power=power), module, 0.25)
+        gated_fit(module, strat, stream, make_ctx)
+        steps[power] = params_of(module)[GATED] - before
+    torch.testing.assert_close(steps[0.5], 0.5 * steps[None], rtol=1e-4, atol=1e-7)
+    removed, total = strat._moved.tolist()
+    assert total > 0 and removed / total == pytest.approx(0.5, rel=1e-6)
+
+
+def test_gate_statistics_by_hand():
+    gate = {"a": torch.tensor([0.0, 0.05, 0.2, 0.95]), "b": torch.tensor([[0.6, 0.0]])}
+    stats = gate_statistics(gate, thresholds=(0.1, 0.5, 0.9))
+    assert stats["elements"] == 6 and stats["mean"] == pytest.approx(1.8 / 6)
+    shares = [stats[f"share_above_{t}"] for t in (0.1, 0.5, 0.9)]
+    assert shares == [0.5, 2 / 6, 1 / 6]
+
+
 # -- priors and the cache -----------------------------------------------------------------------
 def run_priors(module, stream, run_dir, prior_dir, fits, **kwargs) -> Attribution:
     strat = Attribution(
@@ -261,6 +287,16 @@ def test_stored_prior_is_reused_without_a_second_single_task_training(make_modul
     assert [(m["task"], m["reused"]) for m in used] == [("alpha", True), ("beta", True)]
     run_priors(make_module(), stream, tmp_path / "run3", tmp_path / "priors", fits, top_k=2)
     assert fits == ["beta", "beta"]  # other settings, another prior
+
+
+def test_gate_json_describes_the_gate_each_later_task_trains_under(make_module, stream_of, tmp_path):
+    strat = run_priors(make_module(), stream_of(6, 6, 6), tmp_path / "r", tmp_path / "p", [], gate_power=0.5)
+    log = json.loads((tmp_path / "r" / "importance" / "gate.json").read_text())
+    assert list(log) == ["beta", "gamma"] and [e["after"] for e in log.values()] == ["alpha", "beta"]
+    final = torch.cat([r.flatten() for r in strat.rbar.values()]).double().sqrt()  # Rbar ** 0.5
+    assert log["gamma"]["mean"] == pytest.approx(final.mean().item(), rel=1e-6)
+    assert log["gamma"]["share_above_0.5"] == pytest.approx((final > 0.5).double().mean().item())
+    assert log["gamma"]["mean"] >= log["beta"]["mean"] > 0  # Rbar only grows
 
 
 def test_prior_of_another_model_is_refused(words_model_dir, stream_of, tmp_path):
@@ -343,6 +379,7 @@ def test_state_dict_round_trips(make_module):
         ({"estimator": "shap"}, "estimator"),
         ({"correct_threshold": 2.0}, "correct_threshold"),
         ({"max_prior_samples": 0}, "max_prior_samples"),
+        ({"gate_power": 0.0}, "gate_power"),
     ],
 )
 def test_bad_options_name_themselves(kwargs, option):
