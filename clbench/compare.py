@@ -52,6 +52,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="folder of per-strategy configs: <entry>.yaml is added to that entry's runs and may set its "
         "strategy and hyper-parameters, so variants (e.g. attribution-grad) are entries too",
     )
+    p.add_argument(
+        "--finished_only",
+        action="store_true",
+        help="train nothing: tabulate the finished runs among strategies x seeds and list the missing "
+        "ones (safe while other runs are in progress)",
+    )
     args, passthrough = p.parse_known_args(argv)
     for arg in passthrough:
         if arg.split("=", 1)[0] in RESERVED:
@@ -101,13 +107,19 @@ def short_name(strategy: str) -> str:
     return strategy.rsplit(".", 1)[-1].lower()
 
 
-def finished_results(run_dir: Path) -> dict | None:
-    """A finished run's results; an unfinished run folder is moved aside (kept, never deleted)."""
+def read_finished(run_dir: Path) -> dict | None:
+    """A finished run's results, else None; touches nothing."""
     try:
         results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        results = None
-    if isinstance(results, dict) and results.get("status") == "complete":
+        return None
+    return results if isinstance(results, dict) and results.get("status") == "complete" else None
+
+
+def finished_results(run_dir: Path) -> dict | None:
+    """A finished run's results; an unfinished run folder is moved aside (kept, never deleted)."""
+    results = read_finished(run_dir)
+    if results is not None:
         return results
     if run_dir.is_dir() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -213,10 +225,18 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     """`clbench compare`: run (or reuse) every strategy x seed, then write the comparison."""
     args, passthrough = parse_args(argv)
     runs: dict[str, list[dict]] = {}
+    missing: list[str] = []
     for strategy in args.strategies:
         for seed in args.seeds:
             name = f"{short_name(strategy)}-seed{seed}"
             run_dir = args.compare_dir / "runs" / name
+            if args.finished_only:
+                results = read_finished(run_dir)
+                if results is None:
+                    missing.append(name)
+                else:
+                    runs.setdefault(short_name(strategy), []).append(results)
+                continue
             results = finished_results(run_dir)
             if results is not None:
                 print(f"clbench compare: reusing finished run {run_dir}")
@@ -230,6 +250,8 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
                 # What is on disk, so a later rerun that reuses this run builds the same table.
                 results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
             runs.setdefault(short_name(strategy), []).append(results)
+    if not runs:
+        raise ConfigError(f"{args.compare_dir}: no finished run among {', '.join(missing)}")
     rows, out = aggregate(runs), args.compare_dir
     out.mkdir(parents=True, exist_ok=True)
     stream = next(iter(runs.values()))[0].get("stream", "")
@@ -240,8 +262,14 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         "Mean ± sample standard deviation (ddof=1) over seeds; a blank std means one seed.",
         "Scores are on [0, 1]; wall time = train + eval seconds.",
         "",
-        "",
     ]
+    if args.finished_only:
+        header.append(
+            "Tabulated from the finished runs (`--finished_only`); each run's own config.yaml says how it "
+            f"ran. Not finished or not run: {', '.join(missing) or 'none'}."
+        )
+        header.append("")
+    header.append("")
     write_atomic(out / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
     write_atomic(out / "comparison.csv", csv_text(rows))
     plot_comparison(rows, f"{stream}: {len(args.seeds)} seed(s)", out / "comparison.png")

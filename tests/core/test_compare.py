@@ -134,3 +134,24 @@ def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, caps
     assert stdout.count("reusing finished run") == 4 and "OP" not in stdout  # fit prints OP; none ran
     assert mtimes == {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in names}
     assert (out / "comparison.md").read_text() == md
+
+
+def test_finished_only_tabulates_what_finished_and_touches_nothing(tmp_path, capsys):
+    cfg = write_config(
+        tmp_path / "toy.yaml", {"stream": {"name": "toy"}, "run": {"output_dir": str(tmp_path)}}
+    )
+    runs = tmp_path / "compare-toy" / "runs"
+    for name, results in (("seqft-seed1", fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100)),
+                          ("seqft-seed2", {"status": "running"})):  # fmt: skip
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps(results))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft,replay", "--seeds", "1,2"]
+    assert main([*argv, "--finished_only"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["seqft-seed1", "seqft-seed2"]  # nothing ran or moved
+    md = (tmp_path / "compare-toy" / "comparison.md").read_text()
+    assert "| seqft | 1 | 0.500 |" in md and "| replay" not in md
+    assert "Not finished or not run: seqft-seed2, replay-seed1, replay-seed2." in md
+    capsys.readouterr()
+    assert main(["compare", "--config", str(cfg), "--strategies", "replay", "--finished_only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished run among replay-seed1234" in err
