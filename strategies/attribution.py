@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.evaluation.metrics import score_predictions
 from clbench.importance import (
@@ -209,11 +210,13 @@ class Attribution(CLStrategy):
         self._moved.zero_()
         if prior is not None and not last:
             self._fold(prior, ctx.seed)
-            self.gate_log[ctx.stream.tasks[ctx.task_index + 1].name] = {
-                "after": ctx.task.name,
-                "gate_power": self.gate_power,
-                **gate_statistics(self.gate),
-            }
+            following = ctx.stream.tasks[ctx.task_index + 1].name
+            stats = gate_statistics(self.gate)
+            self.gate_log[following] = {"after": ctx.task.name, "gate_power": self.gate_power, **stats}
+            rank_zero_info(
+                f"clbench: attribution gate for {following}: mean {stats['mean']:.4f}, "
+                f"{stats['share_above_0.5']:.3%} of elements above 0.5 (importance/gate.json)"
+            )
         out = Path(ctx.run_dir) / "importance"
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "used.json", {"maps": self.used})
