@@ -7,6 +7,7 @@ all with the same config and pass-through overrides; per-strategy hyper-paramete
 come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. A rerun reuses
 finished runs and moves unfinished ones aside (never deleting them), so an interrupted
 comparison resumes where it stopped; delete a run folder to redo that run after changing the config.
+`--finished_only` trains nothing: it rewrites the comparison from the runs that have finished.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--finished_only",
         action="store_true",
-        help="train nothing: tabulate the finished runs among strategies x seeds and list the missing "
-        "ones (safe while other runs are in progress)",
+        help="train nothing: (re)write the comparison from the finished runs among strategies x seeds, "
+        "listing the missing ones; run folders are left as they are (safe while runs are in progress)",
     )
     args, passthrough = p.parse_known_args(argv)
     for arg in passthrough:
@@ -272,8 +273,11 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     header.append("")
     write_atomic(out / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
     write_atomic(out / "comparison.csv", csv_text(rows))
-    plot_comparison(rows, f"{stream}: {len(args.seeds)} seed(s)", out / "comparison.png")
-    print(f"clbench compare: {len(rows)} strategies x {len(args.seeds)} seeds: {out / 'comparison.md'}")
+    n_runs = sum(len(r) for r in runs.values())
+    plot_comparison(
+        rows, f"{stream}: {n_runs} runs, up to {len(args.seeds)} seed(s) each", out / "comparison.png"
+    )
+    print(f"clbench compare: {len(rows)} strategies, {n_runs} runs: {out / 'comparison.md'}")
     return runs
 
 

@@ -22,7 +22,8 @@ monotone transform that keeps which parameters are protected but changes how str
 log(1 + |R|) is nearly linear for relevance this small (a whole sample's relevance is about one
 logit, spread over every parameter), so the paper's gate is mostly close to 0 and rarely near 1.
 Every gate actually used is summarised in RUN_DIR/importance/gate.json (mean, shares above
-thresholds) with, under "update", the measured share of the update's L1 mass the gate removed.
+thresholds) with, under "update", the measured share of the L1 mass of the gated tensors' update
+that the gate removed (tensors whose gate is all zero, e.g. norm weights, are not counted).
 
 Importance source. "single_task" (the paper): the prior of task tau comes from a model trained on
 tau alone from the starting weights (same data, epochs, optimizer settings and seed), trained via
@@ -133,7 +134,7 @@ class Attribution(CLStrategy):
         self.rbar: Tensors = {}
         self.gate: Tensors = {}  # what multiplies the step: Rbar ** gate_power
         self.gate_log: dict[str, dict] = {}  # by the task trained under the gate
-        self._moved = torch.zeros(2, dtype=torch.float64)  # update L1 mass: removed, total
+        self._moved = torch.zeros(2, dtype=torch.float64)  # gated tensors' update L1 mass: removed, total
         self.tasks_folded = 0
         self.start: Tensors = {}
         self.used: list[dict] = []
@@ -164,15 +165,15 @@ class Attribution(CLStrategy):
         if self.gate_target != "update":
             return
         with torch.no_grad():
-            sums = []
             for p, r in self._gated(ctx):
                 old = self._old.pop(id(p))
-                step = (p - old).abs().double()
-                sums.append(torch.stack([(r * step).sum(), step.sum()]))
+                step = (p - old).abs_()
+                if self._moved.device != p.device:  # kept where the parameters are: no sync per step
+                    self._moved = self._moved.to(p.device)
+                self._moved[0] += (r * step).sum(dtype=torch.float64)
+                self._moved[1] += step.sum(dtype=torch.float64)
                 # lerp(new, old, r) is exactly new at r = 0 and exactly old at r = 1
                 p.lerp_(old, r.to(p.dtype))
-            if sums:
-                self._moved += torch.stack(sums).sum(0).cpu()  # one device sync per step
         self._old.clear()
 
     def _fold(self, prior: Tensors, seed: int) -> None:
@@ -214,8 +215,8 @@ class Attribution(CLStrategy):
             stats = gate_statistics(self.gate)
             self.gate_log[following] = {"after": ctx.task.name, "gate_power": self.gate_power, **stats}
             rank_zero_info(
-                f"clbench: attribution gate for {following}: mean {stats['mean']:.4f}, "
-                f"{stats['share_above_0.5']:.3%} of elements above 0.5 (importance/gate.json)"
+                f"clbench: attribution gate for {following}: mean {stats.get('mean', 0.0):.4f}, "
+                f"{stats.get('share_above_0.5', 0.0):.3%} of elements above 0.5 (importance/gate.json)"
             )
         out = Path(ctx.run_dir) / "importance"
         out.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,13 @@
 
     .venv/bin/python tools/relevance_scale.py --n 4
 
-Scores the first N training prompts of each quickstart task with the bundled SmolLM2-135M-Instruct
-(fp32) and prints, over every (sample, tensor) pair with nonzero relevance:
+Scores the first N training prompts of each quickstart task (as raw text, the quickstart's
+prompt format) with the bundled SmolLM2-135M-Instruct (fp32) and prints, over every (sample,
+tensor) pair with nonzero relevance:
 - the tensor's peak |R| and the sample's total relevance (conservation: about the seed logit);
 - log(1 + peak) / peak: 1 means the log does nothing, so Eq. 10 reduces to |R| / max |R|;
 - the share of the tensor's elements whose normalised value (Eq. 10) exceeds 0.01, 0.1 and 0.5:
-  an upper bound on how many elements a task prior can gate strongly, before the top-K mean.
+  how few elements one sample marks as important (a prior averages each element's top K samples).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ THRESHOLDS = (0.01, 0.1, 0.5)
 
 
 def quantiles(values: list[float]) -> str:
+    if not values:
+        return "none"
     v = sorted(values)
     pick = [v[min(len(v) - 1, int(q * len(v)))] for q in (0.1, 0.5, 0.9)]
     return " / ".join(f"{x:.3g}" for x in pick)
@@ -72,7 +75,8 @@ def main() -> None:
     print(f"  log(1 + peak) / peak:         {quantiles(linearity)}")
     print(f"  total relevance per sample:   {quantiles(totals)}")
     for t in THRESHOLDS:
-        print(f"  share of elements with R^ > {t:<4}: mean {statistics.mean(shares[t]):.4%}")
+        if shares[t]:
+            print(f"  share of elements with R^ > {t:<4}: mean {statistics.mean(shares[t]):.4%}")
 
 
 if __name__ == "__main__":
