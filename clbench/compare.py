@@ -54,6 +54,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "strategy and hyper-parameters, so variants (e.g. attribution-grad) are entries too",
     )
     p.add_argument(
+        "--baseline",
+        help="a strategy of --strategies: add paired per-seed differences of OP and BWT to it",
+    )
+    p.add_argument(
         "--finished_only",
         action="store_true",
         help="train nothing: (re)write the comparison from the finished runs among strategies x seeds, "
@@ -68,6 +72,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for s in args.strategies:
         if preset_file(args.presets, s) is None:
             class_path(s)  # unknown names fail here, before any training
+    if args.baseline is not None and args.baseline not in args.strategies:
+        raise ConfigError(f"--baseline: '{args.baseline}' is not one of --strategies")
     if len({short_name(s) for s in args.strategies}) != len(args.strategies):
         raise ConfigError(
             f"--strategies: two strategies share a run-folder name in '{','.join(args.strategies)}'"
@@ -151,14 +157,32 @@ def run_columns(results: dict) -> dict[str, float | None]:
     return cols
 
 
-def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
-    """One row per strategy: strategy, seeds, n_seeds, and a (mean, std) Cell per column."""
+PAIRED = ("OP", "BWT (TRACE)")  # metrics also shown as paired differences to a baseline
+
+
+def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[dict]:
+    """One row per strategy: strategy, seeds, n_seeds, and a (mean, std) Cell per column.
+
+    With a baseline, "ΔOP vs <baseline>" and "ΔBWT (TRACE) vs <baseline>" are the mean and std of
+    the per-seed differences on the seeds both ran (paired: seed-to-seed noise that both share,
+    such as a hard data order, cancels); blank for the baseline itself.
+    """
     per_run = {s: [run_columns(r) for r in results] for s, results in runs.items()}
     columns = list(dict.fromkeys(k for cols in per_run.values() for c in cols for k in c))
+    base = {r.get("seed"): run_columns(r) for r in runs.get(baseline, [])} if baseline else {}
     rows = []
     for s, cols in per_run.items():
         row: dict = {"strategy": s, "seeds": [r.get("seed") for r in runs[s]], "n_seeds": len(cols)}
-        rows.append(row | {k: mean_std([c.get(k) for c in cols]) for k in columns})
+        cells = {k: mean_std([c.get(k) for c in cols]) for k in columns}
+        for k in PAIRED if baseline else ():
+            diffs = [
+                c[k] - base[r.get("seed")][k]
+                for c, r in zip(cols, runs[s])
+                if s != baseline and c.get(k) is not None and base.get(r.get("seed"), {}).get(k) is not None
+            ]
+            cells[f"Δ{k} vs {baseline}"] = mean_std(diffs)
+        first = [k for k in cells if k in METRICS or k.startswith("Δ")]  # summary, then paired, then the rest
+        rows.append(row | {k: cells[k] for k in first} | cells)
     return rows
 
 
@@ -171,7 +195,8 @@ def _cell(cell: Cell, column: str) -> str:
     digits = 0 if column in ("wall time s", "peak memory MB") else 3
     if mean is None:
         return ""
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    sign = "+" if column.startswith("Δ") else ""
+    return f"{mean:{sign}.{digits}f}" if std is None else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -253,7 +278,8 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
             runs.setdefault(short_name(strategy), []).append(results)
     if not runs:
         raise ConfigError(f"{args.compare_dir}: no finished run among {', '.join(missing)}")
-    rows, out = aggregate(runs), args.compare_dir
+    baseline = short_name(args.baseline) if args.baseline else None
+    rows, out = aggregate(runs, baseline), args.compare_dir
     out.mkdir(parents=True, exist_ok=True)
     stream = next(iter(runs.values()))[0].get("stream", "")
     header = [
@@ -264,6 +290,8 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         "Scores are on [0, 1]; wall time = train + eval seconds.",
         "",
     ]
+    if baseline:
+        header += [f"Δ columns: per-seed differences to {baseline} on the seeds both ran (paired).", ""]
     if args.finished_only:
         header.append(
             "Tabulated from the finished runs (`--finished_only`); each run's own config.yaml says how it "

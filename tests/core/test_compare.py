@@ -93,6 +93,7 @@ def test_finished_results_reuses_complete_and_moves_unfinished_aside(tmp_path, c
         (["--config", "CFG", "--strategies", "seqft", "--seeds", "1,x"], "--seeds: expected"),
         (["--config", "CFG"], "required: --strategies"),
         (["--config", "CFG", "--strategies", "seqft", "--strategy", "ewc"], "--strategy: set by compare"),
+        (["--config", "CFG", "--strategies", "ewc", "--baseline", "seqft"], "--baseline: 'seqft' is not one"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, expected):
@@ -155,3 +156,28 @@ def test_finished_only_tabulates_what_finished_and_touches_nothing(tmp_path, cap
     assert main(["compare", "--config", str(cfg), "--strategies", "replay", "--finished_only"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no finished run among replay-seed1234" in err
+
+
+def test_paired_differences_to_a_baseline_use_the_seeds_both_ran():
+    runs = {
+        "seqft": [
+            fake_run(1, 0.5, -0.2, None, None, 0.4, 1, 1, 1),
+            fake_run(2, 0.3, -0.4, None, None, 0.4, 1, 1, 1),
+        ],
+        "gate": [
+            fake_run(1, 0.6, -0.1, None, None, 0.4, 1, 1, 1),  # +0.1 OP, +0.1 BWT against seqft seed 1
+            fake_run(2, 0.5, -0.1, None, None, 0.4, 1, 1, 1),  # +0.2, +0.3 against seed 2
+            fake_run(3, 0.9, 0.0, None, None, 0.4, 1, 1, 1),  # no seqft seed 3: not paired
+        ],
+    }
+    seqft, gate = aggregate(runs, baseline="seqft")
+    assert gate["ΔOP vs seqft"] == pytest.approx((0.15, math.sqrt(0.005)))
+    assert gate["ΔBWT (TRACE) vs seqft"] == pytest.approx((0.2, math.sqrt(0.02)))
+    assert seqft["ΔOP vs seqft"] == (None, None)
+    assert gate["OP"] == pytest.approx(
+        (2.0 / 3, math.sqrt(((0.6 - 2 / 3) ** 2 + (0.5 - 2 / 3) ** 2 + (0.9 - 2 / 3) ** 2) / 2))
+    )
+    header = markdown_table([seqft, gate]).splitlines()[0]
+    assert header.startswith("| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | ΔOP vs seqft |")
+    assert "| +0.150 ± 0.071 | +0.200 ± 0.141 |" in markdown_table([seqft, gate])
+    assert "Δ" not in markdown_table(aggregate(runs))  # no baseline, no paired columns
