@@ -196,6 +196,7 @@ def _cell(cell: Cell, column: str) -> str:
     if mean is None:
         return ""
     sign = "+" if column.startswith("Δ") else ""
+    mean = round(mean, digits) + 0.0  # no "-0.000"
     return f"{mean:{sign}.{digits}f}" if std is None else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
 
 
