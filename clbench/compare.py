@@ -169,20 +169,18 @@ def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[
     """
     per_run = {s: [run_columns(r) for r in results] for s, results in runs.items()}
     columns = list(dict.fromkeys(k for cols in per_run.values() for c in cols for k in c))
-    base = {r.get("seed"): run_columns(r) for r in runs.get(baseline, [])} if baseline else {}
+    base = {r.get("seed"): c for r, c in zip(runs.get(baseline, []), per_run.get(baseline, []))}
     rows = []
     for s, cols in per_run.items():
         row: dict = {"strategy": s, "seeds": [r.get("seed") for r in runs[s]], "n_seeds": len(cols)}
         cells = {k: mean_std([c.get(k) for c in cols]) for k in columns}
+        paired = {}
         for k in PAIRED if baseline else ():
-            diffs = [
-                c[k] - base[r.get("seed")][k]
-                for c, r in zip(cols, runs[s])
-                if s != baseline and c.get(k) is not None and base.get(r.get("seed"), {}).get(k) is not None
-            ]
-            cells[f"Δ{k} vs {baseline}"] = mean_std(diffs)
-        first = [k for k in cells if k in METRICS or k.startswith("Δ")]  # summary, then paired, then the rest
-        rows.append(row | {k: cells[k] for k in first} | cells)
+            pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, runs[s])]
+            diffs = [a - b for a, b in pairs if s != baseline and a is not None and b is not None]
+            paired[f"Δ{k} vs {baseline}"] = mean_std(diffs)
+        summary = {k: cells.pop(k) for k in METRICS if k in cells}
+        rows.append(row | summary | paired | cells)  # summary, paired differences, then the rest
     return rows
 
 
@@ -257,14 +255,10 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         for seed in args.seeds:
             name = f"{short_name(strategy)}-seed{seed}"
             run_dir = args.compare_dir / "runs" / name
-            if args.finished_only:
-                results = read_finished(run_dir)
-                if results is None:
-                    missing.append(name)
-                else:
-                    runs.setdefault(short_name(strategy), []).append(results)
+            results = read_finished(run_dir) if args.finished_only else finished_results(run_dir)
+            if results is None and args.finished_only:
+                missing.append(name)
                 continue
-            results = finished_results(run_dir)
             if results is not None:
                 print(f"clbench compare: reusing finished run {run_dir}")
             else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -63,7 +64,7 @@ def main() -> None:
                 if peak[k] > 0:
                     p = peak[k].item()
                     peaks.append(p)
-                    linearity.append(torch.tensor(p).log1p().item() / p)
+                    linearity.append(math.log1p(p) / p)
                     for t in THRESHOLDS:
                         shares[t].append((normed[k] > t).float().mean().item())
 
