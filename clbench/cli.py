@@ -18,17 +18,24 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
 from clbench.data.loaders import StreamConfig, load_stream
 from clbench.errors import ConfigError
 from clbench.module import CLModule
 from clbench.runner import RunConfig, Runner, prepare_run_dir
-from strategies import CLStrategy, class_path, name_of
+from clbench.strategy import CLStrategy
+from strategies import class_path, name_for, name_of
 
-USAGE = """usage: clbench {fit,compare,analyze} ...
+# The run folder's name, chosen once by rank 0: Lightning's launcher starts the other ranks by
+# running the same command again with this process's environment, so they read it from here.
+RUN_NAME_ENV = "CLBENCH_RUN_NAME"
+
+USAGE = """usage: clbench {fit,compare,analyze,export} ...
 
   fit       train one strategy through a task stream:  clbench fit --strategy seqft --config FILE
   compare   several strategies (and seeds) on one stream, one table: clbench compare --help
   analyze   importance overlap analysis of a finished run:            clbench analyze --help
+  export    a sharded (FSDP) checkpoint as a Hugging Face folder:     clbench export CHECKPOINT OUT
 
 Set CLBENCH_TRACEBACK=1 to see full tracebacks of errors."""
 
@@ -45,23 +52,33 @@ class CLBenchCLI(LightningCLI):
         # Check data and the run folder before the (slow) model load, so bad input fails fast.
         cfg = self.config
         self.stream = load_stream(StreamConfig(**_plain(cfg.stream)))
-        strategy_name = cfg.strategy.class_path.rsplit(".", 1)[-1].lower()
-        for name, path in _registry_paths().items():
-            if path == cfg.strategy.class_path:
-                strategy_name = name
+        cfg.run.name = agreed_run_name(cfg, self.stream.name)
+
+
+def agreed_run_name(cfg: Namespace, stream: str) -> str:
+    """The run folder's name, the same on every rank; rank 0 refuses one that already holds a run."""
+    inherited = os.environ.get(RUN_NAME_ENV)
+    if inherited and dist.rank() != 0:  # started by rank 0's launcher, which chose and checked it
+        return inherited
+    name = cfg.run.name
+    if not name:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg.run.name = cfg.run.name or f"{self.stream.name}-{strategy_name}-seed{cfg.seed_everything}-{stamp}"
-        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        if dist.world_size() > 1:  # ranks started together (torchrun, srun): no clock they share
+            stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+            stamp = os.environ.get("SLURM_JOB_ID", stamp if stamp != "none" else "")
+            if not stamp:
+                raise ConfigError(
+                    "run.name: set run.name when torchrun starts the ranks, so all use one folder"
+                )
+        name = f"{stream}-{name_for(cfg.strategy.class_path)}-seed{cfg.seed_everything}-{stamp}"
+    if dist.rank() == 0:
+        run_dir = Path(cfg.run.output_dir) / name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
                 f"run.name: {run_dir} already holds a run; choose another run.name or remove it"
             )
-
-
-def _registry_paths() -> dict[str, str]:
-    from strategies import available
-
-    return available()
+    os.environ[RUN_NAME_ENV] = name
+    return name
 
 
 def _plain(ns: Namespace) -> dict:
@@ -134,6 +151,7 @@ def build_cli(argv: list[str]) -> CLBenchCLI:
             "log_every_n_steps": 5,
             "limit_val_batches": 0,
             "devices": 1,
+            "use_distributed_sampler": False,  # clbench splits batches over ranks itself
         },
         seed_everything_default=1234,
         parser_kwargs={"exit_on_error": False, "prog": "clbench fit"},
@@ -164,9 +182,15 @@ def fit(argv: list[str]) -> dict:
         batch_size=cfg.stream.batch_size,
         eval_batch_size=cfg.stream.eval_batch_size,
         seed=cfg.seed_everything,
+        strategy_name=name_of(strategy),
     )
     config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
-    results = runner.run(config_text)
+    try:
+        results = runner.run(config_text)
+    finally:
+        os.environ.pop(RUN_NAME_ENV, None)
+    if not runner.writes:
+        return results
     summary = ", ".join(f"{k} {v:.3f}" for k, v in results["summary"].items() if v is not None)
     print(f"clbench: {name_of(strategy)} on {cli.stream.name}: {summary}")
     report = runner.run_dir / "results.md"
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"fit": fit, "compare": _compare, "analyze": _analyze}
+    commands = {"fit": fit, "compare": _compare, "analyze": _analyze, "export": _export}
     if command not in commands:
         print(f"clbench: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
         return 2
@@ -211,6 +235,18 @@ def _compare(argv: list[str]) -> None:
     from clbench.compare import main as compare_main
 
     compare_main(argv)
+
+
+def _export(argv: list[str]) -> None:
+    from clbench.checkpoint import export_hf
+
+    parser = argparse.ArgumentParser(
+        prog="clbench export", description="A sharded checkpoint as a HF folder."
+    )
+    parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/taskN-NAME of a run trained with FSDP")
+    parser.add_argument("out", help="new folder for the Hugging Face model (config, safetensors, tokenizer)")
+    args = parser.parse_args(argv)
+    print(f"clbench: exported to {export_hf(Path(args.checkpoint), Path(args.out))}")
 
 
 def _analyze(argv: list[str]) -> None:

@@ -31,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from clbench import distributed as dist
 from clbench.attribution import scoring_scope, stream_parameter_relevance
+from clbench.gradients import grads_of, squared_grads
 
 EPS = 1e-8
 Tensors = dict[str, Tensor]
@@ -43,11 +46,16 @@ Consumer = Callable[[str, Tensor], None]
 METADATA_KEY = "clbench.prior"
 
 
-def normalise(relevance: Tensor, eps: float = EPS) -> Tensor:
-    """Eq. 10 per sample and per tensor: (B, *shape) -> (B, *shape) in [-1, 1], fp32."""
+def normalise(relevance: Tensor, eps: float = EPS, sharded: bool = False) -> Tensor:
+    """Eq. 10 per sample and per tensor: (B, *shape) -> (B, *shape) in [-1, 1], fp32.
+
+    `sharded`: `relevance` is this rank's shard of each sample's map; the maximum over the whole
+    tensor is then a MAX all-reduce of the shards' maxima (every rank must call it)."""
     relevance = relevance.float()
     mag = relevance.abs().log1p()  # (B, *shape)
     peak = mag.reshape(mag.shape[0], -1).amax(1) if mag[0].numel() else mag.new_zeros(mag.shape[0])
+    if sharded:
+        dist.all_reduce_(peak, "max")
     return relevance.sign() * mag / (peak.view(-1, *[1] * (mag.dim() - 1)) + eps)
 
 
@@ -89,11 +97,20 @@ def fold_max(rbar: Tensors, prior: Tensors) -> None:
 def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9)) -> dict:
     """How strong a gate is over all its elements: the mean (the share of a uniform step it
     removes) and the share of elements above each threshold."""
-    n = sum(g.numel() for g in gate.values())
+    n = sum(g.numel() for g in gate.values())  # a sharded tensor's numel is the whole tensor's
     if n == 0:
         return {"elements": 0}
-    total = sum(g.double().sum().item() for g in gate.values())
-    above = {f"share_above_{t}": sum((g > t).sum().item() for g in gate.values()) / n for t in thresholds}
+    shards = [dist.local(g) for g in gate.values()]
+    sums = torch.tensor(
+        [sum(g.double().sum().item() for g in shards)]
+        + [sum((g > t).sum().item() for g in shards) for t in thresholds],
+        dtype=torch.float64,
+        device=shards[0].device,
+    )
+    if any(dist.is_sharded(g) for g in gate.values()):
+        dist.all_reduce_(sums)  # shard sums -> whole-tensor sums
+    total, *counts = sums.tolist()
+    above = {f"share_above_{t}": c / n for t, c in zip(thresholds, counts)}
     return {"elements": n, "mean": total / n, **above}
 
 
@@ -101,11 +118,14 @@ def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0
 
 
 def _lrp(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
+    # Under FSDP2 the engine reads whole weights (unsharded, every rank the same samples) and each
+    # rank keeps its rows of every map: per-sample maps are never summed across ranks.
     def keep(name: str, relevance: Tensor) -> None:
         if name in params:
-            consume(name, relevance)
+            consume(name, dist.local_rows(params[name], relevance))
 
-    stream_parameter_relevance(model, batch["input_ids"], batch["attention_mask"], keep)
+    with dist.unsharded(model):
+        stream_parameter_relevance(model, batch["input_ids"], batch["attention_mask"], keep)
 
 
 def _unpadded(batch: dict, i: int) -> dict:
@@ -118,21 +138,16 @@ def _grad_x_weight(model: nn.Module, batch: dict, params: Tensors, consume: Cons
     for i in range(batch["input_ids"].shape[0]):
         row = _unpadded(batch, i)
         logits = model(input_ids=row["input_ids"]).logits[0, -1]  # (V,) at the seed position
-        grads = torch.autograd.grad(logits.max(), list(params.values()), allow_unused=True)
-        for (name, p), g in zip(params.items(), grads):
-            r = torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() * p.detach().float()
-            consume(name, r[None])
+        for name, g in grads_of(logits.max(), params).items():
+            consume(name, dist.local(g.float() * params[name].detach().float())[None])
 
 
 def _fisher(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
     for i in range(batch["input_ids"].shape[0]):
         row = _unpadded(batch, i)
         loss = model(input_ids=row["input_ids"], labels=row["labels"]).loss
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (name, p), g in zip(params.items(), grads):
-            consume(
-                name, (torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().square())[None]
-            )
+        for name, g in squared_grads(loss, params).items():
+            consume(name, dist.local(g)[None])
 
 
 ESTIMATORS: dict[str, Callable[[nn.Module, dict, Tensors, Consumer], None]] = {
@@ -152,14 +167,19 @@ def task_prior(
     eps: float = EPS,
     chunk: int = 4,
 ) -> tuple[Tensors, int]:
-    """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (CPU fp32) and
-    the number of samples. No sample: a zero prior.
+    """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (fp32, on the CPU,
+    or laid out like the parameters when they are sharded) and the number of samples. No sample: a
+    zero prior. Under several ranks every rank scores the same samples (`params` sharded or not).
 
     Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) and the
     embedding's alone is B x vocab x d floats (113 MB a sample for SmolLM2), so memory, not
     speed, sets the scoring batch."""
     score, agg, n = ESTIMATORS[estimator], TopKMean(k), 0
-    device = next(iter(params.values())).device
+    device = dist.local(next(iter(params.values()))).device
+
+    def consume(name: str, r: Tensor) -> None:
+        agg.add(name, normalise(r, eps, sharded=dist.is_sharded(params[name])))
+
     with scoring_scope(model):
         model.eval()  # dropout off (the LRP engine does so itself)
         for batch in batches:
@@ -168,13 +188,22 @@ def task_prior(
                     k_: v[start : start + chunk].to(device) if torch.is_tensor(v) else v
                     for k_, v in batch.items()
                 }
-                score(model, part, params, lambda name, r: agg.add(name, normalise(r, eps)))
+                score(model, part, params, consume)
                 n += part["input_ids"].shape[0]
-    prior = {
-        name: agg.mean(name).cpu() if n else torch.zeros(p.shape, dtype=torch.float32)
-        for name, p in params.items()
-    }
-    return prior, n
+    return {name: _laid_out(p, agg.mean(name) if n else None) for name, p in params.items()}, n
+
+
+def _laid_out(param: Tensor, local_prior: Tensor | None) -> Tensor:
+    """A prior from this rank's part (None: zeros): a CPU tensor, or a DTensor like `param`."""
+    if not dist.is_sharded(param):
+        return local_prior.cpu() if local_prior is not None else torch.zeros(param.shape, dtype=torch.float32)
+    from torch.distributed.tensor import DTensor
+
+    shard = dist.local(param)
+    values = local_prior if local_prior is not None else torch.zeros(shard.shape, dtype=torch.float32)
+    return DTensor.from_local(
+        values.to(shard.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
 
 
 def permute_within(prior: Tensors, seed: int) -> Tensors:
@@ -188,20 +217,12 @@ def permute_within(prior: Tensors, seed: int) -> Tensors:
 
 @contextmanager
 def rng_preserved(seed: int) -> Iterator[None]:
-    """Seed every generator for a side computation, then put their states back."""
-    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
+    """Seed every generator for a side computation, then put their states back (Lightning's isolate_rng)."""
+    with isolate_rng():
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         yield
-    finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 # -- identities and the store -----------------------------------------------------------------

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import GenerationConfig
 
+from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
-from strategies.base import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the base learning rate: linear warmup, then constant, linear or cosine decay."""
+    """Multiplier of the base learning rate: linear warmup, then constant, linear or cosine decay.
+
+    Not transformers.get_scheduler: its warmup gives the first step a learning rate of 0 (step /
+    warmup), which wastes a step of every task; here step s of the warmup trains at (s + 1) / warmup.
+    After the warmup the shapes are the same as get_scheduler's."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -28,6 +35,11 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 class CLModule(pl.LightningModule):
     """A causal LM trained task after task; the continual-learning strategy plugs in via hooks.
+
+    Every rank loads the weights into host memory in `__init__` (the CLI builds the module in each
+    process that Lightning's launcher starts, before any process group exists, so rank 0 cannot
+    broadcast yet); under FSDP2 `configure_model` then shards the model layer by layer, so each
+    rank keeps only its shard on the accelerator and the host copy is released.
 
     Args:
         model: Hugging Face hub id, local folder, or a bundled short name (smollm2-135m-instruct).
@@ -75,25 +87,51 @@ class CLModule(pl.LightningModule):
         """Point the hooks at the current strategy and task context (the runner calls this per task)."""
         self.cl_strategy, self.ctx = strategy, ctx
 
-    def forward(self, batch: dict) -> object:
+    def configure_model(self) -> None:
+        """Under FSDP2 (clbench's "fsdp"), shard the model once: later Trainers find it sharded."""
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        if dist.is_fully_sharded(self.model):
+            return
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
+        dist.apply_fsdp(self.model, mesh["data_parallel"], str(trainer.precision))
+
+    def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None) -> object:
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=position_ids_for(batch["attention_mask"]),
             labels=batch.get("labels"),
+            **extra,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self(batch)
+        outputs = self(batch, self._global_token_share(batch))
         loss = outputs.loss
-        size = batch["input_ids"].shape[0]
-        self.log("train/task_loss", loss, batch_size=size)
+        size, sync = batch["input_ids"].shape[0], dist.world_size() > 1
+        self.log("train/task_loss", loss, batch_size=size, sync_dist=sync)
         penalty = self.cl_strategy.training_penalty(self.ctx, batch, outputs)
         if penalty is not None:
-            self.log("train/penalty", penalty, batch_size=size)
+            self.log("train/penalty", penalty, batch_size=size, sync_dist=sync)
             loss = loss + penalty
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
         return loss
+
+    def _global_token_share(self, batch: dict) -> torch.Tensor | None:
+        """Under several ranks: the global batch's answer-token count / world size.
+
+        Each rank's loss is then its token-loss sum x world / global count, and the gradient
+        average over ranks (DDP, FSDP2) is exactly the gradient of the global batch's token mean,
+        as one process with the whole batch computes it, however the tokens fall on the ranks."""
+        world = dist.world_size()
+        if world == 1:
+            return None
+        count = (batch["labels"][:, 1:] != -100).sum().float()  # the causal shift: labels 1..T
+        return dist.all_reduce_(count) / world
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self(batch).loss, batch_size=batch["input_ids"].shape[0])
@@ -109,7 +147,10 @@ class CLModule(pl.LightningModule):
             eos_token_id=self.tokenizer.eos_token_id,
         )
         out = self.model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            generation_config=config,
+            synced_gpus=dist.is_fully_sharded(self.model),  # every rank joins every sharded forward
         )
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -158,6 +199,47 @@ class CLModule(pl.LightningModule):
             if p in in_optimizer and name in self._saved_optimizer_state:
                 optimizer.state[p] = dict(self._saved_optimizer_state[name])
 
+    def frozen_copy(self) -> torch.nn.Module:
+        """An evaluation-mode copy of the model that trains nothing (LwF's teacher).
+
+        Sharded models cannot be deep-copied: the twin is built on the meta device, sharded the same
+        way, and each rank copies its own shards (and the unsharded buffers) into it."""
+        if not dist.is_fully_sharded(self.model):
+            return copy.deepcopy(self.model).eval().requires_grad_(False)
+        with torch.device("meta"):
+            twin = _same_architecture(self.model)
+        dist.apply_fsdp(twin, self.device_mesh["data_parallel"], str(self.trainer.precision))
+        twin.to_empty(device=self.device)
+        with torch.no_grad():
+            sources = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+            for name, t in (*twin.named_parameters(), *twin.named_buffers()):
+                dist.local(t).copy_(dist.local(sources[name]))
+        return twin.eval().requires_grad_(False)
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (LoRA adapters only, when LoRA is on)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:
+    """A new, uninitialised model of the same class, configuration and adapters as `model`."""
+    from transformers import AutoModelForCausalLM
+
+    peft = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft else model
+    dtype = next(base.parameters()).dtype
+    twin = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    if peft:
+        from peft import get_peft_model
+
+        twin = get_peft_model(twin, next(iter(peft.values())))
+    return twin
+
+
+def call_trainer(trainer: pl.Trainer, method: str, module: CLModule, **kwargs) -> object:
+    """`trainer.<method>(module, **kwargs)` ("fit", "validate", "predict"), then the module back on
+    the trainer's device: Lightning's single-device and DDP teardown moves it to the CPU after every
+    call, and the next Trainer, a strategy's side computation or a checkpoint expects it in place."""
+    out = getattr(trainer, method)(module, **kwargs)
+    module.to(trainer.strategy.root_device)
+    return out

@@ -21,17 +21,18 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from clbench import checkpoint
+from clbench import distributed as dist
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError
-from clbench.evaluation.evaluator import TaskScore, postprocess, score_task
+from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.evaluation.matrix import summarize
-from clbench.module import CLModule
+from clbench.module import CLModule, call_trainer
 from clbench.reporting import plot_heatmap, results_markdown, write_atomic, write_json
-from strategies import CLStrategy, StrategyContext, name_of
+from clbench.strategy import CLStrategy, StrategyContext, TrainingSettings
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")
 
@@ -87,7 +88,11 @@ def prepare_run_dir(output_dir: str, name: str) -> Path:
 
 
 class Runner:
-    """Runs one strategy over one task stream and writes the run folder."""
+    """Runs one strategy over one task stream and writes the run folder.
+
+    It is also the strategies' `Services` (loaders, prediction, side fits, training settings).
+    Under several ranks every rank runs the whole loop; only rank 0 writes files.
+    """
 
     def __init__(
         self,
@@ -100,54 +105,47 @@ class Runner:
         batch_size: int = 8,
         eval_batch_size: int = 16,
         seed: int = 0,
+        strategy_name: str | None = None,
     ) -> None:
         self.module, self.stream, self.strategy = module, stream, strategy
         self.trainer_factory, self.run_cfg = trainer_factory, run or RunConfig()
         self.prompt_format, self.batch_size, self.eval_batch_size = prompt_format, batch_size, eval_batch_size
         self.seed = seed
-        self.strategy_name = name_of(strategy)
+        self.strategy_name = strategy_name or type(strategy).__name__.lower()
         self.run_dir = Path(self.run_cfg.output_dir) / (
             self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
+        )
+        self.evaluator = Evaluator(
+            module, lambda task, ex: self.make_prompt_loader(ex, task), self._quiet_trainer
         )
         self._task_index = 0
         T = len(stream)
         self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.scores: dict[int, dict[str, TaskScore]] = {}
         self.losses: dict[str, tuple[float | None, float | None]] = {}
+        self.train_loss: dict[str, list[float]] = {}
         self.timings = {"train_s": 0.0, "eval_s": 0.0, "per_task_train_s": {}, "steps": {}}
 
-    # -- data ---------------------------------------------------------------------------------
-    def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader:
-        """Training-style batches (prompt + answer, answer-only labels) of the given examples."""
-        task = task or self.stream.tasks[self._task_index]
-        data = TokenizedTask(examples, task, self.module.tokenizer, self.prompt_format, with_answer=True)
-        return self._loader(data, self.batch_size, shuffle)
+    @property
+    def writes(self) -> bool:
+        """Only global rank 0 writes files."""
+        return dist.rank() == 0
 
-    def _loader(self, data: TokenizedTask, batch_size: int, shuffle: bool) -> DataLoader:
-        collate = LeftPadCollator(self.module.tokenizer.pad_token_id)
-        # Every DataLoader iterator draws from the global RNG, evaluation's too; a generator of
-        # its own per task keeps the training order the same whatever was evaluated before.
-        generator = torch.Generator().manual_seed(self.seed * 1000 + self._task_index)
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
-            num_workers=self.run_cfg.num_workers,
-            generator=generator,
-        )
+    # -- services (clbench.strategy.Services) ----------------------------------------------------
+    def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader:
+        """Training-style batches (prompt + answer, answer-only labels), one global batch at a time
+        and the same on every rank (batch_size x world size examples)."""
+        data = self._tokenized(examples, task, with_answer=True)
+        return self._loader(data, self.batch_size * dist.world_size(), shuffle, ranked=False)
 
     def make_prompt_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:
         """Prompt-only batches (left-padded, no answer), as generation sees them."""
-        task = task or self.stream.tasks[self._task_index]
-        data = TokenizedTask(examples, task, self.module.tokenizer, self.prompt_format, with_answer=False)
-        return self._loader(data, self.eval_batch_size, shuffle=False)
+        data = self._tokenized(examples, task, with_answer=False)
+        return self._loader(data, self.eval_batch_size, False, ranked=False)
 
     def predict(self, task: Task, examples: list[Example]) -> list[str]:
         """Greedy answers to the examples' prompts, post-processed like the evaluator's."""
-        loader = self.make_prompt_loader(examples, task)
-        batches = self._quiet_trainer().predict(self.module, dataloaders=loader)
-        return [postprocess(text, task.postprocess) for batch in batches for text in batch]
+        return self.evaluator.predict(task, examples)
 
     def side_fit(self, task: Task, examples: list[Example]) -> None:
         """Train the module on examples without strategy hooks or the continual optimizer state."""
@@ -163,33 +161,80 @@ class Runner:
                 callbacks=[],
                 default_root_dir=str(self.run_dir),
             )
-            trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True, task=task))
-            self.module.to(trainer.strategy.root_device)
+            loader = self._train_loader(examples, task)
+            call_trainer(trainer, "fit", self.module, train_dataloaders=loader)
         finally:
             self.module._saved_optimizer_state = saved_state
             self.module.attach(*hooks)
 
-    def _ctx(self, t: int, trainer: pl.Trainer | None = None) -> StrategyContext:
+    def training_settings(self, task: Task) -> TrainingSettings:
+        trainer, module, world = self._quiet_trainer(), self.module, dist.world_size()
+        accumulate = int(trainer.accumulate_grad_batches)
+        return TrainingSettings(
+            lr=module.lr,
+            weight_decay=module.weight_decay,
+            betas=tuple(module.betas),
+            warmup_steps=module.warmup_steps,
+            schedule=module.schedule,
+            epochs=task.epochs,
+            max_steps=task.max_steps,
+            batch_size=self.batch_size,
+            world_size=world,
+            accumulate_grad_batches=accumulate,
+            global_batch=self.batch_size * world * accumulate,
+            precision=str(trainer.precision),
+            gradient_clip_val=trainer.gradient_clip_val,
+        )
+
+    def frozen_copy(self) -> torch.nn.Module:
+        return self.module.frozen_copy()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:
+        task = task or self.stream.tasks[self._task_index]
+        return TokenizedTask(
+            examples, task, self.module.tokenizer, self.prompt_format, with_answer=with_answer
+        )
+
+    def _train_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:
+        """This rank's share of each global batch (per-rank batch_size), in the run's seeded order."""
+        data = self._tokenized(examples, task, with_answer=True)
+        return self._loader(data, self.batch_size, True, ranked=True)
+
+    def _loader(self, data: TokenizedTask, batch_size: int, shuffle: bool, ranked: bool) -> DataLoader:
+        # Every DataLoader iterator draws from the global RNG, evaluation's too; a generator of
+        # its own per task keeps the training order the same whatever was evaluated before.
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self._task_index)
+        world, rank = (dist.world_size(), dist.rank()) if ranked else (1, 0)
+        sampler = dist.RankBatchSampler(len(data), batch_size, shuffle, generator, world, rank)
+        return DataLoader(
+            data,
+            batch_sampler=sampler,
+            collate_fn=LeftPadCollator(self.module.tokenizer.pad_token_id),
+            num_workers=self.run_cfg.num_workers,
+        )
+
+    def _ctx(self, t: int) -> StrategyContext:
         self._task_index = t
         return StrategyContext(
             self.module,
             self.stream,
             t,
             self.run_dir,
-            self.make_loader,
-            self.seed,
-            trainer,
-            make_prompt_loader=self.make_prompt_loader,
-            predict=self.predict,
-            fit=self.side_fit,
+            seed=self.seed,
+            services=self,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
         )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, config_text: str | None = None) -> dict:
         """Train through the stream, evaluating after each task; returns the results dict."""
-        prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
-        if config_text is not None:
-            write_atomic(self.run_dir / "config.yaml", config_text)
+        if self.writes:
+            prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
+            if config_text is not None:
+                write_atomic(self.run_dir / "config.yaml", config_text)
+        self._connect()
         self.strategy.setup(self._ctx(0))
         if self.run_cfg.evaluate_start:
             self._evaluate_row(0)
@@ -199,6 +244,11 @@ class Runner:
             self._checkpoint(t, task)
             self._write_results(done=t + 1 == len(self.stream))
         return self.results()
+
+    def _connect(self) -> None:
+        """Start the other ranks (Lightning's launcher re-runs the command for them), join the process
+        group and shard the model, before any strategy hook: a no-op predict does all three."""
+        call_trainer(self._quiet_trainer(), "predict", self.module, dataloaders=DataLoader([]))
 
     def _train_task(self, t: int, task: Task) -> None:
         start = time.perf_counter()
@@ -210,6 +260,7 @@ class Runner:
         )
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
+        recorder = LossRecorder()
         trainer = self.trainer_factory(
             max_epochs=task.epochs,
             max_steps=task.max_steps,
@@ -217,28 +268,28 @@ class Runner:
             logger=TensorBoardLogger(
                 str(self.run_dir), name="tensorboard", version=f"task{t + 1}-{task.name}"
             ),
-            callbacks=[LearningRateMonitor(logging_interval="step")],
+            callbacks=[LearningRateMonitor(logging_interval="step"), recorder],
             enable_checkpointing=False,
         )
-        ctx.trainer = trainer
         self.module.attach(self.strategy, ctx)
-        trainer.fit(self.module, train_dataloaders=self.make_loader(examples, shuffle=True))
-        self.module.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU
+        call_trainer(trainer, "fit", self.module, train_dataloaders=self._train_loader(examples))
         self.strategy.on_task_end(ctx)
         self.losses[task.name] = (before, self._mean_loss(probe))
+        self.train_loss[task.name] = recorder.losses
         self.timings["steps"][task.name] = trainer.global_step
         elapsed = time.perf_counter() - start
         self.timings["per_task_train_s"][task.name] = elapsed
         self.timings["train_s"] += elapsed
 
     def _loss_probe(self, task: Task) -> DataLoader:
-        """The task's eval split (or first 64 training examples): loss before vs after its training."""
+        """The task's eval split (or first 64 training examples): loss before vs after its training.
+        Every rank computes it on all of them, so each holds the same value."""
         examples = task.eval or task.train[:64]
-        return self.make_loader(examples, shuffle=False, task=task)
+        return self._loader(self._tokenized(examples, task, True), self.batch_size, False, ranked=False)
 
     def _mean_loss(self, loader: DataLoader) -> float:
-        trainer = self._quiet_trainer()
-        return float(trainer.validate(self.module, dataloaders=loader, verbose=False)[0]["val/loss"])
+        out = call_trainer(self._quiet_trainer(), "validate", self.module, dataloaders=loader, verbose=False)
+        return float(out[0]["val/loss"])
 
     def _quiet_trainer(self) -> pl.Trainer:
         return self.trainer_factory(
@@ -257,22 +308,16 @@ class Runner:
 
     def _evaluate_row(self, row: int) -> None:
         start = time.perf_counter()
-        trainer = self._quiet_trainer()
         self.scores[row] = {}
         for i in self._row_tasks(row):
             task = self.stream.tasks[i]
-            data = TokenizedTask(
-                task.test, task, self.module.tokenizer, self.prompt_format, with_answer=False
-            )
-            batches = trainer.predict(
-                self.module, dataloaders=self._loader(data, self.eval_batch_size, False)
-            )
-            raw = [text for batch in batches for text in batch]
+            raw = self.evaluator.generate(task, task.test)
             out = self.run_dir / "predictions" / f"after_{row}" / f"{task.name}.jsonl"
-            score = score_task(task, raw, out)
+            score = score_task(task, raw, out if self.writes else None)
             self.scores[row][task.name] = score
             self.matrix[row][i] = score.score
-        self._log_scores(row)
+        if self.writes:
+            self._log_scores(row)
         scores = ", ".join(f"{n} {s.score:.3f}" for n, s in self.scores[row].items())
         rank_zero_info(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {scores}")
         self.timings["eval_s"] += time.perf_counter() - start
@@ -286,11 +331,8 @@ class Runner:
         if self.run_cfg.checkpoints == "none":
             return
         folder = self.run_dir / "checkpoints" / f"task{t + 1}-{task.name}"
-        self.module.model.save_pretrained(folder)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.strategy.state_dict().items()}
-        if state:
-            save_file(state, str(folder / "strategy.safetensors"))
-        if self.run_cfg.checkpoints == "last" and t > 0:
+        checkpoint.save(self.module, self.strategy.state_dict(), folder, self.writes)
+        if self.run_cfg.checkpoints == "last" and t > 0 and self.writes:
             prev = self.stream.tasks[t - 1]
             shutil.rmtree(self.run_dir / "checkpoints" / f"task{t}-{prev.name}", ignore_errors=True)
 
@@ -314,6 +356,7 @@ class Runner:
                 "labels": task.labels,
                 "loss_before": before,
                 "loss_after": after,
+                "train_loss": self.train_loss.get(task.name, []),
                 "valid_label_share_by_row": {
                     r: s[task.name].valid_label_share for r, s in self.scores.items() if task.name in s
                 },
@@ -324,6 +367,7 @@ class Runner:
             "stream": self.stream.name,
             "strategy": self.strategy_name,
             "seed": self.seed,
+            "world_size": dist.world_size(),
             "tasks": self.stream.names,
             "matrix": self.matrix,
             "summary": summarize(self.matrix) if done else None,
@@ -333,6 +377,8 @@ class Runner:
         }
 
     def _write_results(self, done: bool) -> None:
+        if not self.writes:
+            return
         results = self.results(done)
         write_json(self.run_dir / "results.json", results)
         if done:
@@ -342,3 +388,13 @@ class Runner:
             logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="scores")
             logger.log_metrics({f"summary/{k}": v for k, v in results["summary"].items() if v is not None})
             logger.finalize("success")
+
+
+class LossRecorder(pl.Callback):
+    """The training loss of every batch, as logged (averaged over ranks), for results.json."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from clbench.strategy import CLStrategy, StrategyContext
 from strategies.attribution import Attribution
-from strategies.base import CLStrategy, StrategyContext
 from strategies.ewc import EWC
 from strategies.freeze import Freeze
 from strategies.lwf import LwF
@@ -56,12 +56,19 @@ def class_path(name: str) -> str:
     raise ValueError(f"unknown strategy '{name}'; known: {', '.join(sorted(known))}")
 
 
-def name_of(strategy: CLStrategy) -> str:
-    """The registry name of a strategy instance, or its class name in lower case."""
-    for name, cls in REGISTRY.items():
-        if type(strategy) is cls:
+def name_for(path: str) -> str:
+    """The one short name of a strategy class path: its registry or entry-point name, else the
+    class name in lower case. Run folders, results and compare all use it."""
+    for name, known in available().items():
+        if known == path:
             return name
-    return type(strategy).__name__.lower()
+    return path.rsplit(".", 1)[-1].lower()
 
 
-__all__ = ["CLStrategy", "StrategyContext", "REGISTRY", "available", "class_path", "name_of"]
+def name_of(strategy: CLStrategy) -> str:
+    """The short name of a strategy instance (see name_for)."""
+    cls = type(strategy)
+    return name_for(f"{cls.__module__}.{cls.__qualname__}")
+
+
+__all__ = ["CLStrategy", "StrategyContext", "REGISTRY", "available", "class_path", "name_for", "name_of"]

@@ -49,30 +49,19 @@ relevance is exactly 0, so only a trained adapter has an informative prior.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from clbench.evaluation.metrics import score_predictions
-from clbench.importance import (
-    NEEDS_ANSWERS,
-    PriorKey,
-    PriorStore,
-    digest,
-    fold_max,
-    gate_statistics,
-    parameter_signature,
-    permute_within,
-    rng_preserved,
-    task_prior,
-)
+from clbench import distributed as dist
+from clbench.distributed import full, is_sharded, local, shard_like
+from clbench.importance import fold_max, gate_statistics, permute_within, rng_preserved
+from clbench.priors import PriorSource
 from clbench.reporting import write_json
-from strategies.base import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
 
@@ -136,37 +125,39 @@ class Attribution(CLStrategy):
         self.gate_log: dict[str, dict] = {}  # by the task trained under the gate
         self._moved = torch.zeros(2, dtype=torch.float64)  # gated tensors' update L1 mass: removed, total
         self.tasks_folded = 0
-        self.start: Tensors = {}
-        self.used: list[dict] = []
+        self.priors = PriorSource(
+            source, estimator, top_k, max_prior_samples, correct_threshold, prior_dir, record_continual
+        )
         self._old: dict[int, torch.Tensor] = {}
         self._nonzero: dict[str, bool] = {}
 
     # -- the gate -------------------------------------------------------------------------------
     def _gated(self, ctx: StrategyContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, gate) for every trainable parameter with some nonzero gate (moved once)."""
+        """(parameter, gate) shards for every trainable parameter with some nonzero gate here (moved
+        once). Everything the gate does is elementwise, so under FSDP2 it runs on local shards."""
         for name, p in ctx.module.trainable_parameters().items():
             r = self.gate.get(name)
             if r is None or not self._nonzero.get(name, True):
                 continue
-            if r.device != p.device:
-                r = self.gate[name] = r.to(p.device)
-            yield p, r
+            if local(r).device != local(p).device:
+                r = self.gate[name] = r.to(local(p).device)
+            yield p, local(r)
 
     def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for p, r in self._gated(ctx):
                 if self.gate_target == "grad":
                     if p.grad is not None:
-                        p.grad.mul_((1 - r).to(p.grad.dtype))
+                        local(p.grad).mul_((1 - r).to(p.grad.dtype))
                 else:
-                    self._old[id(p)] = p.detach().clone()
+                    self._old[id(p)] = local(p).detach().clone()
 
     def on_after_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
         if self.gate_target != "update":
             return
         with torch.no_grad():
-            for p, r in self._gated(ctx):
-                old = self._old.pop(id(p))
+            for param, r in self._gated(ctx):
+                p, old = local(param), self._old.pop(id(param))
                 step = (p - old).abs_()
                 if self._moved.device != p.device:  # kept where the parameters are: no sync per step
                     self._moved = self._moved.to(p.device)
@@ -176,9 +167,11 @@ class Attribution(CLStrategy):
                 p.lerp_(old, r.to(p.dtype))
         self._old.clear()
 
-    def _fold(self, prior: Tensors, seed: int) -> None:
+    def _fold(self, ctx: StrategyContext, prior: Tensors) -> None:
         if self.estimator == "random":
-            prior = permute_within(prior, seed)
+            params = ctx.module.trainable_parameters()
+            whole = permute_within({n: full(t).cpu() for n, t in prior.items()}, ctx.seed)
+            prior = {n: shard_like(params[n], t) if is_sharded(params[n]) else t for n, t in whole.items()}
         fold_max(self.rbar, prior)
         self.tasks_folded += 1
         self._refresh()
@@ -188,29 +181,25 @@ class Attribution(CLStrategy):
             self.gate = dict(self.rbar)
         else:
             self.gate = {name: r.pow(self.gate_power) for name, r in self.rbar.items()}
-        self._nonzero = {name: bool(r.any()) for name, r in self.gate.items()}
+        self._nonzero = {name: bool(local(r).any()) for name, r in self.gate.items()}
 
     # -- priors ---------------------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
-        if self.source == "single_task" and not self.start:
-            # snapshot of the starting trainable weights, the start of every single-task model
-            self.start = {
-                n: p.detach().to("cpu", copy=True) for n, p in ctx.module.trainable_parameters().items()
-            }
+        self.priors.setup(ctx)
 
     def on_task_end(self, ctx: StrategyContext) -> None:
         last = ctx.task_index == len(ctx.stream) - 1
         # scoring iterates data loaders (which draw from the global RNG) and may train a side
         # model: keep the continual run's random stream the same whether a prior is cached or not
         with rng_preserved(ctx.seed):
-            prior = self._prior(ctx, needed=not last or self.score_last_task)
+            prior = self.priors.prior(ctx, needed=not last or self.score_last_task)
         if self.gate and self.gate_target == "update":
-            removed, total = self._moved.tolist()
+            removed, total = dist.all_reduce_(self._moved).tolist()  # shard sums -> whole-model sums
             entry = self.gate_log.setdefault(ctx.task.name, {})
             entry["update_mass_removed"] = removed / total if total else 0.0
         self._moved.zero_()
         if prior is not None and not last:
-            self._fold(prior, ctx.seed)
+            self._fold(ctx, prior)
             following = ctx.stream.tasks[ctx.task_index + 1].name
             stats = gate_statistics(self.gate)
             self.gate_log[following] = {"after": ctx.task.name, "gate_power": self.gate_power, **stats}
@@ -218,152 +207,11 @@ class Attribution(CLStrategy):
                 f"clbench: attribution gate for {following}: mean {stats.get('mean', 0.0):.4f}, "
                 f"{stats.get('share_above_0.5', 0.0):.3%} of elements above 0.5 (importance/gate.json)"
             )
-        out = Path(ctx.run_dir) / "importance"
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "used.json", {"maps": self.used})
-        write_json(out / "gate.json", self.gate_log)
-
-    def _prior(self, ctx: StrategyContext, needed: bool) -> Tensors | None:
-        """Task t's prior (None when not needed), recording continual maps when asked."""
-        if self.source == "continual":
-            return self._continual_map(ctx) if needed or self.record_continual else None
-        if self.record_continual and ctx.task_index > 0:
-            self._continual_map(ctx)  # task 0's continual map is its single-task prior
-        return self._single_task_prior(ctx) if needed else None
-
-    def _single_task_prior(self, ctx: StrategyContext) -> Tensors:
-        params = ctx.module.trainable_parameters()
-        store, key, signature = PriorStore(self._prior_dir(ctx)), self._key(ctx), parameter_signature(params)
-        found = store.load(key, signature)
-        if found is not None:
-            (prior, info), path, reused = found, store.path(key), True
-        else:
-            prior, info, reused = *self._train_and_score(ctx), False
-            path = store.save(key, signature, prior, info)
-        self._record(ctx, "single_task", path, info.get("samples_used"), reused)
-        if ctx.task_index == 0 and self.record_continual:  # the same model, so the same map
-            self._record(ctx, "continual", path, info.get("samples_used"), reused)
-        return prior
-
-    def _train_and_score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
-        if ctx.task_index == 0:  # the continual model after task 1 is task 1's single-task model
-            return self._score(ctx)
-        if ctx.fit is None:
-            raise ValueError("attribution: source 'single_task' needs ctx.fit (a side-model trainer)")
-        with self._starting_weights(ctx):
-            ctx.fit(ctx.task, ctx.task.train)
-            return self._score(ctx)
-
-    def _continual_map(self, ctx: StrategyContext) -> Tensors:
-        prior, info = self._score(ctx)
-        params = ctx.module.trainable_parameters()
-        key = PriorKey(self._model_identity(ctx), ctx.task.name, "continual", {"after_task": ctx.task_index})
-        store = PriorStore(Path(ctx.run_dir) / "importance" / "continual")  # history-dependent: never shared
-        path = store.save(key, parameter_signature(params), prior, info)
-        self._record(ctx, "continual", path, info["samples_used"], reused=False)
-        return prior
-
-    def _record(self, ctx: StrategyContext, kind: str, path: Path, samples: int | None, reused: bool) -> None:
-        entry = {"task": ctx.task.name, "index": ctx.task_index, "kind": kind}
-        self.used.append(
-            {**entry, "file": str(Path(path).resolve()), "samples_used": samples, "reused": reused}
-        )
-
-    def _score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
-        """Score the current model on the task's correctly answered samples."""
-        task, params = ctx.task, ctx.module.trainable_parameters()
-        candidates = task.train[: self.max_prior_samples]
-        correct = self._correct(ctx, candidates)
-        if not correct:
-            warnings.warn(
-                f"attribution: no sample of {task.name} is answered correctly; its prior is zero",
-                stacklevel=2,
-            )
-        estimator = "lrp" if self.estimator == "random" else self.estimator
-        if not correct:
-            batches = []
-        elif estimator in NEEDS_ANSWERS:
-            batches = ctx.make_loader(correct, False)
-        else:
-            batches = ctx.make_prompt_loader(correct)
-        prior, n = task_prior(ctx.model, params, batches, estimator, self.top_k)
-        return prior, {"samples_used": n, "candidates": len(candidates), "estimator": estimator}
-
-    def _correct(self, ctx: StrategyContext, examples: list) -> list:
-        if self.correct_threshold == 0.0 or not examples:
-            return list(examples)
-        device = next(iter(ctx.module.trainable_parameters().values())).device
-        preds = ctx.predict(ctx.task, examples)
-        ctx.module.to(device)  # a Trainer's teardown moves the module to the CPU
-        refs = [ex.answer.strip() for ex in examples]
-        scores = score_predictions(ctx.task.metric, preds, refs, [ex.prompt for ex in examples])
-        return [ex for ex, s in zip(examples, scores) if s >= self.correct_threshold]
-
-    @contextmanager
-    def _starting_weights(self, ctx: StrategyContext) -> Iterator[None]:
-        """Starting weights and the run seed inside; the continual weights and RNG state after."""
-        params = ctx.module.trainable_parameters()
-        continual = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
-        try:
-            with rng_preserved(ctx.seed):
-                _copy_into(params, self.start)
-                yield
-        finally:
-            _copy_into(ctx.module.trainable_parameters(), continual)
-
-    # -- cache key ------------------------------------------------------------------------------
-    def _prior_dir(self, ctx: StrategyContext) -> Path:
-        return Path(self.prior_dir) if self.prior_dir else Path(ctx.run_dir).parent / "priors"
-
-    def _model_identity(self, ctx: StrategyContext) -> dict:
-        model = ctx.model
-        peft = getattr(model, "peft_config", None)
-        lora = None
-        if peft:
-            c = next(iter(peft.values()))
-            lora = {
-                "r": c.r,
-                "alpha": c.lora_alpha,
-                "dropout": c.lora_dropout,
-                "targets": c.target_modules
-                if isinstance(c.target_modules, str)
-                else sorted(c.target_modules),
-            }
-        dtype = str(next(iter(ctx.module.trainable_parameters().values())).dtype)
-        return {"name": ctx.module.model_name, "lora": lora, "dtype": dtype}
-
-    def _key(self, ctx: StrategyContext) -> PriorKey:
-        task = ctx.task
-        examples = [[ex.prompt, ex.answer] for ex in task.train]
-        limits = [task.max_prompt_tokens, task.max_answer_tokens, task.metric, task.postprocess]
-        # token ids of a few prompts: the tokenizer and prompt format, which the context hides
-        probe = next(iter(ctx.make_prompt_loader(task.train[:4])))["input_ids"].tolist()
-        scoring = {
-            "estimator": "lrp" if self.estimator == "random" else self.estimator,
-            "top_k": self.top_k,
-            "max_prior_samples": self.max_prior_samples,
-            "correct_threshold": self.correct_threshold,
-            "max_new_tokens": task.max_new_tokens,
-        }
-        settings = {"training": self._training_settings(ctx), "scoring": scoring, "seed": ctx.seed}
-        return PriorKey(self._model_identity(ctx), task.name, digest([examples, limits, probe]), settings)
-
-    def _training_settings(self, ctx: StrategyContext) -> dict:
-        """What the single-task model's training depends on, besides model, data and seed."""
-        module, trainer = ctx.module, ctx.trainer
-        return {
-            "lr": module.lr,
-            "weight_decay": module.weight_decay,
-            "betas": list(module.betas),
-            "warmup_steps": module.warmup_steps,
-            "schedule": module.schedule,
-            "epochs": ctx.task.epochs,
-            "max_steps": ctx.task.max_steps,
-            "batch_size": ctx.make_loader([], False).batch_size,
-            "accumulate_grad_batches": getattr(trainer, "accumulate_grad_batches", None),
-            "precision": str(getattr(trainer, "precision", None)),
-            "gradient_clip_val": getattr(trainer, "gradient_clip_val", None),
-        }
+        if ctx.writes:
+            out = Path(ctx.run_dir) / "importance"
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "used.json", {"maps": self.priors.used})
+            write_json(out / "gate.json", self.gate_log)
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -374,9 +222,3 @@ class Attribution(CLStrategy):
         self.rbar = {k[len("rbar.") :]: v.float() for k, v in state.items() if k.startswith("rbar.")}
         self.tasks_folded = int(state.get("tasks_folded", torch.tensor(0)))
         self._refresh()
-
-
-def _copy_into(params: Tensors, values: Tensors) -> None:
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(values[name])

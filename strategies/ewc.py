@@ -20,7 +20,11 @@ the textbook estimator, at one backward pass per example. The two differ in scal
 about 1/batch_size of per-sample), so lambda is tuned for one of them.
 
 Only parameters that train are regularised (every weight in full fine-tuning, the adapters with
-LoRA). Fisher and anchors are fp32, on the parameters' device, keyed by parameter name.
+LoRA). Fisher and anchors are fp32, laid out like their parameters (sharded the same way under
+FSDP2), keyed by parameter name. Under several ranks every rank estimates the Fisher on the same
+global batches (so each gradient is one batch's, never a sum over ranks' batches) and the penalty
+is computed shard-locally: each element's pull lambda F (theta - theta*) reaches exactly the rank
+that owns it.
 """
 
 from __future__ import annotations
@@ -29,27 +33,28 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from strategies.base import CLStrategy, StrategyContext
+from clbench.distributed import local
+from clbench.gradients import squared_grads
+from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
 
 
 def ewc_penalty(params: Tensors, fisher: Tensors, anchor: Tensors, lam: float) -> torch.Tensor:
-    """(lam / 2) * sum F * (theta - theta*)^2 over the parameters present in all three dicts."""
-    total = torch.zeros((), device=next(iter(fisher.values())).device)
+    """(lam / 2) * sum F * (theta - theta*)^2 over the parameters present in all three dicts.
+
+    On sharded tensors this rank's part of the sum (its shards): the gradient of each element is
+    complete on its owner, and the parts add up to the whole penalty."""
+    total = torch.zeros((), device=local(next(iter(fisher.values()))).device)
     for name, p in params.items():
         if name in fisher:
-            total = total + (fisher[name] * (p.float() - anchor[name]).square()).sum()
+            total = total + (local(fisher[name]) * (local(p).float() - local(anchor[name])).square()).sum()
     return 0.5 * lam * total
 
 
-def squared_grads(loss: torch.Tensor, params: Tensors) -> list[torch.Tensor]:
-    """Squared gradients of `loss` for each parameter, fp32, without touching `.grad`."""
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return [
-        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().square()
-        for g, p in zip(grads, params.values(), strict=True)
-    ]
+def module_device(ctx: StrategyContext) -> torch.device:
+    """Where the model's (local) parameters are, so batches go there."""
+    return local(next(ctx.module.model.parameters())).device
 
 
 def rows(batch: dict) -> Iterator[dict]:
@@ -97,7 +102,7 @@ class EWC(CLStrategy):
         # Lightning moves the model between devices around fit (and a resume loads on CPU):
         # keep each Fisher and anchor where its parameter is, moving it once.
         for name, p in params.items():
-            if name in self.fisher and self.fisher[name].device != p.device:
+            if name in self.fisher and local(self.fisher[name]).device != local(p).device:
                 self.fisher[name] = self.fisher[name].to(p.device)
                 self.anchor[name] = self.anchor[name].to(p.device)
 
@@ -111,21 +116,21 @@ class EWC(CLStrategy):
 
     def estimate_fisher(self, ctx: StrategyContext, params: Tensors) -> Tensors:
         """Mean squared gradient over the first `fisher_batches` (shuffled) training batches."""
-        module, device = ctx.module, next(iter(params.values())).device
-        sums = [torch.zeros_like(p, dtype=torch.float32) for p in params.values()]
+        module, device = ctx.module, module_device(ctx)
+        sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
         count, was_training = 0, module.training
         module.eval()  # dropout off: the Fisher of the deterministic model at theta*
         try:
             with torch.enable_grad():
-                for batch in self._batches(ctx.make_loader(ctx.task.train, True)):
+                for batch in self._batches(ctx.service().make_loader(ctx.task.train, True)):
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     for part in rows(batch) if self.per_sample else [batch]:
-                        for s, g in zip(sums, squared_grads(module(part).loss, params), strict=True):
-                            s += g
+                        for name, g in squared_grads(module(part).loss, params).items():
+                            sums[name] += g
                         count += 1
         finally:
             module.train(was_training)
-        return {name: s / max(count, 1) for name, s in zip(params, sums, strict=True)}
+        return {name: s / max(count, 1) for name, s in sums.items()}
 
     def _batches(self, loader: Iterable) -> Iterator[dict]:
         for i, batch in enumerate(loader):

@@ -11,22 +11,22 @@ where old / new are the teacher's and the model's next-token logits at the posit
 token is an answer token (labels != -100). The T^2 factor keeps gradient sizes comparable across
 temperatures (Hinton et al.). TRACE's LwF uses T = 2.
 
-The teacher is a deep copy of the whole model (a peft model copies base and adapters), made on
-the CPU or device the model is on and moved to the batch's device on first use; it is dropped at
-the end of the task. Nothing is checkpointed: a resumed run starts at a task boundary, where the
-teacher is rebuilt from the restored model. With dropout on (LoRA dropout, for one) the penalty
+The teacher is a frozen copy of the whole model (a peft model copies base and adapters; under
+FSDP2 a twin sharded like the model, since a sharded model cannot be deep-copied), made where the
+model is and moved to the batch's device on first use; it is dropped at the end of the task.
+Nothing is checkpointed: a resumed run starts at a task boundary, where the teacher is rebuilt
+from the restored model. With dropout on (LoRA dropout, for one) the penalty
 is not exactly zero at the teacher's weights, as the student runs in training mode.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from clbench.data.collate import position_ids_for
-from strategies.base import CLStrategy, StrategyContext
+from clbench.distributed import local
+from clbench.strategy import CLStrategy, StrategyContext
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class LwF(CLStrategy):
     def on_task_start(self, ctx: StrategyContext) -> None:
         self.teacher = None
         if ctx.task_index > 0:
-            self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+            self.teacher = ctx.service().frozen_copy()
 
     def training_penalty(self, ctx: StrategyContext, batch: dict, outputs: object) -> torch.Tensor | None:
         if self.teacher is None:
@@ -75,7 +75,7 @@ class LwF(CLStrategy):
     @torch.no_grad()
     def _teacher_logits(self, batch: dict) -> torch.Tensor:
         device = batch["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
+        if local(next(self.teacher.parameters())).device != device:
             self.teacher.to(device)
         mask = batch["attention_mask"]
         return self.teacher(

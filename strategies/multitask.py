@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from clbench.data.tasks import Example
-from strategies.base import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext
 
 
 def capped(examples: list[Example], cap: int | None, rng: random.Random) -> list[Example]:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from clbench.data.tasks import Example
-from strategies.base import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext
 
 Entry = tuple[int, Example]
 Rng = random.Random

@@ -3,7 +3,7 @@
 The lower bound every continual-learning method is measured against (TRACE's "SeqFT").
 """
 
-from strategies.base import CLStrategy
+from clbench.strategy import CLStrategy
 
 
 class SeqFT(CLStrategy):

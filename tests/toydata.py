@@ -100,3 +100,64 @@ def quiet_trainer(steps: int, accumulate: int = 1):
         enable_model_summary=False,
         accelerator="cpu",
     )
+
+
+class ToyServices:
+    """The runner's services (clbench.strategy.Services) for strategy tests: raw prompts, left
+    padding, `batch_size` rows, greedy prediction through the module, and an optional side fit."""
+
+    def __init__(self, module, stream, t: int, batch_size: int = 4, predict=None, side_fit=None) -> None:
+        self.module, self.stream, self.t, self.batch_size = module, stream, t, batch_size
+        self._predict, self._side_fit = predict, side_fit
+
+    def _loader(self, examples, task, with_answer: bool, shuffle: bool):
+        from torch.utils.data import DataLoader
+
+        from clbench.data.collate import LeftPadCollator, TokenizedTask
+
+        task = task or self.stream.tasks[self.t]
+        data = TokenizedTask(examples, task, self.module.tokenizer, "raw", with_answer=with_answer)
+        collate = LeftPadCollator(self.module.tokenizer.pad_token_id)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate)
+
+    def make_loader(self, examples, shuffle: bool, task=None):
+        return self._loader(examples, task, True, shuffle)
+
+    def make_prompt_loader(self, examples, task=None):
+        return self._loader(examples, task, False, False)
+
+    def predict(self, task, examples):
+        if self._predict is not None:
+            return self._predict(task, examples)
+        from clbench.evaluation.evaluator import postprocess
+
+        batches = self.make_prompt_loader(examples, task)
+        return [postprocess(x, task.postprocess) for b in batches for x in self.module.generate(b)]
+
+    def side_fit(self, task, examples):
+        if self._side_fit is None:
+            raise AssertionError("this test gives no side fit")
+        self._side_fit(task, examples)
+
+    def training_settings(self, task):
+        from clbench.strategy import TrainingSettings
+
+        m = self.module
+        return TrainingSettings(
+            m.lr,
+            m.weight_decay,
+            tuple(m.betas),
+            m.warmup_steps,
+            m.schedule,
+            task.epochs,
+            task.max_steps,
+            self.batch_size,
+            1,
+            1,
+            self.batch_size,
+            "32-true",
+            None,
+        )
+
+    def frozen_copy(self):
+        return self.module.frozen_copy()

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-from toydata import quiet_trainer
+from toydata import ToyServices, quiet_trainer
 
-from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.module import CLModule
-from strategies.base import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 TASK_WORDS = {
@@ -89,20 +87,15 @@ def _stream_of(*sizes: int) -> TaskStream:
 
 def _make_ctx(module: CLModule, stream: TaskStream, t: int, run_dir: Path, batch_size: int = 4):
     """A context whose loader batches like training: the task's limits, raw prompts, left padding."""
-
-    def make_loader(examples: list[Example], shuffle: bool) -> DataLoader:
-        data = TokenizedTask(examples, stream.tasks[t], module.tokenizer, "raw", with_answer=True)
-        collate = LeftPadCollator(module.tokenizer.pad_token_id)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
-
-    return StrategyContext(module, stream, task_index=t, run_dir=run_dir, make_loader=make_loader, seed=0)
+    services = ToyServices(module, stream, t, batch_size)
+    return StrategyContext(module, stream, task_index=t, run_dir=run_dir, seed=0, services=services)
 
 
 def _fit_task(module: CLModule, strategy: CLStrategy, ctx: StrategyContext, steps: int = 3) -> None:
     """What the runner does for one task: start hook, training examples, a short fit, end hook."""
     module.attach(strategy, ctx)
     strategy.on_task_start(ctx)
-    loader = ctx.make_loader(strategy.training_examples(ctx, ctx.task.train), True)
+    loader = ctx.services.make_loader(strategy.training_examples(ctx, ctx.task.train), True)
     quiet_trainer(steps).fit(module, train_dataloaders=loader)
     strategy.on_task_end(ctx)
 

@@ -9,15 +9,13 @@ import shutil
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from toydata import quiet_trainer
+from toydata import ToyServices, quiet_trainer
 
 from clbench.attribution import parameter_relevance
-from clbench.data.collate import LeftPadCollator, TokenizedTask
-from clbench.evaluation.evaluator import postprocess
 from clbench.importance import TopKMean, fold_max, gate_statistics, normalise, task_prior
 from clbench.module import CLModule
+from clbench.strategy import CLStrategy, StrategyContext
 from strategies.attribution import Attribution
-from strategies.base import CLStrategy, StrategyContext
 from strategies.seqft import SeqFT
 
 GATED = "model.layers.0.self_attn.q_proj.weight"
@@ -59,7 +57,7 @@ def test_lrp_prior_of_one_sample_is_the_normalised_engine_relevance(make_module,
     strat = Attribution(top_k=3, correct_threshold=0.0, prior_dir=str(tmp_path / "p"))
     strat.setup(ctx)
     strat.on_task_end(ctx)
-    batch = next(iter(ctx.make_prompt_loader(stream.tasks[0].train)))
+    batch = next(iter(ctx.services.make_prompt_loader(stream.tasks[0].train)))
     direct = parameter_relevance(module.model, batch["input_ids"], batch["attention_mask"])
     for name, r in direct.items():
         torch.testing.assert_close(strat.rbar[name], normalise(r)[0].clamp(min=0))
@@ -69,7 +67,7 @@ def test_scoring_in_chunks_gives_the_prior_of_whole_batches(make_module, stream_
     module, stream = make_module(), stream_of(6)
     ctx = full_ctx(module, stream, 0, tmp_path)
     params = module.trainable_parameters()
-    batches = list(ctx.make_prompt_loader(stream.tasks[0].train))
+    batches = list(ctx.services.make_prompt_loader(stream.tasks[0].train))
     whole, n_whole = task_prior(module.model, params, batches, "lrp", k=3, chunk=64)
     parts, n_parts = task_prior(module.model, params, batches, "lrp", k=3, chunk=1)
     assert n_whole == n_parts == 6
@@ -82,37 +80,19 @@ def full_ctx(
     module: CLModule, stream, t: int, run_dir, fits: list | None = None, predict=None
 ) -> StrategyContext:
     """A context with the runner's services: loaders, greedy predict, and a counting side fit."""
-
-    def loader(examples, with_answer: bool, shuffle: bool = False) -> DataLoader:
-        data = TokenizedTask(examples, stream.tasks[t], module.tokenizer, "raw", with_answer=with_answer)
-        return DataLoader(
-            data, batch_size=4, shuffle=shuffle, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id)
-        )
-
-    def greedy(task, examples):
-        return [postprocess(x, task.postprocess) for b in loader(examples, False) for x in module.generate(b)]
+    fits = [] if fits is None else fits
 
     def side_fit(task, examples):
         fits.append(task.name)
         hooks, saved = (module.cl_strategy, module.ctx), module._saved_optimizer_state
         module.attach(CLStrategy(), module.ctx)
         module._saved_optimizer_state = {}
-        fit(module, loader(examples, True, shuffle=True), steps=2)
+        fit(module, services.make_loader(examples, True), steps=2)
         module.attach(*hooks)
         module._saved_optimizer_state = saved
 
-    fits = [] if fits is None else fits
-    return StrategyContext(
-        module,
-        stream,
-        t,
-        run_dir,
-        lambda ex, shuffle: loader(ex, True, shuffle),
-        seed=7,
-        make_prompt_loader=lambda ex: loader(ex, False),
-        predict=predict or greedy,
-        fit=side_fit,
-    )
+    services = ToyServices(module, stream, t, 4, predict, side_fit)
+    return StrategyContext(module, stream, t, run_dir, seed=7, services=services)
 
 
 def fit(module: CLModule, loader: DataLoader, steps: int = 1, accumulate: int = 1) -> None:
@@ -122,7 +102,7 @@ def fit(module: CLModule, loader: DataLoader, steps: int = 1, accumulate: int = 
 def gated_fit(module, strategy, stream, make_ctx, batch_size=8, accumulate=1, steps=1, t=1):
     ctx = make_ctx(module, stream, t, batch_size)
     module.attach(strategy, ctx)
-    fit(module, ctx.make_loader(stream.tasks[t].train[:8], False), steps, accumulate)
+    fit(module, ctx.services.make_loader(stream.tasks[t].train[:8], False), steps, accumulate)
 
 
 def fixed_gate(module, value=None, seed=0) -> Attribution:

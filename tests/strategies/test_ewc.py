@@ -45,7 +45,7 @@ def test_fisher_is_the_mean_squared_batch_gradient(make_module, make_ctx, stream
     params = module.trainable_parameters()
     module.eval()
     torch.manual_seed(1)  # the same shuffled batches
-    batches = list(ctx.make_loader(ctx.task.train, True))
+    batches = list(ctx.services.make_loader(ctx.task.train, True))
     assert len(batches) == 2
     expected = {name: torch.zeros_like(p) for name, p in params.items()}
     for b in batches:

@@ -7,7 +7,7 @@ from strategies.lwf import LwF, answer_logits, distillation_kl
 
 
 def batch_of(ctx):
-    return next(iter(ctx.make_loader(ctx.task.train, False)))
+    return next(iter(ctx.services.make_loader(ctx.task.train, False)))
 
 
 def penalty_now(lwf, module, ctx, batch):

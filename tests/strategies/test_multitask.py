@@ -13,7 +13,7 @@ def test_trains_on_every_task_seen(make_module, make_ctx, stream_of, task_rows):
     expected_per_task = [{"alpha": 8}, {"alpha": 8, "beta": 6}, {"alpha": 8, "beta": 6, "gamma": 4}]
     for t, expected in enumerate(expected_per_task):
         ctx = make_ctx(module, stream, t)
-        loader = ctx.make_loader(multitask.training_examples(ctx, ctx.task.train), True)
+        loader = ctx.services.make_loader(multitask.training_examples(ctx, ctx.task.train), True)
         assert Counter(name for batch in loader for name in task_rows(batch, module.tokenizer)) == expected
 
 

@@ -31,7 +31,7 @@ def test_batches_hold_earlier_tasks_in_the_configured_proportion(make_module, ma
     ctx = make_ctx(module, stream, 2)
     examples = replay.training_examples(ctx, ctx.task.train)
     assert len(examples) == 50  # 40 current + 0.25 * 40 replayed
-    batches = list(ctx.make_loader(examples, True))
+    batches = list(ctx.services.make_loader(examples, True))
     counts = Counter(name for batch in batches for name in task_rows(batch, module.tokenizer))
     assert counts["gamma"] == 40
     assert counts["alpha"] + counts["beta"] == 10

@@ -1,0 +1,99 @@
+"""Checkpoints after a task: the model and the strategy's state, and their export to Hugging Face.
+
+One process or DDP (every rank holds the same weights): rank 0 writes a Hugging Face folder
+(`save_pretrained`: safetensors; only the adapter under LoRA) and strategy.safetensors.
+
+FSDP2: no rank ever holds the whole model, so each rank writes its own shards with
+torch.distributed.checkpoint (DCP) into model/ and strategy/, and rank 0 writes config.json and the
+tokenizer beside them; `clbench export CHECKPOINT OUT` (`export_hf`) turns that folder into a plain
+Hugging Face folder in one process. Under LoRA only the adapters train and they are small: they
+are gathered and rank 0 writes a peft adapter folder directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from clbench import distributed as dist
+from clbench.errors import ConfigError
+
+SHARDED_MODEL = "model"  # DCP folder of the model inside a sharded checkpoint
+SHARDED_STRATEGY = "strategy"
+
+
+def save(
+    module: torch.nn.Module, strategy_state: dict[str, torch.Tensor], folder: Path, writes: bool
+) -> None:
+    """Write the checkpoint of `module` (a CLModule) and a strategy's state into `folder`.
+    Every rank calls it; `writes` is True on the rank that writes unsharded files."""
+    model = module.model
+    if getattr(model, "peft_config", None) and dist.is_fully_sharded(model):
+        adapters = {n: dist.full(p).cpu() for n, p in model.named_parameters() if "lora_" in n}
+        state = {k: dist.full(v).cpu() for k, v in strategy_state.items()}
+        if writes:
+            model.save_pretrained(folder, state_dict=adapters)
+            _save_plain(state, folder)
+    elif dist.is_fully_sharded(model):
+        _save_sharded(module, strategy_state, folder, writes)
+    elif writes:
+        model.save_pretrained(folder)
+        _save_plain(strategy_state, folder)
+    dist.barrier()  # a checkpoint is complete on every rank before anyone goes on
+
+
+def _save_plain(state: dict[str, torch.Tensor], folder: Path) -> None:
+    if state:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(folder / "strategy.safetensors"))
+
+
+def _save_sharded(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, writes: bool
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save(get_model_state_dict(module.model), checkpoint_id=folder / SHARDED_MODEL)
+    if state:
+        dcp.save({k: v.detach() for k, v in state.items()}, checkpoint_id=folder / SHARDED_STRATEGY)
+    if writes:
+        module.model.config.save_pretrained(folder)
+        module.tokenizer.save_pretrained(folder)
+
+
+def export_hf(checkpoint_dir: Path, out: Path) -> Path:
+    """A sharded (DCP) checkpoint as a Hugging Face folder that `from_pretrained` loads, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if not (checkpoint_dir / SHARDED_MODEL).is_dir():
+        if (checkpoint_dir / "config.json").is_file() or (checkpoint_dir / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{checkpoint_dir}: already a Hugging Face folder; load it with from_pretrained"
+            )
+        raise ConfigError(f"{checkpoint_dir}: not a clbench checkpoint (no {SHARDED_MODEL}/ folder)")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: exists and is not empty; choose another output folder")
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    state = _untied(model.state_dict())
+    dcp.load(state, checkpoint_id=checkpoint_dir / SHARDED_MODEL)  # in place, into the model's tensors
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(out)
+    return out
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once (a tied lm_head is the embedding, stored once)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t
+    return out

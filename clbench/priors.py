@@ -1,0 +1,207 @@
+"""Where attribution's task priors come from: a single-task side model (the paper) or the continual
+model, scored on the correctly answered samples, cached on disk under a key of what they depend on.
+
+The strategy (strategies/attribution.py) only gates and folds; this is the sourcing. See that
+module's docstring for the semantics (the two savings, the cache key, used.json).
+
+Several ranks: every rank trains the same side model and scores the same samples; the prior is
+laid out like the parameters. Rank 0 decides whether the cache holds the prior (all ranks then take
+the same branch) and writes files; the stored prior is the whole tensor, whatever the world size
+that made it, and the key holds the world size and global batch (they change the side model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from clbench import distributed as dist
+from clbench.evaluation.metrics import score_predictions
+from clbench.importance import (
+    NEEDS_ANSWERS,
+    PriorKey,
+    PriorStore,
+    digest,
+    parameter_signature,
+    rng_preserved,
+    task_prior,
+)
+from clbench.strategy import StrategyContext
+
+Tensors = dict[str, torch.Tensor]
+
+
+class PriorSource:
+    """Priors of finished tasks, one per call of `prior(ctx)`; `used` lists every map used.
+
+    Args: as the attribution strategy's of the same names (estimator "random" scores with LRP; the
+    strategy permutes).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        estimator: str,
+        top_k: int,
+        max_prior_samples: int | None,
+        correct_threshold: float,
+        prior_dir: str | None,
+        record_continual: bool,
+    ) -> None:
+        self.source, self.estimator = source, "lrp" if estimator == "random" else estimator
+        self.top_k, self.max_prior_samples = top_k, max_prior_samples
+        self.correct_threshold, self.prior_dir = correct_threshold, prior_dir
+        self.record_continual = record_continual
+        self.start: Tensors = {}  # this rank's shards of the starting weights
+        self.used: list[dict] = []
+
+    def setup(self, ctx: StrategyContext) -> None:
+        if self.source == "single_task" and not self.start:
+            # the start of every single-task model: this rank's shards, on the CPU
+            params = ctx.module.trainable_parameters()
+            self.start = {n: dist.local(p).detach().to("cpu", copy=True) for n, p in params.items()}
+
+    def prior(self, ctx: StrategyContext, needed: bool) -> Tensors | None:
+        """Task t's prior (None when not needed), recording continual maps when asked."""
+        if self.source == "continual":
+            return self._continual_map(ctx) if needed or self.record_continual else None
+        if self.record_continual and ctx.task_index > 0:
+            self._continual_map(ctx)  # task 0's continual map is its single-task prior
+        return self._single_task_prior(ctx) if needed else None
+
+    def _single_task_prior(self, ctx: StrategyContext) -> Tensors:
+        params = ctx.module.trainable_parameters()
+        store, key, signature = PriorStore(self._prior_dir(ctx)), self._key(ctx), parameter_signature(params)
+        found = dist.broadcast_object(store.path(key).is_file())  # one branch for every rank
+        if found:
+            whole, info = store.load(key, signature)
+            prior = {
+                n: dist.shard_like(params[n], t) if dist.is_sharded(params[n]) else t
+                for n, t in whole.items()
+            }
+            path, reused = store.path(key), True
+        else:
+            prior, info, reused = *self._train_and_score(ctx), False
+            path = self._save(ctx, store, key, signature, prior, info)
+        self._record(ctx, "single_task", path, info.get("samples_used"), reused)
+        if ctx.task_index == 0 and self.record_continual:  # the same model, so the same map
+            self._record(ctx, "continual", path, info.get("samples_used"), reused)
+        return prior
+
+    def _save(
+        self,
+        ctx: StrategyContext,
+        store: PriorStore,
+        key: PriorKey,
+        signature: str,
+        prior: Tensors,
+        info: dict,
+    ) -> Path:
+        whole = {n: dist.full(t) for n, t in prior.items()}  # a collective: every rank
+        if ctx.writes:
+            store.save(key, signature, whole, info)
+        return store.path(key)
+
+    def _train_and_score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
+        if ctx.task_index == 0:  # the continual model after task 1 is task 1's single-task model
+            return self._score(ctx)
+        with self._starting_weights(ctx):
+            ctx.service().side_fit(ctx.task, ctx.task.train)
+            return self._score(ctx)
+
+    def _continual_map(self, ctx: StrategyContext) -> Tensors:
+        prior, info = self._score(ctx)
+        params = ctx.module.trainable_parameters()
+        key = PriorKey(self._model_identity(ctx), ctx.task.name, "continual", {"after_task": ctx.task_index})
+        store = PriorStore(Path(ctx.run_dir) / "importance" / "continual")  # history-dependent: never shared
+        path = self._save(ctx, store, key, parameter_signature(params), prior, info)
+        self._record(ctx, "continual", path, info["samples_used"], reused=False)
+        return prior
+
+    def _record(self, ctx: StrategyContext, kind: str, path: Path, samples: int | None, reused: bool) -> None:
+        entry = {"task": ctx.task.name, "index": ctx.task_index, "kind": kind}
+        self.used.append(
+            {**entry, "file": str(Path(path).resolve()), "samples_used": samples, "reused": reused}
+        )
+
+    def _score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
+        """Score the current model on the task's correctly answered samples."""
+        task, params, services = ctx.task, ctx.module.trainable_parameters(), ctx.service()
+        candidates = task.train[: self.max_prior_samples]
+        correct = self._correct(ctx, candidates)
+        if not correct:
+            warnings.warn(
+                f"attribution: no sample of {task.name} is answered correctly; its prior is zero",
+                stacklevel=2,
+            )
+        if not correct:
+            batches = []
+        elif self.estimator in NEEDS_ANSWERS:
+            batches = services.make_loader(correct, False)
+        else:
+            batches = services.make_prompt_loader(correct)
+        prior, n = task_prior(ctx.model, params, batches, self.estimator, self.top_k)
+        return prior, {"samples_used": n, "candidates": len(candidates), "estimator": self.estimator}
+
+    def _correct(self, ctx: StrategyContext, examples: list) -> list:
+        if self.correct_threshold == 0.0 or not examples:
+            return list(examples)
+        preds = ctx.service().predict(ctx.task, examples)
+        refs = [ex.answer.strip() for ex in examples]
+        scores = score_predictions(ctx.task.metric, preds, refs, [ex.prompt for ex in examples])
+        return [ex for ex, s in zip(examples, scores) if s >= self.correct_threshold]
+
+    @contextmanager
+    def _starting_weights(self, ctx: StrategyContext) -> Iterator[None]:
+        """Starting weights and the run seed inside; the continual weights and RNG state after."""
+        params = ctx.module.trainable_parameters()
+        continual = {n: dist.local(p).detach().to("cpu", copy=True) for n, p in params.items()}
+        try:
+            with rng_preserved(ctx.seed):
+                _copy_into(params, self.start)
+                yield
+        finally:
+            _copy_into(ctx.module.trainable_parameters(), continual)
+
+    # -- cache key ------------------------------------------------------------------------------
+    def _prior_dir(self, ctx: StrategyContext) -> Path:
+        return Path(self.prior_dir) if self.prior_dir else Path(ctx.run_dir).parent / "priors"
+
+    def _model_identity(self, ctx: StrategyContext) -> dict:
+        peft = getattr(ctx.model, "peft_config", None)
+        lora = None
+        if peft:
+            c = next(iter(peft.values()))
+            targets = c.target_modules if isinstance(c.target_modules, str) else sorted(c.target_modules)
+            lora = {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout, "targets": targets}
+        dtype = str(next(iter(ctx.module.trainable_parameters().values())).dtype)
+        return {"name": ctx.module.model_name, "lora": lora, "dtype": dtype}
+
+    def _key(self, ctx: StrategyContext) -> PriorKey:
+        task, services = ctx.task, ctx.service()
+        examples = [[ex.prompt, ex.answer] for ex in task.train]
+        limits = [task.max_prompt_tokens, task.max_answer_tokens, task.metric, task.postprocess]
+        # token ids of a few prompts: the tokenizer and prompt format, which the context hides
+        probe = next(iter(services.make_prompt_loader(task.train[:4])))["input_ids"].tolist()
+        scoring = {
+            "estimator": self.estimator,
+            "top_k": self.top_k,
+            "max_prior_samples": self.max_prior_samples,
+            "correct_threshold": self.correct_threshold,
+            "max_new_tokens": task.max_new_tokens,
+        }
+        training = asdict(services.training_settings(task))
+        settings = {"training": training, "scoring": scoring, "seed": ctx.seed}
+        return PriorKey(self._model_identity(ctx), task.name, digest([examples, limits, probe]), settings)
+
+
+def _copy_into(params: Tensors, values: Tensors) -> None:
+    """Copy each value (this rank's shard) into its parameter's local tensor."""
+    with torch.no_grad():
+        for name, p in params.items():
+            dist.local(p).copy_(values[name])

@@ -1,0 +1,166 @@
+"""The continual-learning strategy interface (not Lightning's `trainer.strategy`) and its context.
+
+A strategy overrides two or three of these hooks. The runner and `CLModule` call them in
+this order for each task t of the stream:
+
+    on_task_start(ctx)
+    training_examples(ctx, examples)          -> what this task trains on
+    per batch:  training_penalty(ctx, batch, outputs) -> added to the loss
+    per optimizer step: on_before_optimizer_step(ctx, optimizer)   (grads final, unscaled)
+                        on_after_optimizer_step(ctx, optimizer)
+    on_task_end(ctx)                           (before the evaluation of row t)
+
+Hooks return what they contribute instead of mutating the module. The core owns this interface;
+strategies/ depends on it, never the reverse.
+
+Several processes (DDP, FSDP2): every rank runs every hook. Per-parameter state must be laid out
+like its parameter (clbench.distributed.shard_like); a parameter's gradient is read from `p.grad`
+after `backward()` (under FSDP2 autograd.grad returns None for sharded parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from clbench.data.tasks import Example, Task, TaskStream
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from clbench.module import CLModule
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a model trained on one task depends on besides model, data and seed.
+
+    The prior cache key of attribution holds it: two runs with equal settings train the same
+    single-task model. `batch_size` is per rank; `global_batch` = batch_size x world_size x
+    accumulate_grad_batches is what one optimizer step sees.
+    """
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    warmup_steps: int
+    schedule: str
+    epochs: int | None
+    max_steps: int
+    batch_size: int
+    world_size: int
+    accumulate_grad_batches: int
+    global_batch: int
+    precision: str
+    gradient_clip_val: float | None
+
+
+class Services(Protocol):
+    """What a strategy may ask the runner for.
+
+    `make_loader(examples, shuffle, task)` batches examples as training does (tokenizer, prompt
+    format, collator), one global batch at a time on every rank (the same batches everywhere, so
+    a side computation under FSDP gives every rank the same per-sample quantities).
+    `make_prompt_loader(examples, task)` batches prompts only, as generation sees them.
+    `predict(task, examples)` returns greedy answers, post-processed as the evaluator does, the
+    same list on every rank. `side_fit(task, examples)` trains the module with a fresh Trainer
+    and the task's epochs, no strategy hooks and without the continual optimizer state.
+    `training_settings(task)` is what such a fit depends on. `frozen_copy()` is an evaluation-mode
+    copy of the model that trains nothing (sharded like the model under FSDP2).
+    """
+
+    def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader: ...
+
+    def make_prompt_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader: ...
+
+    def predict(self, task: Task, examples: list[Example]) -> list[str]: ...
+
+    def side_fit(self, task: Task, examples: list[Example]) -> None: ...
+
+    def training_settings(self, task: Task) -> TrainingSettings: ...
+
+    def frozen_copy(self) -> torch.nn.Module: ...
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy may see of task t: the module, the stream, the run folder, the services.
+
+    `rank` and `world_size` are the process's place among the ranks (0 and 1 in one process);
+    only rank 0 writes files. The device mesh, when sharded, is each parameter's own
+    (`p.device_mesh`).
+    """
+
+    module: CLModule
+    stream: TaskStream
+    task_index: int
+    run_dir: Path
+    seed: int = 0
+    services: Services | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def task(self) -> Task:
+        return self.stream.tasks[self.task_index]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face model being trained (a peft model when LoRA is on)."""
+        return self.module.model
+
+    @property
+    def seen_tasks(self) -> list[Task]:
+        """Tasks 0..t, the current one included."""
+        return self.stream.tasks[: self.task_index + 1]
+
+    @property
+    def writes(self) -> bool:
+        """True on the one rank that writes files (rank 0)."""
+        return self.rank == 0
+
+    def service(self) -> Services:
+        """The runner's services; a clear error for a context built without them."""
+        if self.services is None:
+            raise ValueError("this strategy needs the runner's services (loader, predict, side fit)")
+        return self.services
+
+
+class CLStrategy:
+    """Base class of continual-learning strategies: every hook is a no-op by default,
+    which is exactly naive sequential fine-tuning."""
+
+    def setup(self, ctx: StrategyContext) -> None:
+        """Once per run, before the first task (and again after a resume)."""
+
+    def on_task_start(self, ctx: StrategyContext) -> None:
+        """Before task t trains."""
+
+    def training_examples(self, ctx: StrategyContext, examples: list[Example]) -> list[Example]:
+        """The examples task t trains on; replay or multitask add earlier tasks' here."""
+        return examples
+
+    def training_penalty(
+        self, ctx: StrategyContext, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> torch.Tensor | None:
+        """A term added to the training loss of this batch (e.g. EWC), or None."""
+        return None
+
+    def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
+        """Once per optimizer step, after all accumulated backward passes, grads unscaled."""
+
+    def on_after_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
+        """Right after the optimizer stepped (e.g. to gate the update itself)."""
+
+    def on_task_end(self, ctx: StrategyContext) -> None:
+        """After task t trained, before the matrix row t is evaluated."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint with the run (flat name -> tensor, safetensors-ready)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned."""
