@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from clbench.errors import ConfigError
-from clbench.reporting import plt, write_atomic
+from clbench.files import write_atomic
+from clbench.models import layer_index
+from clbench.reporting import plt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,9 +34,9 @@ class _Parser(argparse.ArgumentParser):
 
 def layer_of(name: str) -> str:
     """'layer 3' for a decoder block's parameter, else 'embed', 'head' or 'other'."""
-    m = re.search(r"\.(?:layers|h)\.(\d+)\.", name)
-    if m:
-        return f"layer {int(m.group(1))}"
+    index = layer_index(name)
+    if index is not None:
+        return f"layer {index}"
     if "embed" in name or "wte" in name or "wpe" in name:
         return "embed"
     return "head" if "lm_head" in name else "other"

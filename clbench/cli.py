@@ -90,12 +90,25 @@ def _plain(ns: Namespace) -> dict:
     return d
 
 
+# Lightning's "fsdp" is FSDP1 (refuses CPU, cannot shard what configure_model builds); in clbench
+# the name means FSDP2, registered as "fsdp2" by clbench.distributed.
+TRAINER_STRATEGY_ALIASES = {"fsdp": "fsdp2"}
+
+
 def resolve_strategy_args(argv: list[str]) -> list[str]:
-    """Replace registry names (`--strategy ewc`, `strategy: ewc` in a config) by class paths."""
+    """Replace registry names (`--strategy ewc`, `strategy: ewc` in a config) by class paths, and
+    clbench's trainer-strategy names (`--trainer.strategy fsdp`) by Lightning's."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--trainer.strategy" and i + 1 < len(argv):
+            out += [arg, TRAINER_STRATEGY_ALIASES.get(argv[i + 1], argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--trainer.strategy="):
+            name = arg.split("=", 1)[1]
+            arg = "--trainer.strategy=" + TRAINER_STRATEGY_ALIASES.get(name, name)
         if arg == "--strategy" and i + 1 < len(argv) and not argv[i + 1].lstrip().startswith(("{", "-")):
             out += [arg, class_path(argv[i + 1])]
             i += 2
@@ -126,11 +139,17 @@ def read_yaml(path: str) -> object:
 def _resolve_config_strategy(path: str) -> str:
     """The config file, or its text with the strategy name resolved when it uses a short name."""
     data = read_yaml(path)
-    if not isinstance(data, dict) or "strategy" not in data:
+    trainer = data.get("trainer") if isinstance(data, dict) else None
+    sharding = trainer.get("strategy") if isinstance(trainer, dict) else None
+    if isinstance(sharding, str) and sharding in TRAINER_STRATEGY_ALIASES:
+        trainer["strategy"] = TRAINER_STRATEGY_ALIASES[sharding]
+    elif not isinstance(data, dict) or "strategy" not in data:
         return path
-    strat = data["strategy"]
+    strat = data.get("strategy")
     try:
-        if isinstance(strat, str):
+        if strat is None:
+            pass
+        elif isinstance(strat, str):
             data["strategy"] = {"class_path": class_path(strat)}
         elif isinstance(strat, dict) and "class_path" in strat:
             strat["class_path"] = class_path(strat["class_path"])

@@ -17,14 +17,14 @@ import csv
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from clbench.errors import ConfigError
-from clbench.reporting import write_atomic
+from clbench.files import write_atomic
+from clbench.reporting import save_figure
 from strategies import class_path
 
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
@@ -240,10 +240,7 @@ def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
     ax.set_title(title)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str]) -> dict[str, list[dict]]:

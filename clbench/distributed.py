@@ -2,9 +2,9 @@
 
 clbench runs on one process, under DDP (Lightning's "ddp") or under FSDP2 (`fully_shard`, one unit
 per decoder layer and then the root) through Lightning's ModelParallelStrategy, registered here as
-"fsdp" (and "fsdp2"): Lightning's own "fsdp" is FSDP1, which refuses CPU and cannot shard a model
-that `configure_model` builds. Every helper here is the identity in one process, so single-process
-code paths stay exactly as they were.
+"fsdp2" (the CLI maps clbench's "fsdp" to it: Lightning's own "fsdp" is FSDP1, which refuses CPU and
+cannot shard a model that `configure_model` builds). Every helper here is the identity in one
+process, so single-process code paths stay exactly as they were.
 
 Facts these helpers rest on (torch 2.13, checked on gloo): under FSDP2 parameters and gradients are
 DTensors sharded on dim 0 with unchanged names; a tensor built with `distribute_tensor(full, mesh,
@@ -164,10 +164,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-for _name in ("fsdp", "fsdp2"):
-    StrategyRegistry.register(
-        _name, FSDP2Strategy, description="FSDP2 (fully_shard) through ModelParallelStrategy", override=True
-    )
+StrategyRegistry.register(
+    "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) through ModelParallelStrategy", override=True
+)
 
 
 class RankBatchSampler(Sampler[list[int]]):

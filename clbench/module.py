@@ -110,7 +110,7 @@ class CLModule(pl.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self(batch, self._global_token_share(batch))
+        outputs = self(batch, self.token_share(batch))
         loss = outputs.loss
         size, sync = batch["input_ids"].shape[0], dist.world_size() > 1
         self.log("train/task_loss", loss, batch_size=size, sync_dist=sync)
@@ -121,12 +121,13 @@ class CLModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
         return loss
 
-    def _global_token_share(self, batch: dict) -> torch.Tensor | None:
-        """Under several ranks: the global batch's answer-token count / world size.
+    def token_share(self, batch: dict) -> torch.Tensor | None:
+        """Under several ranks: the global batch's answer-token count / world size (None in one process).
 
         Each rank's loss is then its token-loss sum x world / global count, and the gradient
         average over ranks (DDP, FSDP2) is exactly the gradient of the global batch's token mean,
-        as one process with the whole batch computes it, however the tokens fall on the ranks."""
+        as one process with the whole batch computes it, however the tokens fall on the ranks.
+        A penalty that averages over answer tokens divides its sum by the same share."""
         world = dist.world_size()
         if world == 1:
             return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,16 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: object) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+from clbench.files import atomic_path  # noqa: E402
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -113,7 +102,11 @@ def plot_heatmap(tasks: list[str], matrix: list[list[float | None]], title: str,
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
+
+
+def save_figure(fig: object, path: Path) -> None:
+    """Save a matplotlib figure atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

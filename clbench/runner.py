@@ -30,8 +30,9 @@ from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.evaluation.matrix import summarize
+from clbench.files import write_atomic, write_json
 from clbench.module import CLModule, call_trainer
-from clbench.reporting import plot_heatmap, results_markdown, write_atomic, write_json
+from clbench.reporting import plot_heatmap, results_markdown
 from clbench.strategy import CLStrategy, StrategyContext, TrainingSettings
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")

@@ -58,9 +58,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from clbench import distributed as dist
 from clbench.distributed import full, is_sharded, local, shard_like
+from clbench.files import write_json
 from clbench.importance import fold_max, gate_statistics, permute_within, rng_preserved
 from clbench.priors import PriorSource
-from clbench.reporting import write_json
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]

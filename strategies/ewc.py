@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from clbench.distributed import local
+from clbench.distributed import all_reduce_, is_sharded, local
 from clbench.gradients import squared_grads
 from clbench.strategy import CLStrategy, StrategyContext
 
@@ -43,12 +43,16 @@ Tensors = dict[str, torch.Tensor]
 def ewc_penalty(params: Tensors, fisher: Tensors, anchor: Tensors, lam: float) -> torch.Tensor:
     """(lam / 2) * sum F * (theta - theta*)^2 over the parameters present in all three dicts.
 
-    On sharded tensors this rank's part of the sum (its shards): the gradient of each element is
-    complete on its owner, and the parts add up to the whole penalty."""
+    On sharded tensors each rank sums its shards, so each element's gradient is complete on the rank
+    that owns it; the value is the whole penalty on every rank (the other shards' sum enters as a
+    constant), so the loss a rank logs is the whole loss."""
     total = torch.zeros((), device=local(next(iter(fisher.values()))).device)
     for name, p in params.items():
         if name in fisher:
             total = total + (local(fisher[name]) * (local(p).float() - local(anchor[name])).square()).sum()
+    if any(is_sharded(f) for f in fisher.values()):
+        part = total.detach()
+        total = total + (all_reduce_(part.clone()) - part)
     return 0.5 * lam * total
 
 

@@ -22,9 +22,8 @@ import re
 
 import torch
 
+from clbench.models import layer_index
 from clbench.strategy import CLStrategy, StrategyContext
-
-BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def parse_layers(spec: str) -> set[int]:
@@ -39,12 +38,6 @@ def parse_layers(spec: str) -> set[int]:
             raise ValueError(f"freeze.layers: range {part!r} runs backwards")
         indices.update(range(lo, hi + 1))
     return indices
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block a parameter name belongs to, or None (embeddings, final norm, head)."""
-    match = BLOCK_INDEX.search(name)
-    return int(match[1]) if match else None
 
 
 class Freeze(CLStrategy):

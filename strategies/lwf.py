@@ -35,11 +35,18 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1][predicts_answer]
 
 
-def distillation_kl(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * mean over rows of KL(softmax(old / T) || softmax(new / T)), in fp32."""
+def distillation_kl(
+    new: torch.Tensor, old: torch.Tensor, temperature: float, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(old / T) || softmax(new / T)), in fp32.
+
+    `rows`: divide the sum by this instead of the local row count (under several ranks, the global
+    batch's answer-token count / world size, so the rank average is the global batch's mean)."""
     log_q = F.log_softmax(new.float() / temperature, dim=-1)
     log_p = F.log_softmax(old.float() / temperature, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (rows,)
+    if rows is not None:
+        return temperature**2 * kl.sum() / rows
     return temperature**2 * kl.mean() if kl.numel() else log_q.sum() * 0.0
 
 
@@ -70,7 +77,8 @@ class LwF(CLStrategy):
         old = self._teacher_logits(batch)
         labels = batch["labels"]
         new = answer_logits(outputs.logits, labels)
-        return self.alpha * distillation_kl(new, answer_logits(old, labels), self.temperature)
+        rows = ctx.module.token_share(batch)
+        return self.alpha * distillation_kl(new, answer_logits(old, labels), self.temperature, rows)
 
     @torch.no_grad()
     def _teacher_logits(self, batch: dict) -> torch.Tensor:

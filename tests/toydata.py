@@ -30,7 +30,7 @@ def build_tiny_tokenizer(corpus: list[str]):
     return fast
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+def build_tiny_llama(vocab_size: int, seed: int = 0, tied: bool = False, **overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,7 +46,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         **overrides,
     )
     return LlamaForCausalLM(config)

@@ -1,0 +1,81 @@
+"""Two real CPU processes (gloo) against one process: a tiny tied-embedding Llama, a 3-task stream.
+
+Every run is a real `python -m clbench fit` in a subprocess; under `--trainer.devices 2` Lightning's
+launcher starts the second rank by re-running the command, exactly as a user's run does. The
+one-process reference has the same global batch (2 x 4 examples).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from toydata import build_tiny_llama, build_tiny_tokenizer, toy_tasks, write_trace_folder
+
+PER_RANK_BATCH = 4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def toy_setup(tmp_path_factory) -> Path:
+    """A folder with the model, a TRACE-style stream and its config (fp32, 1 epoch per task)."""
+    root = tmp_path_factory.mktemp("two-process")
+    tasks = toy_tasks(n_train=20, n_test=10)  # 20 = 2 full global batches of 8 and a last one of 4
+    corpus = [ex["prompt"] + " " + ex["answer"] for t in tasks.values() for s in t.values() for ex in s]
+    tok = build_tiny_tokenizer(corpus * 4)
+    tok.save_pretrained(root / "model")
+    build_tiny_llama(len(tok), tied=True).save_pretrained(root / "model")
+    write_trace_folder(root / "TRACE", tasks)
+    config = {
+        "model": {"model": str(root / "model"), "lr": 3e-3},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "log_every_n_steps": 1},
+        "stream": {
+            "name": "toy",
+            "data_root": str(root / "TRACE"),
+            "batch_size": PER_RANK_BATCH,
+            "eval_batch_size": 4,
+            "tasks": [
+                {"name": n, "path": n, "epochs": 1, "max_new_tokens": 4, "metric": m}
+                for n, m in (("parity", "exact_match"), ("reverse", "edit_similarity"), ("upper", "rouge_l"))
+            ],
+        },
+    }
+    (root / "toy.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return root
+
+
+def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "clbench", *args]
+    out = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def fit(root: Path, out: str, ranks: int, *args: str) -> Path:
+    """A run of the toy stream in `root/out/run`: `ranks` processes with the same global batch."""
+    sharding = () if ranks == 1 else ("--trainer.devices", "2")
+    batch = PER_RANK_BATCH * (2 // ranks)
+    clbench(
+        root,
+        "fit",
+        "--config",
+        "toy.yaml",
+        "--stream.batch_size",
+        str(batch),
+        "--run.output_dir",
+        out,
+        "--run.name",
+        "run",
+        *sharding,
+        *args,
+    )
+    return root / out / "run"
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())

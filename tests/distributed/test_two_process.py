@@ -1,0 +1,150 @@
+"""Every strategy under two-process FSDP2 (and seqft / attribution under DDP) gives one process's
+per-step losses, final parameters and accuracy matrix; one run folder, one writer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import clbench, fit, results
+
+LAST = "task3-upper"
+ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
+CASES = {
+    "seqft": ("--strategy", "seqft"),
+    "replay": ("--strategy", "replay", "--strategy.replay_ratio", "0.5"),
+    "ewc": ("--strategy", "ewc", "--strategy.ewc_lambda", "1e4"),
+    "freeze": ("--strategy", "freeze", "--strategy.lower_layers", "1"),
+    "lwf": ("--strategy", "lwf"),
+    "attribution-grad": ("--strategy", "attribution", *ATTRIBUTION),
+    "attribution-update": ("--strategy", "attribution", "--strategy.gate_target", "update", *ATTRIBUTION),
+}
+
+
+def final_parameters(run: Path) -> dict[str, torch.Tensor]:
+    """The model after the last task, from a Hugging Face folder or a sharded (DCP) checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    folder = run / "checkpoints" / LAST
+    if (folder / "model").is_dir():
+        state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
+        dcp.load(state, checkpoint_id=folder / "model")
+        return state
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    a, b = results(one), results(two)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert b["matrix"] == a["matrix"]
+    for task in a["tasks"]:
+        la, lb = a["per_task"][task]["train_loss"], b["per_task"][task]["train_loss"]
+        assert len(la) == len(lb) > 0
+        assert torch.allclose(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6), (task, la, lb)
+    pa, pb = final_parameters(one), final_parameters(two)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.allclose(pb[name], pa[name], atol=1e-5, rtol=0), name
+    moved = max((pa[n] - ref).abs().max().item() for n, ref in start_parameters(one).items())
+    assert moved > 1e-3  # the runs really trained
+
+
+def start_parameters(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run.parents[2] / "model" / "model.safetensors"))
+
+
+def reference(root: Path, case: str) -> Path:
+    """The one-process run of a case (made once, shared by the FSDP2 and DDP tests)."""
+    run = root / case / "one" / "run"
+    return run if (run / "results.json").is_file() else fit(root, f"{case}/one", 1, *CASES[case])
+
+
+def assert_one_writer(root: Path, out: str) -> None:
+    """One run folder, and every TensorBoard file from one process (the writer, rank 0)."""
+    runs = sorted(p.name for p in (root / out).iterdir() if p.name != "priors")
+    assert runs == ["run"]
+    pids = {re.search(r"\.(\d+)\.\d+$", f.name).group(1) for f in (root / out).rglob("events.out.tfevents.*")}
+    assert len(pids) == 1
+    assert not list((root / out).rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_equals_one_process(toy_setup, case):
+    one = reference(toy_setup, case)
+    two = fit(toy_setup, f"{case}/two", 2, "--trainer.strategy", "fsdp", *CASES[case])
+    assert_same_run(one, two)
+    assert_one_writer(toy_setup, f"{case}/two")
+    if case.startswith("attribution"):
+        gates = json.loads((two / "importance" / "gate.json").read_text())
+        assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
+        assert gates["reverse"]["mean"] > 0  # a real gate, not zeros
+
+
+def _close(gates: dict, one: Path) -> bool:
+    ref = json.loads((one / "importance" / "gate.json").read_text())
+    return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
+
+
+@pytest.mark.parametrize("case", ["seqft", "attribution-grad"])
+def test_ddp_equals_one_process(toy_setup, case):
+    one = reference(toy_setup, case)
+    two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])
+    assert_same_run(one, two)
+    assert_one_writer(toy_setup, f"{case}/ddp")
+
+
+def test_sharded_checkpoint_exports_to_a_plain_hugging_face_folder(toy_setup):
+    """The exported folder loads with plain from_pretrained and answers the test prompts, batched as
+    the run batched them, exactly as the sharded model did during the run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clbench.data.loaders import StreamConfig, load_stream
+
+    run = toy_setup / "seqft" / "two" / "run"
+    if not (run / "results.json").is_file():
+        run = fit(toy_setup, "seqft/two", 2, "--trainer.strategy", "fsdp", *CASES["seqft"])
+    out = toy_setup / "exported"
+    clbench(toy_setup, "export", str(run / "checkpoints" / LAST), str(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.padding_side = "left"
+    stream = load_stream(StreamConfig(**yaml_stream(toy_setup)))
+    for task in stream.tasks:
+        rows = [
+            json.loads(x)
+            for x in (run / "predictions" / "after_3" / f"{task.name}.jsonl").read_text().splitlines()
+        ]
+        texts = []
+        for batch in prompt_batches(task, tok):
+            gen = model.generate(
+                **batch, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            texts += tok.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert texts == [row["raw"] for row in rows], task.name
+
+
+def yaml_stream(root: Path) -> dict:
+    import yaml
+
+    from clbench.data.loaders import TaskConfig
+
+    stream = yaml.safe_load((root / "toy.yaml").read_text())["stream"]
+    return {**stream, "tasks": [TaskConfig(**t) for t in stream["tasks"]]}
+
+
+def prompt_batches(task, tok):
+    """The test prompts in the run's evaluation batches (4, left-padded, positions from the mask)."""
+    from clbench.data.collate import LeftPadCollator, TokenizedTask
+
+    data = TokenizedTask(task.test, task, tok, "raw", with_answer=False)
+    collate = LeftPadCollator(tok.pad_token_id)
+    for start in range(0, len(data), 4):
+        batch = collate([data[i] for i in range(start, min(start + 4, len(data)))])
+        mask = batch["attention_mask"]
+        yield {"input_ids": batch["input_ids"], "attention_mask": mask}
