@@ -103,9 +103,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def fsdp_root(model: nn.Module) -> nn.Module:
+    """The Hugging Face model itself (inside a peft wrapper): the FSDP root. peft's generate calls the
+    inner model directly, so a root on the wrapper would never gather the embeddings."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a Hugging Face model (peft-wrapped or not), each one FSDP unit."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = fsdp_root(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
@@ -118,7 +124,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 def is_fully_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(fsdp_root(model), FSDPModule)
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, precision: str) -> None:
@@ -135,7 +141,7 @@ def apply_fsdp(model: nn.Module, mesh: Any, precision: str) -> None:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     # the root too reshards after its forward (FSDP2 keeps it whole by default): outside a forward every
     # parameter is then its shard, which is what strategies keep their state like
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(fsdp_root(model), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
 
 
 @contextmanager

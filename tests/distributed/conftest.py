@@ -7,18 +7,12 @@ one-process reference has the same global batch (2 x 4 examples).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from toydata import build_tiny_llama, build_tiny_tokenizer, toy_tasks, write_trace_folder
-
-PER_RANK_BATCH = 4
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from twoproc import PER_RANK_BATCH
 
 
 @pytest.fixture(scope="session")
@@ -47,35 +41,3 @@ def toy_setup(tmp_path_factory) -> Path:
     }
     (root / "toy.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return root
-
-
-def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "clbench", *args]
-    out = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def fit(root: Path, out: str, ranks: int, *args: str) -> Path:
-    """A run of the toy stream in `root/out/run`: `ranks` processes with the same global batch."""
-    sharding = () if ranks == 1 else ("--trainer.devices", "2")
-    batch = PER_RANK_BATCH * (2 // ranks)
-    clbench(
-        root,
-        "fit",
-        "--config",
-        "toy.yaml",
-        "--stream.batch_size",
-        str(batch),
-        "--run.output_dir",
-        out,
-        "--run.name",
-        "run",
-        *sharding,
-        *args,
-    )
-    return root / out / "run"
-
-
-def results(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clbench, fit, results
+from twoproc import clbench, fit, results
 
 LAST = "task3-upper"
 ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
@@ -21,6 +21,15 @@ CASES = {
     "lwf": ("--strategy", "lwf"),
     "attribution-grad": ("--strategy", "attribution", *ATTRIBUTION),
     "attribution-update": ("--strategy", "attribution", "--strategy.gate_target", "update", *ATTRIBUTION),
+    "attribution-lora": (
+        "--strategy",
+        "attribution",
+        "--model.lora.r",
+        "4",
+        "--model.lora.dropout",
+        "0",
+        *ATTRIBUTION,
+    ),
 }
 
 
@@ -34,7 +43,8 @@ def final_parameters(run: Path) -> dict[str, torch.Tensor]:
         state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
         dcp.load(state, checkpoint_id=folder / "model")
         return state
-    return load_file(str(folder / "model.safetensors"))
+    adapter = folder / "adapter_model.safetensors"  # LoRA: the adapters, whatever the layout
+    return load_file(str(adapter if adapter.is_file() else folder / "model.safetensors"))
 
 
 def assert_same_run(one: Path, two: Path) -> None:
@@ -49,8 +59,9 @@ def assert_same_run(one: Path, two: Path) -> None:
     assert pa.keys() == pb.keys()
     for name in pa:
         assert torch.allclose(pb[name], pa[name], atol=1e-5, rtol=0), name
-    moved = max((pa[n] - ref).abs().max().item() for n, ref in start_parameters(one).items())
-    assert moved > 1e-3  # the runs really trained
+    start = start_parameters(one)
+    moved = max((pa[n] - start.get(n, torch.zeros_like(pa[n]))).abs().max().item() for n in pa)
+    assert moved > 1e-3  # the runs really trained (LoRA: B moved away from 0)
 
 
 def start_parameters(run: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,61 @@
+"""Priors of one task on a model sharded with FSDP2 over the ranks torchrun starts; rank 0 saves
+them whole. Usage: torchrun --nproc-per-node 2 prior_worker.py MODEL_DIR OUT_DIR"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clbench import distributed as dist
+from clbench.data.collate import LeftPadCollator, TokenizedTask
+from clbench.data.tasks import Example, Task
+from clbench.importance import NEEDS_ANSWERS, task_prior
+
+ESTIMATORS = ("lrp", "grad_x_weight", "fisher")
+TOP_K = 3
+
+
+def scoring_batches(tokenizer, with_answer: bool) -> list[dict]:
+    """Six samples of different lengths in batches of 4 (a full and a partial batch), left-padded."""
+    words = ["cat", "dog", "sun", "map", "red", "tea"]
+    examples = [Example(f"Reverse {w * (1 + i % 3)}:", w[::-1]) for i, w in enumerate(words)]
+    task = Task(name="reverse", train=examples, test=examples[:1], max_new_tokens=4)
+    data = TokenizedTask(examples, task, tokenizer, "raw", with_answer=with_answer)
+    collate = LeftPadCollator(tokenizer.pad_token_id)
+    return [collate([data[i] for i in range(s, min(s + 4, len(data)))]) for s in range(0, len(data), 4)]
+
+
+def priors(model, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    """{estimator: {name: whole prior}} of every parameter, sharded or not."""
+    params = dict(model.named_parameters())
+    out = {}
+    for estimator in ESTIMATORS:
+        batches = scoring_batches(tokenizer, with_answer=estimator in NEEDS_ANSWERS)
+        prior, n = task_prior(model, params, batches, estimator, TOP_K)
+        assert n == 6
+        out[estimator] = {name: dist.full(t).cpu() for name, t in prior.items()}
+    return out
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    tdist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dist.apply_fsdp(model, init_device_mesh("cpu", (tdist.get_world_size(),)), "32-true")
+    assert all(dist.is_sharded(p) for p in model.parameters())
+    result = priors(model, tokenizer)
+    if tdist.get_rank() == 0:
+        for estimator, prior in result.items():
+            save_file(prior, str(Path(out_dir) / f"{estimator}.safetensors"))
+    tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
