@@ -64,7 +64,7 @@ def agreed_run_name(cfg: Namespace, stream: str) -> str:
     if not name:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if dist.world_size() > 1:  # ranks started together (torchrun, srun): no clock they share
-            stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+            stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")[:8]  # torchrun --standalone: a uuid
             stamp = os.environ.get("SLURM_JOB_ID", stamp if stamp != "none" else "")
             if not stamp:
                 raise ConfigError(

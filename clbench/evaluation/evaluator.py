@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ class Evaluator:
         ranked = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
         outputs = []
         if padded:
-            outputs = call_trainer(self.trainer_factory(), "predict", self.module, dataloaders=ranked)
+            with warnings.catch_warnings():  # it returns every index it is given, by construction
+                warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+                outputs = call_trainer(self.trainer_factory(), "predict", self.module, dataloaders=ranked)
         texts: dict[int, list[str]] = {}
         for part in dist.gather_objects(dict(zip(mine, outputs[: len(mine)]))):
             texts.update(part)
