@@ -98,6 +98,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on some rank (every rank must call it)."""
+    return bool(all_reduce_(torch.tensor([float(flag)], device=device), "max").item())
+
+
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of a replicated (unsharded) module set to rank `src`'s values."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def load_whole_from_rank0(model: nn.Module, whole: dict[str, Tensor]) -> None:
+    """Fill a sharded model from rank 0's whole state dict (`whole` is empty on the other ranks):
+    each rank receives only its shards; buffers (never sharded) are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def barrier() -> None:
     if initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -73,18 +73,32 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(
-    name: str, dtype: str = "float32", attn_implementation: str | None = None, trust_remote_code: bool = False
+    name: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    empty: bool = False,
 ) -> torch.nn.Module:
-    """A Hugging Face causal LM in the requested dtype; GGUF weights are dequantised."""
-    from transformers import AutoModelForCausalLM
+    """A Hugging Face causal LM in the requested dtype; GGUF weights are dequantised.
+
+    `empty`: the architecture only, on the meta device (no weights read, no memory), for a rank
+    that receives its weights from rank 0 once the process group exists."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = _source_kwargs(name, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
-        )
+        if empty:
+            config = AutoConfig.from_pretrained(kwargs.pop("path"), **kwargs)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+                )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
+            )
     except OSError as e:
         raise ConfigError(f"model.model: cannot load '{name}' offline: {str(e).splitlines()[0]}") from None
     if name in BUNDLED:

@@ -36,10 +36,12 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 class CLModule(pl.LightningModule):
     """A causal LM trained task after task; the continual-learning strategy plugs in via hooks.
 
-    Every rank loads the weights into host memory in `__init__` (the CLI builds the module in each
-    process that Lightning's launcher starts, before any process group exists, so rank 0 cannot
-    broadcast yet); under FSDP2 `configure_model` then shards the model layer by layer, so each
-    rank keeps only its shard on the accelerator and the host copy is released.
+    Several ranks: rank 0 loads the weights into host memory in `__init__`; every other rank builds
+    the architecture on the meta device (no weights, no memory; a rank knows it is not rank 0 from
+    the environment its launcher gave it). `configure_model`, when the process group exists,
+    shards the model under FSDP2 (each rank keeps only its shard on the accelerator) and fills the
+    other ranks' empty tensors from rank 0 by broadcast; so no rank but rank 0 ever holds the
+    whole model, and rank 0 only in host memory while it loads.
 
     Args:
         model: Hugging Face hub id, local folder, or a bundled short name (smollm2-135m-instruct).
@@ -74,7 +76,8 @@ class CLModule(pl.LightningModule):
             raise ValueError(f"model.lr must be positive, got {lr}")
         self.model_name = model
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        lm = load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
+        empty = dist.world_size() > 1 and dist.rank() != 0  # filled from rank 0 in configure_model
+        lm = load_causal_lm(model, dtype, attn_implementation, trust_remote_code, empty=empty)
         self.model = add_lora(lm, lora) if lora is not None else lm
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.schedule = warmup_steps, schedule
@@ -88,16 +91,33 @@ class CLModule(pl.LightningModule):
         self.cl_strategy, self.ctx = strategy, ctx
 
     def configure_model(self) -> None:
-        """Under FSDP2 (clbench's "fsdp"), shard the model once: later Trainers find it sharded."""
+        """Several ranks: shard the model once under FSDP2 (clbench's "fsdp"; later Trainers find it
+        sharded), and give ranks that built it empty rank 0's weights."""
         trainer = self._trainer
-        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        if trainer is None or dist.world_size() == 1:
             return
-        if dist.is_fully_sharded(self.model):
-            return
-        mesh = self.device_mesh
-        if mesh["tensor_parallel"].size() > 1:
-            raise ValueError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
-        dist.apply_fsdp(self.model, mesh["data_parallel"], str(trainer.precision))
+        device = trainer.strategy.root_device
+        if isinstance(trainer.strategy, ModelParallelStrategy) and not dist.is_fully_sharded(self.model):
+            mesh = self.device_mesh
+            if mesh["tensor_parallel"].size() > 1:
+                raise ValueError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
+            whole = self.model.state_dict() if dist.rank() == 0 else {}  # views of rank 0's host copy
+            dist.apply_fsdp(self.model, mesh["data_parallel"], str(trainer.precision))
+            if dist.any_rank(self._is_empty(), device):
+                self._materialize(device)
+                dist.load_whole_from_rank0(self.model, whole)
+        elif dist.any_rank(self._is_empty(), device):  # DDP and other replicated layouts
+            self._materialize(device)
+            dist.broadcast_module_(self.model)
+
+    def _is_empty(self) -> bool:
+        return any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def _materialize(self, device: torch.device) -> None:
+        if self._is_empty():
+            self.model.to_empty(device=device)
+            if not dist.is_fully_sharded(self.model):
+                dist.fsdp_root(self.model).tie_weights()  # to_empty makes tied weights two tensors
 
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None) -> object:
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

@@ -208,9 +208,12 @@ class Runner:
         generator = torch.Generator().manual_seed(self.seed * 1000 + self._task_index)
         world, rank = (dist.world_size(), dist.rank()) if ranked else (1, 0)
         sampler = dist.RankBatchSampler(len(data), batch_size, shuffle, generator, world, rank)
+        # the loader draws its workers' base seed from the same generator first (as a shuffled
+        # DataLoader with this generator always did), never from the global RNG
         return DataLoader(
             data,
             batch_sampler=sampler,
+            generator=generator,
             collate_fn=LeftPadCollator(self.module.tokenizer.pad_token_id),
             num_workers=self.run_cfg.num_workers,
         )
@@ -249,7 +252,8 @@ class Runner:
     def _connect(self) -> None:
         """Start the other ranks (Lightning's launcher re-runs the command for them), join the process
         group and shard the model, before any strategy hook: a no-op predict does all three."""
-        call_trainer(self._quiet_trainer(), "predict", self.module, dataloaders=DataLoader([]))
+        empty = DataLoader([], generator=torch.Generator())  # no draw from the global RNG
+        call_trainer(self._quiet_trainer(), "predict", self.module, dataloaders=empty)
 
     def _train_task(self, t: int, task: Task) -> None:
         start = time.perf_counter()

@@ -93,7 +93,9 @@ class Evaluator:
         rounds = -(-len(batches) // world)
         padded = mine + [mine[0] if mine else 0] * (rounds - len(mine))  # repeats keep ranks in step
         sampler = dist.FixedBatches([batches[b] for b in padded])
-        ranked = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
+        ranked = DataLoader(
+            loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn, generator=loader.generator
+        )
         outputs = []
         if padded:
             with warnings.catch_warnings():  # it returns every index it is given, by construction
