@@ -94,19 +94,19 @@ class CLModule(pl.LightningModule):
         """Several ranks: shard the model once under FSDP2 (clbench's "fsdp"; later Trainers find it
         sharded), and give ranks that built it empty rank 0's weights."""
         trainer = self._trainer
-        if trainer is None or dist.world_size() == 1:
+        if trainer is None:
             return
-        device = trainer.strategy.root_device
+        device, several = trainer.strategy.root_device, dist.world_size() > 1
         if isinstance(trainer.strategy, ModelParallelStrategy) and not dist.is_fully_sharded(self.model):
             mesh = self.device_mesh
             if mesh["tensor_parallel"].size() > 1:
                 raise ValueError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
             whole = self.model.state_dict() if dist.rank() == 0 else {}  # views of rank 0's host copy
             dist.apply_fsdp(self.model, mesh["data_parallel"], str(trainer.precision))
-            if dist.any_rank(self._is_empty(), device):
+            if several and dist.any_rank(self._is_empty(), device):
                 self._materialize(device)
                 dist.load_whole_from_rank0(self.model, whole)
-        elif dist.any_rank(self._is_empty(), device):  # DDP and other replicated layouts
+        elif several and dist.any_rank(self._is_empty(), device):  # DDP and other replicated layouts
             self._materialize(device)
             dist.broadcast_module_(self.model)
 

@@ -54,6 +54,7 @@ def main(model_dir: str, out_dir: str) -> None:
     if tdist.get_rank() == 0:
         for estimator, prior in result.items():
             save_file(prior, str(Path(out_dir) / f"{estimator}.safetensors"))
+    tdist.barrier()  # no rank leaves while another still works
     tdist.destroy_process_group()
 
 
