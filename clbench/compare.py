@@ -25,7 +25,7 @@ from pathlib import Path
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
 from clbench.reporting import save_figure
-from strategies import class_path
+from strategies import class_path, name_for
 
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
@@ -110,8 +110,9 @@ def _split(text: str, option: str) -> list[str]:
 
 
 def short_name(strategy: str) -> str:
-    """Run-folder name of a strategy: the registry name, or a class path's class in lower case."""
-    return strategy.rsplit(".", 1)[-1].lower()
+    """Run-folder name of a --strategies entry: a registry, entry-point or preset name as given, a
+    class path by strategies.name_for (the one definition `fit` uses too)."""
+    return name_for(strategy) if "." in strategy else strategy
 
 
 def read_finished(run_dir: Path) -> dict | None:
