@@ -64,7 +64,11 @@ def scoring_scope(model: nn.Module) -> Iterator[None]:
 
 
 def stream_parameter_relevance(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, consumer: Consumer
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    consumer: Consumer,
+    row_maps: bool = False,
 ) -> Seeds:
     """Hand each parameter's per-sample relevance to `consumer(name, relevance)`, one at a time.
 
@@ -75,6 +79,8 @@ def stream_parameter_relevance(
         consumer: Called once per named parameter (names as in model.named_parameters()) with a
             (B, *param.shape) tensor in fp32 (fp64 for fp64 models), in backward order (last layer
             first, then zero maps for the norm weights). The tensor is the consumer's to keep.
+        row_maps: Hand on parameters that only row lookups reach (embeddings, an untied lm_head's
+            seed rows) as a sink.RowMap of the touched rows instead of a dense map.
 
     LoRA uses the merged bracketing P (W + s B A): the layer's product keeps the usual half for
     W~ = W + s B A, split proportionally into W and s B A, and A and B each get half of the
@@ -90,7 +96,7 @@ def stream_parameter_relevance(
     lm, model_type, arch = resolve(model)
     input_ids = input_ids.to(lm.lm_head.weight.device)
     acc = torch.float64 if lm.lm_head.weight.dtype == torch.float64 else torch.float32
-    sink = RelevanceSink(model, input_ids.shape[0], acc, consumer)
+    sink = RelevanceSink(model, input_ids.shape[0], acc, consumer, row_maps)
     with scoring_scope(model):
         # cloned inside the scope: normal tensors even when the caller is under inference_mode
         valid, seed_pos = _seed_positions(input_ids.clone(), attention_mask)
