@@ -9,7 +9,8 @@ See docs/attribution.md section 5. For a parameter tensor W and a sample k with 
     Eq. 13   g <- (1 - Rbar) * g
 
 "Largest" is over signed values (reading 3.8): negatively relevant parameters are never protected.
-With fewer than K samples the mean is over the samples there are.
+With fewer than K samples the mean is over the samples there are. The K values per element are kept in
+bf16 by default (about 3 significant digits; values lie in [-1, 1]) or in fp32, exactly.
 
 Estimators (the ablations of the importance source's scoring rule), all normalised by Eq. 10:
   lrp            parameter-level LRP of the argmax logit at the last prompt position (the paper);
@@ -37,20 +38,25 @@ from torch import Tensor, nn
 
 from clbench import distributed as dist
 from clbench.attribution import scoring_scope, stream_parameter_relevance
+from clbench.attribution.sink import RowMap
 from clbench.files import atomic_path
 from clbench.gradients import grads_of, squared_grads
 
 EPS = 1e-8
 Tensors = dict[str, Tensor]
-Consumer = Callable[[str, Tensor], None]
+Consumer = Callable[[str, Tensor | RowMap], None]
 METADATA_KEY = "clbench.prior"
+SPAN = 1 << 20  # elements per slot row that TopKMean works on at once: bounds its temporaries
 
 
-def normalise(relevance: Tensor, eps: float = EPS, sharded: bool = False) -> Tensor:
+def normalise(relevance: Tensor | RowMap, eps: float = EPS, sharded: bool = False) -> Tensor | RowMap:
     """Eq. 10 per sample and per tensor: (B, *shape) -> (B, *shape) in [-1, 1], fp32.
 
     `sharded`: `relevance` is this rank's shard of each sample's map; the maximum over the whole
-    tensor is then a MAX all-reduce of the shards' maxima (every rank must call it)."""
+    tensor is then a MAX all-reduce of the shards' maxima (every rank must call it). A RowMap stays
+    one: its untouched elements are 0 and log1p(0) = 0 never raises the maximum over its rows."""
+    if isinstance(relevance, RowMap):
+        return RowMap(relevance.rows, normalise(relevance.values, eps, sharded), relevance.shape)
     relevance = relevance.float()
     mag = relevance.abs().log1p()  # (B, *shape)
     peak = mag.reshape(mag.shape[0], -1).amax(1) if mag[0].numel() else mag.new_zeros(mag.shape[0])
@@ -62,26 +68,73 @@ def normalise(relevance: Tensor, eps: float = EPS, sharded: bool = False) -> Ten
 class TopKMean:
     """Eq. 11, streaming: the K largest values seen per element, and their mean.
 
-    Holds min(n, K) values per element (memory K x the tensor); each batch costs one topk over
-    K + B values per element.
+    K slots per element in `dtype` (bf16: 2K bytes per element; fp32 is exact), merged in place one
+    sample at a time: while fewer than K samples are in, a sample fills the next slot; after that each
+    element's smallest slot takes the sample's value where it is larger. `mean` is fp32 and, in fp32,
+    bit for bit the mean of the values in arrival order (n <= K) or sorted descending (n > K, the
+    order torch.topk gives). A RowMap's untouched elements count as the value 0.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
         if k < 1:
             raise ValueError(f"top_k must be >= 1, got {k}")
-        self.k = k
-        self.top: Tensors = {}
+        self.k, self.dtype = k, dtype
+        self.slots: Tensors = {}  # (K, *shape) in dtype; the first min(n, K) are filled
+        self.count: dict[str, int] = {}
 
-    def add(self, name: str, values: Tensor) -> None:
-        """Fold in a batch of per-sample values (B, *shape)."""
-        old = self.top.get(name)
-        merged = values if old is None else torch.cat([old, values.to(old.device)])  # (n + B, *shape)
-        if merged.shape[0] > self.k:
-            merged = merged.topk(self.k, dim=0).values
-        self.top[name] = merged
+    def add(self, name: str, values: Tensor | RowMap) -> None:
+        """Fold in a batch of per-sample values (B, *shape), dense or a RowMap."""
+        sparse = isinstance(values, RowMap)
+        dense, shape = (values.values, values.shape) if sparse else (values, tuple(values.shape[1:]))
+        if name not in self.slots:
+            self.slots[name] = torch.empty((self.k, *shape), dtype=self.dtype, device=dense.device)
+            self.count[name] = 0
+        slots = self.slots[name]
+        for sample in dense.to(slots.device, self.dtype):
+            if sparse:
+                _fold_rows(slots, self.count[name], values.rows.to(slots.device), sample)
+            else:
+                _fold(slots.view(self.k, -1), self.count[name], sample.reshape(-1))
+            self.count[name] += 1
 
     def mean(self, name: str) -> Tensor:
-        return self.top[name].mean(0)
+        """The fp32 mean of each element's slots (sorting them in place first when n > K)."""
+        n = self.count[name]
+        kept = self.slots[name][: min(n, self.k)]
+        if n > self.k:
+            flat = kept.view(self.k, -1)
+            for cols in _spans(flat.shape[1]):
+                flat[:, cols] = flat[:, cols].sort(0, descending=True).values
+        if kept.dtype == torch.float32:
+            return kept.mean(0)  # the reduction of the contiguous (K, *shape) topk values: the same bits
+        out = torch.zeros(kept.shape[1:], dtype=torch.float32, device=kept.device)
+        for row in kept:  # one slot at a time: no fp32 copy of all K
+            out += row
+        return out / len(kept)
+
+
+def _spans(n: int) -> Iterator[slice]:
+    return (slice(start, start + SPAN) for start in range(0, n, SPAN))
+
+
+def _fold(slots: Tensor, filled: int, value: Tensor) -> None:
+    """One sample's `value` ((N,), or a 0-dim tensor for all) into `slots` (K, N), in place."""
+    if filled < slots.shape[0]:
+        slots[filled] = value
+        return
+    for cols in _spans(slots.shape[1]):
+        part = slots[:, cols]
+        low, at = part.min(0)
+        part.scatter_(0, at[None], torch.maximum(low, value[cols] if value.dim() else value)[None])
+
+
+def _fold_rows(slots: Tensor, filled: int, rows: Tensor, value: Tensor) -> None:
+    """One sample of a RowMap, `value` (n, *rest) on `rows` (n,), into `slots` (K, V, *rest): 0 into
+    every element, except that the touched rows fold their values instead."""
+    touched = slots[:, rows]  # (K, n, *rest), a copy
+    _fold(slots.view(slots.shape[0], -1), filled, value.new_zeros(()))
+    _fold(touched.view(slots.shape[0], -1), filled, value.reshape(-1))
+    slots[:, rows] = touched
 
 
 def fold_max(rbar: Tensors, prior: Tensors) -> None:
@@ -120,12 +173,28 @@ def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0
 def _lrp(model: nn.Module, batch: dict, params: Tensors, consume: Consumer) -> None:
     # Under FSDP2 the engine reads whole weights (unsharded, every rank the same samples) and each
     # rank keeps its rows of every map: per-sample maps are never summed across ranks.
-    def keep(name: str, relevance: Tensor) -> None:
+    def keep(name: str, relevance: Tensor | RowMap) -> None:
         if name in params:
-            consume(name, dist.local_rows(params[name], relevance))
+            consume(name, _local_rows(params[name], relevance))
 
     with dist.unsharded(model):
-        stream_parameter_relevance(model, batch["input_ids"], batch["attention_mask"], keep)
+        stream_parameter_relevance(model, batch["input_ids"], batch["attention_mask"], keep, row_maps=True)
+
+
+def _local_rows(param: Tensor, relevance: Tensor | RowMap) -> Tensor | RowMap:
+    """This rank's rows of a per-sample map (dist.local_rows); a RowMap is cut without densifying
+    when `param` is sharded on dim 0 over a 1-D mesh (FSDP2's layout), densified otherwise."""
+    if not dist.is_sharded(param):
+        return relevance
+    if not isinstance(relevance, RowMap):
+        return dist.local_rows(param, relevance)
+    from torch.distributed.tensor import Shard
+
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        return dist.local_rows(param, relevance.dense())
+    size = -(-param.shape[0] // param.device_mesh.size())  # torch.chunk's rows per rank
+    lo = min(param.device_mesh.get_local_rank() * size, param.shape[0])
+    return relevance.between(lo, lo + dist.local(param).shape[0])
 
 
 def _unpadded(batch: dict, i: int) -> dict:
@@ -166,18 +235,19 @@ def task_prior(
     k: int,
     eps: float = EPS,
     chunk: int = 4,
+    store_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[Tensors, int]:
     """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (fp32, on the CPU,
     or laid out like the parameters when they are sharded) and the number of samples. No sample: a
     zero prior. Under several ranks every rank scores the same samples (`params` sharded or not).
+    The top-K values are kept in `store_dtype` (TopKMean).
 
-    Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) and the
-    embedding's alone is B x vocab x d floats (113 MB a sample for SmolLM2), so memory, not
-    speed, sets the scoring batch."""
-    score, agg, n = ESTIMATORS[estimator], TopKMean(k), 0
+    Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) (LRP hands the
+    embeddings on as RowMaps of the looked-up rows), so memory, not speed, sets the scoring batch."""
+    score, agg, n = ESTIMATORS[estimator], TopKMean(k, store_dtype), 0
     device = dist.local(next(iter(params.values()))).device
 
-    def consume(name: str, r: Tensor) -> None:
+    def consume(name: str, r: Tensor | RowMap) -> None:
         agg.add(name, normalise(r, eps, sharded=dist.is_sharded(params[name])))
 
     with scoring_scope(model):

@@ -52,11 +52,12 @@ class PriorSource:
         correct_threshold: float,
         prior_dir: str | None,
         record_continual: bool,
+        prior_dtype: str = "bfloat16",
     ) -> None:
         self.source, self.estimator = source, "lrp" if estimator == "random" else estimator
         self.top_k, self.max_prior_samples = top_k, max_prior_samples
         self.correct_threshold, self.prior_dir = correct_threshold, prior_dir
-        self.record_continual = record_continual
+        self.record_continual, self.prior_dtype = record_continual, prior_dtype
         self.start: Tensors = {}  # this rank's shards of the starting weights
         self.used: list[dict] = []
 
@@ -145,7 +146,8 @@ class PriorSource:
             batches = services.make_loader(correct, False)
         else:
             batches = services.make_prompt_loader(correct)
-        prior, n = task_prior(ctx.model, params, batches, self.estimator, self.top_k)
+        store = getattr(torch, self.prior_dtype)
+        prior, n = task_prior(ctx.model, params, batches, self.estimator, self.top_k, store_dtype=store)
         return prior, {"samples_used": n, "candidates": len(candidates), "estimator": self.estimator}
 
     def _correct(self, ctx: StrategyContext, examples: list) -> list:
@@ -191,6 +193,7 @@ class PriorSource:
         scoring = {
             "estimator": self.estimator,
             "top_k": self.top_k,
+            "prior_dtype": self.prior_dtype,
             "max_prior_samples": self.max_prior_samples,
             "correct_threshold": self.correct_threshold,
             "max_new_tokens": task.max_new_tokens,

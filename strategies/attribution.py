@@ -83,6 +83,8 @@ class Attribution(CLStrategy):
         record_continual: With source "single_task", also record the continual model's map after
             each task in the run folder (for the analysis; one scoring pass per task).
         gate_power: Gate with Rbar ** gate_power (> 0); 1 is the paper, < 1 strengthens the gate.
+        prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
+            trainable parameter) or "float32" (4K bytes, exact).
     """
 
     def __init__(
@@ -97,11 +99,13 @@ class Attribution(CLStrategy):
         score_last_task: bool = False,
         record_continual: bool = False,
         gate_power: float = 1.0,
+        prior_dtype: Literal["bfloat16", "float32"] = "bfloat16",
     ) -> None:
         for option, value, allowed in (
             ("gate_target", gate_target, ("grad", "update")),
             ("source", source, ("single_task", "continual")),
             ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "random")),
+            ("prior_dtype", prior_dtype, ("bfloat16", "float32")),
         ):
             if value not in allowed:
                 raise ValueError(f"attribution.{option} must be one of {', '.join(allowed)}; got {value!r}")
@@ -126,7 +130,14 @@ class Attribution(CLStrategy):
         self._moved = torch.zeros(2, dtype=torch.float64)  # gated tensors' update L1 mass: removed, total
         self.tasks_folded = 0
         self.priors = PriorSource(
-            source, estimator, top_k, max_prior_samples, correct_threshold, prior_dir, record_continual
+            source,
+            estimator,
+            top_k,
+            max_prior_samples,
+            correct_threshold,
+            prior_dir,
+            record_continual,
+            prior_dtype,
         )
         self._old: dict[int, torch.Tensor] = {}
         self._nonzero: dict[str, bool] = {}

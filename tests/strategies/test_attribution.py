@@ -37,7 +37,7 @@ def test_normalise_is_eq10_per_sample_and_tensor():
 def test_streaming_topk_mean_matches_a_direct_computation(n, k):
     torch.manual_seed(1)
     values = torch.randn(n, 6, 7)
-    agg = TopKMean(k)
+    agg = TopKMean(k, torch.float32)
     for chunk in values.split({11: [2, 1, 3, 5], 3: [1, 2], 5: [5]}[n]):
         agg.add("w", chunk)
     direct = values.sort(0, descending=True).values[: min(n, k)].mean(0)  # fewer than K: all of them
@@ -54,7 +54,7 @@ def test_fold_max_clamps_and_keeps_the_running_max():
 def test_lrp_prior_of_one_sample_is_the_normalised_engine_relevance(make_module, stream_of, tmp_path):
     module, stream = make_module(), stream_of(1, 4)
     ctx = full_ctx(module, stream, 0, tmp_path)
-    strat = Attribution(top_k=3, correct_threshold=0.0, prior_dir=str(tmp_path / "p"))
+    strat = Attribution(top_k=3, correct_threshold=0.0, prior_dir=str(tmp_path / "p"), prior_dtype="float32")
     strat.setup(ctx)
     strat.on_task_end(ctx)
     batch = next(iter(ctx.services.make_prompt_loader(stream.tasks[0].train)))
@@ -68,8 +68,10 @@ def test_scoring_in_chunks_gives_the_prior_of_whole_batches(make_module, stream_
     ctx = full_ctx(module, stream, 0, tmp_path)
     params = module.trainable_parameters()
     batches = list(ctx.services.make_prompt_loader(stream.tasks[0].train))
-    whole, n_whole = task_prior(module.model, params, batches, "lrp", k=3, chunk=64)
-    parts, n_parts = task_prior(module.model, params, batches, "lrp", k=3, chunk=1)
+    whole, n_whole = task_prior(
+        module.model, params, batches, "lrp", k=3, chunk=64, store_dtype=torch.float32
+    )
+    parts, n_parts = task_prior(module.model, params, batches, "lrp", k=3, chunk=1, store_dtype=torch.float32)
     assert n_whole == n_parts == 6
     for name in params:
         torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-6)
