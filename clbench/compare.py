@@ -4,23 +4,42 @@
 
 Every (strategy, seed) is an ordinary `clbench fit` run in <comparison>/runs/<strategy>-seed<seed>/,
 all with the same config and pass-through overrides; per-strategy hyper-parameters and variants
-come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. A rerun reuses
-finished runs and moves unfinished ones aside (never deleting them), so an interrupted
-comparison resumes where it stopped; delete a run folder to redo that run after changing the config.
-`--finished_only` trains nothing: it rewrites the comparison from the runs that have finished.
+come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. What compare guarantees:
+
+- The table holds only runs of this invocation's config: a finished run is reused when its
+  config.yaml is the config this invocation would give it (run.name and run.output_dir aside), and
+  refused before anything trains when it is not (naming the fields that differ);
+  `--rerun_changed` moves such runs aside and reruns them.
+- Nothing is deleted: unfinished runs (an interrupted comparison resumes where it stopped) and
+  changed ones are moved aside with a timestamp suffix.
+- One compare per comparison folder (compare.lock names the holder's process id); a lock left by
+  a compare that died is taken over.
+- No fit outlives its compare: Ctrl-C, SIGTERM or an error stops the running fit and its children.
+- A fit imports clbench as installed, never a module of the same name in the working directory.
+
+`--finished_only` trains nothing and moves nothing: it rewrites the comparison from the runs that
+have finished, noting (not refusing) those whose config differs from this invocation's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
+
+import yaml
 
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
@@ -30,6 +49,26 @@ from strategies import class_path, name_for
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
 Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
+PER_RUN = ("name", "output_dir")  # run fields that differ between the runs of one comparison
+LOCK = "compare.lock"
+STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before SIGKILL
+# `python -m clbench` puts the working directory first on the import path, where a stray
+# strategies.py would shadow clbench's own. This runs clbench/__main__.py as -m does, so Lightning
+# still starts further ranks with `-m` from its __spec__, without that first entry.
+FIT_MAIN = (
+    "import runpy, sys\n"
+    "if sys.path[:1] == ['']:\n"
+    "    del sys.path[0]\n"
+    "runpy.run_module('clbench', run_name='__main__', alter_sys=True)"
+)
+
+
+class Run(NamedTuple):
+    """One (strategy, seed) of the comparison and the `clbench fit` arguments that train it."""
+
+    strategy: str  # the --strategies entry
+    dir: Path
+    argv: list[str]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +100,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--finished_only",
         action="store_true",
         help="train nothing: (re)write the comparison from the finished runs among strategies x seeds, "
-        "listing the missing ones; run folders are left as they are (safe while runs are in progress)",
+        "listing the missing ones and those whose config differs; run folders are left as they are "
+        "(safe while runs are in progress)",
+    )
+    p.add_argument(
+        "--rerun_changed",
+        action="store_true",
+        help="move finished runs whose config differs from this invocation's aside and rerun them "
+        "(without it, compare refuses them)",
     )
     args, passthrough = p.parse_known_args(argv)
     for arg in passthrough:
@@ -124,16 +170,149 @@ def read_finished(run_dir: Path) -> dict | None:
     return results if isinstance(results, dict) and results.get("status") == "complete" else None
 
 
-def finished_results(run_dir: Path) -> dict | None:
-    """A finished run's results; an unfinished run folder is moved aside (kept, never deleted)."""
-    results = read_finished(run_dir)
-    if results is not None:
+def plan(args: argparse.Namespace, passthrough: list[str]) -> list[Run]:
+    """Every strategy x seed with its `fit` arguments: the same for training a run and for checking
+    a finished one."""
+    runs = []
+    for strategy in args.strategies:
+        preset = preset_file(args.presets, strategy)
+        chosen = ["--config", str(preset)] if preset else ["--strategy", strategy]
+        for seed in args.seeds:
+            run_dir = args.compare_dir / "runs" / f"{short_name(strategy)}-seed{seed}"
+            where = ["--run.output_dir", str(run_dir.parent), "--run.name", run_dir.name]
+            argv = ["--config", args.config, *chosen, "--seed_everything", str(seed), *where, *passthrough]
+            runs.append(Run(strategy, run_dir, argv))
+    return runs
+
+
+def resolved_config(fit_argv: list[str]) -> dict:
+    """The config `clbench fit` resolves from these arguments, as its config.yaml holds it. In this
+    process and without data or model: `--print_config` prints it and exits while parsing."""
+    from clbench.cli import build_cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            build_cli([*fit_argv, "--print_config"])
+        except SystemExit as e:
+            if e.code:
+                raise
+    return _comparable(yaml.safe_load(out.getvalue()))
+
+
+def _comparable(cfg: object) -> dict:
+    """A resolved fit config without the run folder's name and parent, which legitimately differ
+    between the runs of a comparison (and after moving the comparison folder)."""
+    cfg = cfg if isinstance(cfg, dict) else {}
+    run = {k: v for k, v in (cfg.get("run") or {}).items() if k not in PER_RUN}
+    return cfg | {"run": run}
+
+
+def changed_fields(old: dict, new: dict) -> list[str]:
+    """Where two configs differ: a top-level field, or section.key within a section (model.lr)."""
+    fields = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += [f"{key}.{k}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+        else:
+            fields.append(key)
+    return fields
+
+
+def config_change(run: Run) -> str | None:
+    """How a finished run's config.yaml differs from the config this invocation would give it, or
+    None when it is the same; the expected config is resolved only when there is one to compare."""
+    try:
+        ran = yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "no readable config.yaml"
+    return ", ".join(changed_fields(_comparable(ran), resolved_config(run.argv))) or None
+
+
+def changed_runs(runs: list[Run], rerun_changed: bool) -> set[Path]:
+    """The finished runs whose config differs; refused, before anything trains, without --rerun_changed."""
+    changed = {r.dir: c for r in runs if read_finished(r.dir) is not None and (c := config_change(r))}
+    if changed and not rerun_changed:
+        (first, fields), *rest = changed.items()
+        also = f" (and {len(rest)} more: {', '.join(d.name for d, _ in rest)})" if rest else ""
+        raise ConfigError(
+            f"{first}: finished with another config than this invocation gives it, differing in {fields}"
+            f"{also}; --rerun_changed moves such runs aside and reruns them"
+        )
+    return set(changed)
+
+
+def move_aside(run_dir: Path, why: str) -> None:
+    """Keeps a run that will be rerun (never deleted) under <name>.<why>-<time>."""
+    aside = run_dir.with_name(f"{run_dir.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    print(f"clbench compare: moved {run_dir} ({why}) to {aside.name}, rerunning it")
+
+
+def train_or_reuse(run: Run, changed: bool) -> dict:
+    """A finished run's results as on disk; else it is (re)trained, any earlier run moved aside."""
+    results = read_finished(run.dir)
+    if results is not None and not changed:
+        print(f"clbench compare: reusing finished run {run.dir}")
         return results
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"clbench compare: {run_dir} holds an unfinished run; moved it to {aside.name}, rerunning")
-    return None
+    if run.dir.is_dir() and any(run.dir.iterdir()):
+        move_aside(run.dir, "changed" if changed else "incomplete")
+    run_fit(run.argv)
+    # What is on disk, so a later rerun that reuses this run builds the same table.
+    return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One compare per comparison folder: a second one would move the first one's live run aside.
+
+    The kernel drops an flock when its process dies, so the lock of a killed compare is free and is
+    taken over; the file names the holder's process id (empty once released) for the messages."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{path}: held by process {_holder(f) or '?'}, another clbench compare on this folder"
+            ) from None
+        if stale := _holder(f):
+            print(f"clbench compare: took over the stale lock {path} of process {stale}, which is gone")
+        _set_holder(f, str(os.getpid()))
+        try:
+            yield
+        finally:
+            _set_holder(f, "")
+
+
+def _holder(f: io.TextIOBase) -> str:
+    f.seek(0)
+    return f.read().strip()
+
+
+def _set_holder(f: io.TextIOBase, pid: str) -> None:
+    f.truncate(0)
+    f.write(pid)
+    f.flush()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises SystemExit, as Ctrl-C raises KeyboardInterrupt, so that compare stops its fit
+    and frees the lock on the way out instead of vanishing and leaving the fit running."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def mean_std(values: list[float | None]) -> Cell:
@@ -247,30 +426,50 @@ def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
 def main(argv: list[str]) -> dict[str, list[dict]]:
     """`clbench compare`: run (or reuse) every strategy x seed, then write the comparison."""
     args, passthrough = parse_args(argv)
-    runs: dict[str, list[dict]] = {}
-    missing: list[str] = []
-    for strategy in args.strategies:
-        for seed in args.seeds:
-            name = f"{short_name(strategy)}-seed{seed}"
-            run_dir = args.compare_dir / "runs" / name
-            results = read_finished(run_dir) if args.finished_only else finished_results(run_dir)
-            if results is None and args.finished_only:
-                missing.append(name)
-                continue
-            if results is not None:
-                print(f"clbench compare: reusing finished run {run_dir}")
-            else:
-                preset = preset_file(args.presets, strategy)
-                chosen = ["--config", str(preset)] if preset else ["--strategy", strategy]
-                run_fit(
-                    ["--config", args.config, *chosen, "--seed_everything", str(seed),
-                     "--run.output_dir", str(run_dir.parent), "--run.name", name, *passthrough]
-                )  # fmt: skip
-                # What is on disk, so a later rerun that reuses this run builds the same table.
-                results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-            runs.setdefault(short_name(strategy), []).append(results)
-    if not runs:
+    runs = plan(args, passthrough)
+    if args.finished_only:
+        return tabulate_finished(args, passthrough, runs)
+    with folder_lock(args.compare_dir), sigterm_raises():
+        changed = changed_runs(runs, args.rerun_changed)
+        results: dict[str, list[dict]] = {}
+        for run in runs:
+            results.setdefault(short_name(run.strategy), []).append(train_or_reuse(run, run.dir in changed))
+        write_comparison(args, passthrough, results, [])
+    return results
+
+
+def tabulate_finished(
+    args: argparse.Namespace, passthrough: list[str], runs: list[Run]
+) -> dict[str, list[dict]]:
+    """`--finished_only`: the comparison of the runs that finished, touching no run folder; a run
+    whose config differs from this invocation's is tabulated as it ran and named in the report."""
+    results: dict[str, list[dict]] = {}
+    missing, notes = [], []
+    for run in runs:
+        finished = read_finished(run.dir)
+        if finished is None:
+            missing.append(run.dir.name)
+            continue
+        if change := config_change(run):
+            print(f"clbench compare: {run.dir}: its config differs from this invocation's ({change})")
+            notes.append(f"{run.dir.name} ({change})")
+        results.setdefault(short_name(run.strategy), []).append(finished)
+    if not results:
         raise ConfigError(f"{args.compare_dir}: no finished run among {', '.join(missing)}")
+    note = (
+        "Tabulated from the finished runs (`--finished_only`); each run's own config.yaml says how it "
+        f"ran. Not finished or not run: {', '.join(missing) or 'none'}."
+    )
+    if notes:
+        note += f" Config differs from this invocation's: {'; '.join(notes)}."
+    write_comparison(args, passthrough, results, [note, ""])
+    return results
+
+
+def write_comparison(
+    args: argparse.Namespace, passthrough: list[str], runs: dict[str, list[dict]], notes: list[str]
+) -> None:
+    """comparison.md, comparison.csv and comparison.png in the comparison folder."""
     baseline = short_name(args.baseline) if args.baseline else None
     rows, out = aggregate(runs, baseline), args.compare_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -285,13 +484,7 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     ]
     if baseline:
         header += [f"Δ columns: per-seed differences to {baseline} on the seeds both ran (paired).", ""]
-    if args.finished_only:
-        header.append(
-            "Tabulated from the finished runs (`--finished_only`); each run's own config.yaml says how it "
-            f"ran. Not finished or not run: {', '.join(missing) or 'none'}."
-        )
-        header.append("")
-    header.append("")
+    header += [*notes, ""]
     write_atomic(out / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
     write_atomic(out / "comparison.csv", csv_text(rows))
     n_runs = sum(len(r) for r in runs.values())
@@ -299,12 +492,34 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         rows, f"{stream}: {n_runs} runs, up to {len(args.seeds)} seed(s) each", out / "comparison.png"
     )
     print(f"clbench compare: {len(rows)} strategies, {n_runs} runs: {out / 'comparison.md'}")
-    return runs
 
 
 def run_fit(argv: list[str]) -> None:
     """One `clbench fit` in a process of its own: memory is returned between runs, and each run's
-    peak memory is its own."""
-    done = subprocess.run([sys.executable, "-m", "clbench", "fit", *argv], check=False)
-    if done.returncode != 0:
-        raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {done.returncode}); its error is above")
+    peak memory is its own. Its own process group too, so that stopping it stops its children
+    (ranks, loader workers) and Ctrl-C reaches compare alone, which then stops it. PYTHONSAFEPATH
+    keeps the working directory off the import path of the ranks Lightning starts (Python 3.11+)."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    child = subprocess.Popen([sys.executable, "-c", FIT_MAIN, "fit", *argv], env=env, start_new_session=True)
+    try:
+        code = child.wait()
+    finally:
+        stop(child)
+    if code != 0:
+        raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {code}); its error is above")
+
+
+def stop(child: subprocess.Popen) -> None:
+    """Ends a fit that still runs, with its process group: SIGTERM lets it record "interrupted" in its
+    results.json, SIGKILL follows after STOP_GRACE_S."""
+    if child.poll() is not None:
+        return
+    print(f"clbench compare: stopping clbench fit (process {child.pid})", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

@@ -9,8 +9,9 @@ import math
 import pytest
 from test_fit import toy_config, write_config
 
+from clbench import compare
 from clbench.cli import main
-from clbench.compare import aggregate, csv_text, finished_results, markdown_table, mean_std
+from clbench.compare import Run, aggregate, csv_text, markdown_table, mean_std, train_or_reuse
 
 
 def fake_run(seed, op, bwt_trace, bwt_gem, fwt, final_a, train_s, eval_s, mem):
@@ -69,20 +70,31 @@ def test_aggregate_and_tables():
     assert rows[0]["runs"] == "runs/seqft-seed1 runs/seqft-seed2"
 
 
-def test_finished_results_reuses_complete_and_moves_unfinished_aside(tmp_path, capsys):
-    done, crashed, empty = tmp_path / "done", tmp_path / "crashed", tmp_path / "empty"
-    for d in (done, crashed, empty):
-        d.mkdir()
-    (done / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
-    (crashed / "results.json").write_text(json.dumps({"status": "running"}))
-    (crashed / "config.yaml").write_text("kept")
-    assert finished_results(done) == {"status": "complete", "seed": 1}
-    assert finished_results(crashed) is None and not crashed.exists()
-    (aside,) = tmp_path.glob("crashed.incomplete-*")
-    assert (aside / "config.yaml").read_text() == "kept"  # moved, never deleted
-    assert "moved it to crashed.incomplete-" in capsys.readouterr().out
-    assert finished_results(empty) is None and empty.is_dir()  # nothing to keep; fit accepts it
-    assert finished_results(tmp_path / "missing") is None
+def test_train_or_reuse_moves_unfinished_and_changed_runs_aside(tmp_path, monkeypatch, capsys):
+    def fake_fit(argv):  # what a fit leaves: a finished run
+        fits.append(argv[0])
+        (tmp_path / argv[0]).mkdir(exist_ok=True)
+        (tmp_path / argv[0] / "results.json").write_text(json.dumps({"status": "complete", "seed": 2}))
+
+    fits: list[str] = []
+    monkeypatch.setattr(compare, "run_fit", fake_fit)
+    for name, status in (("done", "complete"), ("crashed", "running"), ("changed", "complete")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": status, "seed": 1}))
+    (tmp_path / "empty").mkdir()
+
+    def run(name, changed=False):
+        return train_or_reuse(Run("seqft", tmp_path / name, [name]), changed)
+
+    assert run("done") == {"status": "complete", "seed": 1} and fits == []
+    assert run("crashed") == {"status": "complete", "seed": 2} and fits == ["crashed"]
+    assert run("changed", changed=True)["seed"] == 2 and fits[-1] == "changed"
+    assert run("empty")["seed"] == 2 and not list(tmp_path.glob("empty.*"))  # nothing to keep
+    assert run("missing")["seed"] == 2 and fits == ["crashed", "changed", "empty", "missing"]
+    for name in ("crashed.incomplete-*", "changed.changed-*"):
+        (aside,) = tmp_path.glob(name)  # moved, never deleted
+        assert json.loads((aside / "results.json").read_text())["seed"] == 1
+    assert "(incomplete) to crashed.incomplete-" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -108,7 +120,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, expected):
 def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, capsys):
     cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
     for task in cfg["stream"]["tasks"]:
-        task["epochs"] = 1
+        task.update(epochs=1, max_prompt_tokens=64, max_answer_tokens=16)  # the tiny model's context: 256
     path = write_config(tmp_path / "toy.yaml", cfg)
     argv = ["compare", "--config", str(path), "--strategies", "seqft,replay", "--seeds", "1,2"]
     argv += ["--run.checkpoints", "none"]  # passed through to every fit

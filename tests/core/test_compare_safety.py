@@ -1,0 +1,160 @@
+"""`clbench compare` guarantees: finished runs are reused only under the same config, one compare per
+folder, no fit outlives its compare, and fits never import modules from the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from test_compare import fake_run
+from test_fit import toy_config, write_config
+
+from clbench.cli import main
+from clbench.compare import LOCK, folder_lock, parse_args, plan, resolved_config
+
+
+def toy(tmp_path: Path, trace_dir: Path, model_dir: Path, epochs: int = 1) -> dict:
+    """The toy stream with small token budgets (the tiny model's context is 256 tokens)."""
+    cfg = toy_config(trace_dir, model_dir, tmp_path / "runs")
+    for task in cfg["stream"]["tasks"]:
+        task.update(epochs=epochs, max_prompt_tokens=64, max_answer_tokens=16)
+    return cfg
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    cfg = toy(tmp_path, trace_dir, tiny_model_dir)
+    path = write_config(tmp_path / "toy.yaml", cfg)
+    argv = ["compare", "--config", str(path), "--strategies", "seqft", "--seeds", "1"]
+    argv += ["--run.checkpoints", "none", "--run.evaluate", "needed"]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1"
+    stamp = (run / "results.json").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert main([*argv, "--model.lr", "0.01"]) == 2  # another pass-through override
+    err = one_line_error(capsys)
+    assert f"{run}: finished with another config" in err and "differing in model.lr;" in err
+    cfg["stream"]["tasks"][0]["max_new_tokens"] = 3  # and another config file
+    write_config(path, cfg)
+    assert main([*argv, "--model.lr", "0.01"]) == 2
+    assert "differing in model.lr, stream.tasks;" in one_line_error(capsys)
+    assert sorted(p.name for p in run.parent.iterdir()) == ["seqft-seed1"]  # nothing moved or run
+    assert (run / "results.json").stat().st_mtime_ns == stamp
+
+    # --finished_only tabulates it as it ran, names the difference, and refuses nothing.
+    assert main([*argv, "--model.lr", "0.01", "--finished_only"]) == 0
+    md = (run.parent.parent / "comparison.md").read_text()
+    assert "Config differs from this invocation's: seqft-seed1 (model.lr, stream.tasks)." in md
+    assert (run / "results.json").stat().st_mtime_ns == stamp
+
+    assert main([*argv, "--model.lr", "0.01", "--rerun_changed"]) == 0
+    (aside,) = run.parent.glob("seqft-seed1.changed-*")  # kept, never deleted
+    assert json.loads((aside / "results.json").read_text())["status"] == "complete"
+    rerun = yaml.safe_load((run / "config.yaml").read_text())
+    assert rerun["model"]["lr"] == 0.01 and rerun["stream"]["tasks"][0]["max_new_tokens"] == 3
+    assert (
+        "overrides `--run.checkpoints none --run.evaluate needed --model.lr 0.01`"
+        in (run.parent.parent / "comparison.md").read_text()
+    )
+    capsys.readouterr()
+    assert main([*argv, "--model.lr", "0.01"]) == 0  # the same invocation again: reused, not refused
+    assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, tmp_path / "TRACE", tmp_path / "model"))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
+    (run,) = plan(*parse_args(argv[1:]))  # a finished run of this very config: nothing to train
+    run.dir.mkdir(parents=True)
+    (run.dir / "results.json").write_text(json.dumps(fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100)))
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(run.argv)))
+    lock = run.dir.parent.parent / LOCK
+
+    with folder_lock(lock.parent):  # another compare holds the folder
+        assert main(argv) == 2
+    assert f"{lock}: held by process {os.getpid()}, another clbench compare" in one_line_error(capsys)
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # left by a compare that died
+    assert main(argv) == 0
+    assert f"took over the stale lock {lock} of process {gone.pid}" in capsys.readouterr().out
+    assert lock.read_text() == ""  # released
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_stopping_compare_stops_its_fit(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir, epochs=200))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
+    argv += ["--run.checkpoints", "none"]
+    with open(tmp_path / "compare.log", "w") as log:
+        compare = subprocess.Popen([sys.executable, "-m", "clbench", *argv], stdout=log, stderr=log)
+    results = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1" / "results.json"
+    fit = None
+    try:
+        deadline = time.monotonic() + 240
+        while not results.is_file() and compare.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert results.is_file(), (tmp_path / "compare.log").read_text()
+        fit = json.loads(results.read_text())["pid"]
+        assert alive(fit) and fit != compare.pid
+
+        # A second compare on the folder is refused; the first one's live run is left alone.
+        assert main(argv) == 2
+        lock = results.parent.parent.parent / LOCK
+        assert f"{lock}: held by process {compare.pid}" in one_line_error(capsys)
+        assert sorted(p.name for p in results.parent.parent.iterdir()) == ["seqft-seed1"]
+
+        compare.send_signal(signal.SIGTERM)
+        assert compare.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 5
+        while alive(fit) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(fit)
+        assert f"stopping clbench fit (process {fit})" in (tmp_path / "compare.log").read_text()
+        assert lock.read_text() == ""  # released on the way out
+    finally:  # whatever failed above, leave no process behind
+        compare.kill()
+        if fit is not None and alive(fit):
+            os.kill(fit, signal.SIGKILL)
+
+
+def test_fits_do_not_import_modules_of_the_working_directory(
+    trace_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    for stray in ("strategies", "clbench"):  # named like clbench's own packages
+        (work / f"{stray}.py").write_text(f"raise RuntimeError('imported the stray {stray}.py')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    trap = subprocess.run(
+        [sys.executable, "-m", "clbench"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert "imported the stray clbench.py" in trap.stderr  # what `python -m clbench` does here
+    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir))
+    monkeypatch.chdir(work)
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
+    assert main([*argv, "--run.checkpoints", "none", "--run.evaluate", "needed"]) == 0
+    results = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1" / "results.json"
+    assert json.loads(results.read_text())["status"] == "complete"
