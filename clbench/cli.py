@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -19,8 +20,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
-from clbench.data.loaders import StreamConfig, load_stream
-from clbench.errors import ConfigError
+from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
+from clbench.errors import ConfigError, Diverged, safe_name
 from clbench.module import CLModule
 from clbench.runner import RunConfig, Runner, prepare_run_dir
 from clbench.strategy import CLStrategy
@@ -61,7 +62,9 @@ def agreed_run_name(cfg: Namespace, stream: str) -> str:
     if inherited and dist.rank() != 0:  # started by rank 0's launcher, which chose and checked it
         return inherited
     name = cfg.run.name
-    if not name:
+    if name:
+        safe_name(name, "run.name")
+    else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if dist.world_size() > 1:  # ranks started together (torchrun, srun): no clock they share
             stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")[:8]  # torchrun --standalone: a uuid
@@ -190,6 +193,9 @@ def fit(argv: list[str]) -> dict:
         kwargs["callbacks"] = trainer_callbacks + list(kwargs.get("callbacks") or [])
         return cli.instantiate_trainer(**kwargs)
 
+    context = getattr(dist.fsdp_root(cli.model.model).config, "max_position_embeddings", None)
+    for note in fit_to_context(cli.stream, context):
+        warnings.warn(note, stacklevel=1)
     strategy = cli.config_init.strategy
     runner = Runner(
         cli.model,
@@ -204,10 +210,12 @@ def fit(argv: list[str]) -> dict:
         strategy_name=name_of(strategy),
     )
     config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         results = runner.run(config_text)
     finally:
         os.environ.pop(RUN_NAME_ENV, None)
+        signal.signal(signal.SIGTERM, previous)
     if not runner.writes:
         return results
     summary = ", ".join(f"{k} {v:.3f}" for k, v in results["summary"].items() if v is not None)
@@ -215,6 +223,12 @@ def fit(argv: list[str]) -> dict:
     report = runner.run_dir / "results.md"
     print(f"clbench: report {report} (heatmap.png, predictions/, tensorboard/ next to it)")
     return results
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's kill, `kill PID`) ends the run through Python, so results.json says
+    "interrupted" instead of staying "running"."""
+    raise SystemExit(128 + signum)
 
 
 def _one_line(message: str) -> str:
@@ -242,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{', '.join(files)}: " if files else ""
         print(f"clbench {command}: error: {where}{_one_line(e)}", file=sys.stderr)
         return 2
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # bad input, or a file or model that cannot be read
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
         print(f"clbench {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        if os.environ.get("CLBENCH_TRACEBACK"):
+            raise
+        print(f"clbench {command}: diverged: {_one_line(e)}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,4 +32,17 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: object) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Strict JSON: a NaN or infinite float (a diverged loss) is written as null, never as a bare NaN
+    token that JSON readers refuse."""
+    write_atomic(path, json.dumps(finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def finite(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None (dicts, lists and tuples walked)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj

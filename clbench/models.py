@@ -78,18 +78,25 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     empty: bool = False,
+    allow_pickle: bool = False,
 ) -> torch.nn.Module:
     """A Hugging Face causal LM in the requested dtype; GGUF weights are dequantised.
 
     `empty`: the architecture only, on the meta device (no weights read, no memory), for a rank
-    that receives its weights from rank 0 once the process group exists."""
+    that receives its weights from rank 0 once the process group exists. Weights load from
+    safetensors only unless `allow_pickle` (a pickle runs code from the file when it loads)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load on stderr, around clbench's own lines
     kwargs = _source_kwargs(name, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if name not in BUNDLED and not allow_pickle:
+        kwargs["use_safetensors"] = True
     try:
         if empty:
+            kwargs.pop("use_safetensors", None)  # reads no weights
             config = AutoConfig.from_pretrained(kwargs.pop("path"), **kwargs)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(
@@ -100,7 +107,10 @@ def load_causal_lm(
                 kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
             )
     except OSError as e:
-        raise ConfigError(f"model.model: cannot load '{name}' offline: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        if not allow_pickle and _pickles_only(name):
+            first = "it has pickled weights only (*.bin); set model.allow_pickle true to load them"
+        raise ConfigError(f"model.model: cannot load '{name}': {first}") from None
     if name in BUNDLED:
         # GGUF weights arrive dequantised into plain tensors: forget the quantizer so that
         # checkpoints save as ordinary safetensors.
@@ -108,6 +118,12 @@ def load_causal_lm(
         model.config.quantization_config = None
         del model.config.quantization_config
     return model
+
+
+def _pickles_only(name: str) -> bool:
+    """A local model folder with pickled weights and no safetensors."""
+    folder = Path(name)
+    return folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors"))
 
 
 def _source_kwargs(name: str, trust_remote_code: bool) -> dict:

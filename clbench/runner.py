@@ -6,6 +6,8 @@ return at once on the next `fit` (the max_epochs pitfall), and per-task epochs d
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import resource
 import shutil
@@ -27,7 +29,7 @@ from clbench import checkpoint
 from clbench import distributed as dist
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, Diverged, inside, safe_name
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.evaluation.matrix import summarize
 from clbench.files import write_atomic, write_json
@@ -81,10 +83,13 @@ def peak_memory_mb() -> float:
 
 def prepare_run_dir(output_dir: str, name: str) -> Path:
     """Create a new run folder; refuse one that already holds anything, to never overwrite a run."""
-    run_dir = Path(output_dir) / name
+    run_dir = inside(Path(output_dir), Path(output_dir) / safe_name(name, "run.name"), "run.name")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.name: {run_dir} already holds a run; choose another run.name or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot create {run_dir}: {e.strerror or e}") from None
     return run_dir
 
 
@@ -233,21 +238,43 @@ class Runner:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, config_text: str | None = None) -> dict:
-        """Train through the stream, evaluating after each task; returns the results dict."""
+        """Train through the stream, evaluating after each task; returns the results dict.
+
+        results.json exists from the start and always says where the run stands: "running" (with
+        the process id and a heartbeat time, renewed after every task and evaluation row),
+        "complete", "diverged" (a NaN or infinite loss stopped it), "failed" (with the error) or
+        "interrupted" (Ctrl-C, SIGTERM)."""
         if self.writes:
             prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
             if config_text is not None:
                 write_atomic(self.run_dir / "config.yaml", config_text)
+        self._write_results("running")
+        try:
+            self._loop()
+        except Diverged as e:
+            self._write_results("diverged", str(e))
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._write_results("interrupted", type(e).__name__)
+            raise
+        except BaseException as e:
+            self._write_results(
+                "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
+            raise
+        return self.results()
+
+    def _loop(self) -> None:
         self._connect()
         self.strategy.setup(self._ctx(0))
         if self.run_cfg.evaluate_start:
             self._evaluate_row(0)
+            self._write_results("running")
         for t, task in enumerate(self.stream.tasks):
             self._train_task(t, task)
             self._evaluate_row(t + 1)
             self._checkpoint(t, task)
-            self._write_results(done=t + 1 == len(self.stream))
-        return self.results()
+            self._write_results("complete" if t + 1 == len(self.stream) else "running")
 
     def _connect(self) -> None:
         """Start the other ranks (Lightning's launcher re-runs the command for them), join the process
@@ -265,7 +292,7 @@ class Runner:
         )
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
-        recorder = LossRecorder()
+        recorder = LossRecorder(task.name)
         trainer = self.trainer_factory(
             max_epochs=task.epochs,
             max_steps=task.max_steps,
@@ -342,8 +369,8 @@ class Runner:
             shutil.rmtree(self.run_dir / "checkpoints" / f"task{t}-{prev.name}", ignore_errors=True)
 
     # -- results ------------------------------------------------------------------------------
-    def results(self, done: bool = True) -> dict:
-        T = len(self.stream)
+    def results(self, status: str = "complete", error: str | None = None) -> dict:
+        T, done = len(self.stream), status == "complete"
         per_task = {}
         for i, task in enumerate(self.stream.tasks):
             final = self.scores.get(T, {}).get(task.name)
@@ -367,8 +394,10 @@ class Runner:
                 },
             }
         self.timings["peak_memory_mb"] = peak_memory_mb()
+        state = {"status": status, "pid": os.getpid(), "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return {
-            "status": "complete" if done else "running",
+            **state,
+            **({"error": error} if error else {}),
             "stream": self.stream.name,
             "strategy": self.strategy_name,
             "seed": self.seed,
@@ -381,12 +410,12 @@ class Runner:
             "versions": package_versions(),
         }
 
-    def _write_results(self, done: bool) -> None:
-        if not self.writes:
+    def _write_results(self, status: str, error: str | None = None) -> None:
+        if not self.writes or not self.run_dir.is_dir():
             return
-        results = self.results(done)
+        results = self.results(status, error)
         write_json(self.run_dir / "results.json", results)
-        if done:
+        if status == "complete":
             write_atomic(self.run_dir / "results.md", results_markdown(results))
             title = f"{self.stream.name} · {self.strategy_name}"
             plot_heatmap(self.stream.names, self.matrix, title, self.run_dir / "heatmap.png")
@@ -396,10 +425,17 @@ class Runner:
 
 
 class LossRecorder(pl.Callback):
-    """The training loss of every batch, as logged (averaged over ranks), for results.json."""
+    """The training loss of every batch, as logged (averaged over ranks, so every rank sees the same
+    value), for results.json; a NaN or infinite loss stops the run at once (Diverged)."""
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
+    def __init__(self, task: str) -> None:
+        self.task, self.losses = task, []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        loss = float(trainer.callback_metrics["train/loss"])
+        self.losses.append(loss)
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"task {self.task}: the training loss is {loss} at step {trainer.global_step} "
+                f"(batch {len(self.losses)}); lower model.lr or check the data"
+            )

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from clbench.data.tasks import Example, Task, TaskStream
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, safe_name
 from clbench.evaluation.metrics import get_metric
 
 SPLITS = ("train", "eval", "test")
@@ -107,24 +108,33 @@ def parse_examples(rows: object, where: str) -> list[Example]:
         for key in ("prompt", "answer"):
             if not isinstance(row.get(key), str):
                 raise ConfigError(f"{where}: item {i}: field '{key}' is missing or not a string")
+        if not row["answer"].strip():  # an empty answer would score an empty prediction as correct
+            raise ConfigError(f"{where}: item {i}: field 'answer' is empty")
         examples.append(Example(row["prompt"], row["answer"]))
     return examples
 
 
-def _read_json(path: Path) -> object:
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _read_jsonl(path: Path, cfg: TaskConfig) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -190,15 +200,37 @@ def subsample(examples: list[Example], n: int | None, seed: int, key: str) -> li
     return [examples[i] for i in keep]
 
 
+def check_counts(cfg: TaskConfig) -> None:
+    """Counts and token budgets that would make a run train or score nothing are refused."""
+    where = f"stream.tasks[{cfg.name}]"
+    for option in ("epochs", "max_prompt_tokens", "max_answer_tokens", "max_new_tokens"):
+        if getattr(cfg, option) < 1:
+            raise ConfigError(f"{where}.{option}: must be a positive count, got {getattr(cfg, option)}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"{where}.max_steps: must be positive, or -1 for no cap; got {cfg.max_steps}")
+    for option in ("n_train", "n_eval", "n_test"):
+        if getattr(cfg, option) is not None and getattr(cfg, option) < 1:
+            raise ConfigError(
+                f"{where}.{option}: must be a positive count or null, got {getattr(cfg, option)}"
+            )
+
+
 def load_task(cfg: TaskConfig, root: Path, seed: int) -> Task:
     """Read, validate and subsample one task's splits."""
+    safe_name(cfg.name, "stream.tasks.name")
+    check_counts(cfg)
     try:
         get_metric(cfg.metric)
     except ValueError as e:
         raise ConfigError(f"stream.tasks[{cfg.name}].metric: {e}") from None
     splits = {}
     for split, n in zip(SPLITS, (cfg.n_train, cfg.n_eval, cfg.n_test), strict=True):
-        examples, _ = _load_split(cfg, root, split)
+        examples, source = _load_split(cfg, root, split)
+        if n is not None and n > len(examples) and examples:
+            warnings.warn(
+                f"stream.tasks[{cfg.name}].n_{split}: {n} asked, {source} holds {len(examples)}; using all",
+                stacklevel=2,
+            )
         splits[split] = subsample(examples, n, seed, f"{cfg.name}:{split}")
     labels = sorted({ex.answer.strip() for ex in splits["train"]}) if cfg.classification else None
     return Task(
@@ -222,8 +254,38 @@ def load_stream(cfg: StreamConfig) -> TaskStream:
     """Load every task of the stream; errors name the file and field that is wrong."""
     if not cfg.tasks:
         raise ConfigError("stream.tasks: the stream has no tasks")
+    safe_name(cfg.name, "stream.name")
+    for option in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, option) < 1:
+            raise ConfigError(f"stream.{option}: must be a positive count, got {getattr(cfg, option)}")
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"stream.tasks: task names repeat: {names}")
     root = Path(cfg.data_root)
     return TaskStream(cfg.name, [load_task(t, root, cfg.seed) for t in cfg.tasks])
+
+
+def fit_to_context(stream: TaskStream, context: int | None) -> list[str]:
+    """Shrink each task's token budgets so that prompt + generation and prompt + answer fit the model's
+    context (a longer sequence crashes learned-position models such as GPT-2 and is out of
+    distribution for the rest): the generation budget to at most half the context, the prompt budget
+    next, down to half the context, then the answer budget. Returns a warning per task changed."""
+    if not context:
+        return []
+    notes = []
+    for task in stream.tasks:
+        old = (task.max_prompt_tokens, task.max_answer_tokens, task.max_new_tokens)
+        new_tokens = min(task.max_new_tokens, max(context // 2, context - task.max_prompt_tokens))
+        prompt = min(task.max_prompt_tokens, context - new_tokens)
+        answer = task.max_answer_tokens
+        if prompt + answer > context:
+            prompt = min(prompt, max(context - answer, context // 2))
+            answer = context - prompt
+        if (prompt, answer, new_tokens) != old:
+            notes.append(
+                f"stream.tasks[{task.name}]: max_prompt_tokens / max_answer_tokens / max_new_tokens "
+                f"{'/'.join(map(str, old))} -> {prompt}/{answer}/{new_tokens}, to fit the model's context "
+                f"of {context} tokens"
+            )
+            task.max_prompt_tokens, task.max_answer_tokens, task.max_new_tokens = prompt, answer, new_tokens
+    return notes
