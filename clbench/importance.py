@@ -112,6 +112,12 @@ class TopKMean:
             out += row
         return out / len(kept)
 
+    def pop(self, name: str) -> Tensor:
+        """`mean(name)`, then its slots freed: all slots and the whole fp32 prior are never held together."""
+        out = self.mean(name)
+        del self.slots[name], self.count[name]
+        return out
+
 
 def _spans(n: int) -> Iterator[slice]:
     return (slice(start, start + SPAN) for start in range(0, n, SPAN))
@@ -260,7 +266,7 @@ def task_prior(
                 }
                 score(model, part, params, consume)
                 n += part["input_ids"].shape[0]
-    return {name: _laid_out(p, agg.mean(name) if n else None) for name, p in params.items()}, n
+    return {name: _laid_out(p, agg.pop(name) if n else None) for name, p in params.items()}, n
 
 
 def _laid_out(param: Tensor, local_prior: Tensor | None) -> Tensor:
