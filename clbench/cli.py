@@ -8,6 +8,7 @@ continual-learning strategy, `--stream.*` the tasks, `--run.*` the output folder
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -58,6 +59,8 @@ class CLBenchCLI(LightningCLI):
 
 def agreed_run_name(cfg: Namespace, stream: str) -> str:
     """The run folder's name, the same on every rank; rank 0 refuses one that already holds a run."""
+    if _resuming is not None:
+        return _resuming.name
     inherited = os.environ.get(RUN_NAME_ENV)
     if inherited and dist.rank() != 0:  # started by rank 0's launcher, which chose and checked it
         return inherited
@@ -183,9 +186,74 @@ def build_cli(argv: list[str]) -> CLBenchCLI:
     )
 
 
+_resuming: Path | None = None  # the run folder `fit --resume` goes on with, while it builds the CLI
+
+
+def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
+    """`--resume RUN_DIR` as the run's own config, name and folder, before any other argument (which
+    must then leave the config as it was); the run folder itself when resuming."""
+    flags = [i for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")]
+    if not flags:
+        return argv, None
+    i = flags[0]
+    value, rest = (
+        (argv[i + 1], argv[:i] + argv[i + 2 :])
+        if argv[i] == "--resume"
+        else (argv[i].split("=", 1)[1], argv[:i] + argv[i + 1 :])
+    )
+    run_dir = Path(value)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no config.yaml; it is not a clbench run folder")
+    status = _status(run_dir)
+    if status.get("status") == "complete":
+        raise ConfigError(f"--resume: {run_dir} is complete; nothing to resume")
+    if status.get("status") == "running" and _alive(status.get("pid")):
+        raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
+    own = ["--config", str(run_dir / "config.yaml"), "--run.output_dir", str(run_dir.parent)]
+    return [*own, "--run.name", run_dir.name, *rest], run_dir
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def config_differences(saved: str, current: str) -> list[str]:
+    """Dotted fields whose values differ between two dumped configs (run.name/output_dir aside)."""
+
+    def flat(node: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    a, b = flat(yaml.safe_load(saved) or {}), flat(yaml.safe_load(current) or {})
+    ignored = {"run.name", "run.output_dir"}
+    return sorted(k for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k))
+
+
 def fit(argv: list[str]) -> dict:
     """`clbench fit`: one strategy through one stream; returns the results."""
-    cli = build_cli(argv)
+    global _resuming
+    argv, resume_dir = resume_args(argv)
+    _resuming = resume_dir
+    try:
+        cli = build_cli(argv)
+    finally:
+        _resuming = None
     cfg = cli.config
     trainer_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
 
@@ -210,9 +278,15 @@ def fit(argv: list[str]) -> dict:
         strategy_name=name_of(strategy),
     )
     config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
+    if resume_dir is not None:
+        changed = config_differences((resume_dir / "config.yaml").read_text(encoding="utf-8"), config_text)
+        if changed:
+            raise ConfigError(
+                f"--resume: {resume_dir} ran with another config; differing: {', '.join(changed)}"
+            )
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        results = runner.run(config_text)
+        results = runner.run(config_text, resume=resume_dir is not None)
     finally:
         os.environ.pop(RUN_NAME_ENV, None)
         signal.signal(signal.SIGTERM, previous)

@@ -13,7 +13,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from clbench import checkpoint
 from clbench import distributed as dist
+from clbench import resume as resume_state
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, Diverged, inside, safe_name
@@ -54,6 +55,9 @@ class RunConfig:
         checkpoints: Save the model after every task ("every_task"), only the latest ("last"),
             or never. Only adapters are saved under LoRA.
         num_workers: DataLoader workers.
+        resumable: Keep the state of the last finished task in RUN_DIR/resume (parameters, optimizer
+            moments, strategy state, random generators; about 3x the trainable weights on disk) for
+            `clbench fit --resume RUN_DIR`; removed when the run completes.
     """
 
     output_dir: str = "runs"
@@ -62,6 +66,7 @@ class RunConfig:
     evaluate_start: bool = True
     checkpoints: Literal["every_task", "last", "none"] = "every_task"
     num_workers: int = 0
+    resumable: bool = True
 
 
 def package_versions() -> dict[str, str]:
@@ -237,20 +242,24 @@ class Runner:
         )
 
     # -- the loop -----------------------------------------------------------------------------
-    def run(self, config_text: str | None = None) -> dict:
+    def run(self, config_text: str | None = None, resume: bool = False) -> dict:
         """Train through the stream, evaluating after each task; returns the results dict.
 
         results.json exists from the start and always says where the run stands: "running" (with
         the process id and a heartbeat time, renewed after every task and evaluation row),
         "complete", "diverged" (a NaN or infinite loss stopped it), "failed" (with the error) or
-        "interrupted" (Ctrl-C, SIGTERM)."""
-        if self.writes:
+        "interrupted" (Ctrl-C, SIGTERM). `resume`: go on from the last finished task of this run
+        folder (clbench/resume.py)."""
+        state = resume_state.load(self.run_dir) if resume else None
+        if state is not None:
+            self._restore_bookkeeping(state.runner)
+        elif self.writes:
             prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
             if config_text is not None:
                 write_atomic(self.run_dir / "config.yaml", config_text)
         self._write_results("running")
         try:
-            self._loop()
+            self._loop(state)
         except Diverged as e:
             self._write_results("diverged", str(e))
             raise
@@ -264,17 +273,53 @@ class Runner:
             raise
         return self.results()
 
-    def _loop(self) -> None:
+    def _loop(self, state: resume_state.ResumeState | None) -> None:
         self._connect()
-        self.strategy.setup(self._ctx(0))
-        if self.run_cfg.evaluate_start:
+        self.strategy.setup(self._ctx(0))  # before a restore: setup may snapshot the starting weights
+        start = 0
+        if state is not None:
+            resume_state.restore(state, self.module)
+            self.strategy.load_state_dict(state.strategy)
+            start = state.done
+            rank_zero_info(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
+        elif self.run_cfg.evaluate_start:
             self._evaluate_row(0)
             self._write_results("running")
-        for t, task in enumerate(self.stream.tasks):
+        for t in range(start, len(self.stream)):
+            task = self.stream.tasks[t]
             self._train_task(t, task)
             self._evaluate_row(t + 1)
             self._checkpoint(t, task)
-            self._write_results("complete" if t + 1 == len(self.stream) else "running")
+            last = t + 1 == len(self.stream)
+            self._save_resume_state(t + 1, last)
+            self._write_results("complete" if last else "running")
+
+    def _save_resume_state(self, done: int, last: bool) -> None:
+        """The state after `done` tasks, for --resume; removed once the run is complete."""
+        if not self.writes or not self.run_cfg.resumable or dist.is_fully_sharded(self.module.model):
+            return
+        if last:
+            shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
+            return
+        resume_state.save(self.run_dir, self.module, self.strategy.state_dict(), self._bookkeeping(), done)
+
+    def _bookkeeping(self) -> dict:
+        scores = {str(r): {n: asdict(s) for n, s in row.items()} for r, row in self.scores.items()}
+        return {
+            "matrix": self.matrix,
+            "scores": scores,
+            "losses": self.losses,
+            "train_loss": self.train_loss,
+            "timings": self.timings,
+        }
+
+    def _restore_bookkeeping(self, saved: dict) -> None:
+        self.matrix = saved["matrix"]
+        self.scores = {
+            int(r): {n: TaskScore(**s) for n, s in row.items()} for r, row in saved["scores"].items()
+        }
+        self.losses = {n: tuple(v) for n, v in saved["losses"].items()}
+        self.train_loss, self.timings = saved["train_loss"], saved["timings"]
 
     def _connect(self) -> None:
         """Start the other ranks (Lightning's launcher re-runs the command for them), join the process

@@ -1,0 +1,116 @@
+"""`clbench fit --resume`: a run killed with SIGKILL (during a task, during an evaluation, around the
+save of its state) goes on from its last finished task and ends with the uninterrupted run's matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_fit import toy_config, write_config
+
+from clbench.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+STRATEGIES = {
+    "seqft": "seqft",
+    "ewc": {"class_path": "ewc", "init_args": {"ewc_lambda": 1000.0}},
+    "attribution": {
+        "class_path": "attribution",
+        "init_args": {"correct_threshold": 0.0, "max_prior_samples": 6},
+    },
+}
+
+
+def config(trace_dir: Path, model_dir: Path, out: Path, strategy: object) -> dict:
+    cfg = toy_config(trace_dir, model_dir, out)
+    cfg["strategy"] = strategy
+    cfg["run"]["checkpoints"] = "none"
+    for t in cfg["stream"]["tasks"]:
+        t.update(epochs=6, max_prompt_tokens=64, max_answer_tokens=16)
+    return cfg
+
+
+def start(cfg_path: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "clbench", "fit", "--config", str(cfg_path)]
+    return subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
+    """SIGKILL the run as soon as `ready()` holds (no clean-up runs: as a crash or the OOM killer)."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def resume(run: Path, log: Path) -> None:
+    cmd = [sys.executable, "-m", "clbench", "fit", "--resume", str(run)]
+    done = subprocess.run(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0, log.read_text()[-3000:]
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+KILL_POINTS = {
+    # while task 2 trains (its TensorBoard folder exists, row 2 not yet evaluated)
+    "during a task": lambda run: (run / "tensorboard" / "task2-reverse").is_dir(),
+    # while row 2 is evaluated (its first predictions are written, the row is not finished)
+    "during an evaluation": lambda run: (run / "predictions" / "after_2").is_dir(),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_killed_runs_resume_to_the_uninterrupted_matrix(strategy, trace_dir, tiny_model_dir, tmp_path):
+    cfg = config(trace_dir, tiny_model_dir, tmp_path / "runs", STRATEGIES[strategy])
+    path = write_config(tmp_path / "c.yaml", cfg)
+    subprocess.run([sys.executable, "-m", "clbench", "fit", "--config", str(path), "--run.name", "whole"],
+                   env=ENV, check=True, capture_output=True, timeout=300)  # fmt: skip
+    whole = results(tmp_path / "runs" / "whole")
+    for point, ready in KILL_POINTS.items():
+        name = point.replace(" ", "-")
+        cfg["run"]["name"] = name
+        run = tmp_path / "runs" / name
+        proc = start(write_config(tmp_path / f"{name}.yaml", cfg), tmp_path / f"{name}.log")
+        kill_when(proc, lambda ready=ready, run=run: ready(run))
+        assert results(run)["status"] == "running"  # killed: nothing could write otherwise
+        assert (run / "resume" / "complete").is_file()
+        if point == "during an evaluation":  # as if killed between the two renames of the next save
+            (run / "resume").rename(run / "resume.old")
+            (run / "resume.tmp").mkdir()
+            (run / "resume.tmp" / "model.safetensors").write_bytes(b"half")
+        resume(run, tmp_path / f"{name}-resume.log")
+        got = results(run)
+        assert got["status"] == "complete", point
+        assert got["matrix"] == whole["matrix"], point
+        for task in whole["tasks"]:
+            assert got["per_task"][task]["train_loss"] == whole["per_task"][task]["train_loss"], (point, task)
+        assert not (run / "resume").exists()  # removed once complete
+
+
+def test_resume_refuses_another_config_and_finished_runs(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft")
+    for t in cfg["stream"]["tasks"]:
+        t["epochs"] = 1
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    run = tmp_path / "runs" / "run"
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert "is complete; nothing to resume" in capsys.readouterr().err
+    state = results(run)
+    state["status"] = "interrupted"
+    (run / "results.json").write_text(json.dumps(state))
+    shutil.copy(run / "results.json", tmp_path / "before.json")
+    assert main(["fit", "--resume", str(run), "--model.lr", "0.5", "--stream.batch_size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differing: model.lr, stream.batch_size" in err
+    assert (run / "results.json").read_text() == (tmp_path / "before.json").read_text()
