@@ -21,6 +21,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
+from clbench.console import run_log, say
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, Diverged, safe_name
 from clbench.module import CLModule
@@ -251,7 +252,8 @@ def fit(argv: list[str]) -> dict:
     argv, resume_dir = resume_args(argv)
     _resuming = resume_dir
     try:
-        cli = build_cli(argv)
+        with run_log(None):  # Lightning's banners for the CLI's own Trainer: the run log repeats them
+            cli = build_cli(argv)
     finally:
         _resuming = None
     cfg = cli.config
@@ -263,7 +265,7 @@ def fit(argv: list[str]) -> dict:
 
     context = getattr(dist.fsdp_root(cli.model.model).config, "max_position_embeddings", None)
     for note in fit_to_context(cli.stream, context):
-        warnings.warn(note, stacklevel=1)
+        say(f"clbench: warning: {note}")
     strategy = cli.config_init.strategy
     runner = Runner(
         cli.model,

@@ -22,12 +22,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from clbench import checkpoint
 from clbench import distributed as dist
 from clbench import resume as resume_state
+from clbench.console import run_log, say
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, Diverged, inside, safe_name
@@ -259,7 +259,8 @@ class Runner:
                 write_atomic(self.run_dir / "config.yaml", config_text)
         self._write_results("running")
         try:
-            self._loop(state)
+            with run_log(self.run_dir / "run.log" if self.writes else None):
+                self._loop(state)
         except Diverged as e:
             self._write_results("diverged", str(e))
             raise
@@ -281,7 +282,7 @@ class Runner:
             resume_state.restore(state, self.module)
             self.strategy.load_state_dict(state.strategy)
             start = state.done
-            rank_zero_info(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
+            say(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
         elif self.run_cfg.evaluate_start:
             self._evaluate_row(0)
             self._write_results("running")
@@ -332,9 +333,7 @@ class Runner:
         ctx = self._ctx(t)
         self.strategy.on_task_start(ctx)
         examples = self.strategy.training_examples(ctx, task.train)
-        rank_zero_info(
-            f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples"
-        )
+        say(f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples")
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
         recorder = LossRecorder(task.name)
@@ -369,12 +368,15 @@ class Runner:
         return float(out[0]["val/loss"])
 
     def _quiet_trainer(self) -> pl.Trainer:
+        """For loss probes and generation: no logger, checkpoints, summary or progress bar (the
+        console shows one line per evaluated row instead)."""
         return self.trainer_factory(
             logger=False,
             enable_checkpointing=False,
             callbacks=[],
             limit_val_batches=1.0,
             enable_model_summary=False,
+            enable_progress_bar=False,
         )
 
     def _row_tasks(self, row: int) -> list[int]:
@@ -396,7 +398,7 @@ class Runner:
         if self.writes:
             self._log_scores(row)
         scores = ", ".join(f"{n} {s.score:.3f}" for n, s in self.scores[row].items())
-        rank_zero_info(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {scores}")
+        say(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {scores}")
         self.timings["eval_s"] += time.perf_counter() - start
 
     def _log_scores(self, row: int) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from clbench.console import say
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, safe_name
 from clbench.evaluation.metrics import get_metric
@@ -227,9 +227,8 @@ def load_task(cfg: TaskConfig, root: Path, seed: int) -> Task:
     for split, n in zip(SPLITS, (cfg.n_train, cfg.n_eval, cfg.n_test), strict=True):
         examples, source = _load_split(cfg, root, split)
         if n is not None and n > len(examples) and examples:
-            warnings.warn(
-                f"stream.tasks[{cfg.name}].n_{split}: {n} asked, {source} holds {len(examples)}; using all",
-                stacklevel=2,
+            say(
+                f"clbench: warning: stream.tasks[{cfg.name}].n_{split}: {n} asked, {source} holds {len(examples)}; using all"
             )
         splits[split] = subsample(examples, n, seed, f"{cfg.name}:{split}")
     labels = sorted({ex.answer.strip() for ex in splits["train"]}) if cfg.classification else None
