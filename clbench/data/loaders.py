@@ -227,9 +227,8 @@ def load_task(cfg: TaskConfig, root: Path, seed: int) -> Task:
     for split, n in zip(SPLITS, (cfg.n_train, cfg.n_eval, cfg.n_test), strict=True):
         examples, source = _load_split(cfg, root, split)
         if n is not None and n > len(examples) and examples:
-            say(
-                f"clbench: warning: stream.tasks[{cfg.name}].n_{split}: {n} asked, {source} holds {len(examples)}; using all"
-            )
+            held = f"{source} holds {len(examples)}"
+            say(f"clbench: warning: stream.tasks[{cfg.name}].n_{split}: {n} asked, {held}; using all")
         splits[split] = subsample(examples, n, seed, f"{cfg.name}:{split}")
     labels = sorted({ex.answer.strip() for ex in splits["train"]}) if cfg.classification else None
     return Task(
