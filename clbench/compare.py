@@ -10,8 +10,9 @@ come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. W
   config.yaml is the config this invocation would give it (run.name and run.output_dir aside), and
   refused before anything trains when it is not (naming the fields that differ);
   `--rerun_changed` moves such runs aside and reruns them.
-- Nothing is deleted: unfinished runs (an interrupted comparison resumes where it stopped) and
-  changed ones are moved aside with a timestamp suffix.
+- An interrupted run with the same config goes on from its last finished task (`fit --resume`);
+  nothing is deleted: other unfinished runs and changed ones are moved aside with a timestamp
+  suffix and run again.
 - One compare per comparison folder (compare.lock names the holder's process id); a lock left by
   a compare that died is taken over.
 - No fit outlives its compare: Ctrl-C, SIGTERM or an error stops the running fit and its children.
@@ -252,12 +253,24 @@ def move_aside(run_dir: Path, why: str) -> None:
     print(f"clbench compare: moved {run_dir} ({why}) to {aside.name}, rerunning it")
 
 
+def resumable(run_dir: Path) -> bool:
+    """An interrupted run with the saved state of a finished task (clbench/resume.py)."""
+    from clbench.resume import FOLDER, MARKER
+
+    return any((run_dir / name / MARKER).is_file() for name in (FOLDER, f"{FOLDER}.old"))
+
+
 def train_or_reuse(run: Run, changed: bool) -> dict:
-    """A finished run's results as on disk; else it is (re)trained, any earlier run moved aside."""
+    """A finished run's results as on disk; an interrupted one with the same config resumed from its
+    last finished task; else it is (re)trained, any earlier run moved aside."""
     results = read_finished(run.dir)
     if results is not None and not changed:
         print(f"clbench compare: reusing finished run {run.dir}")
         return results
+    if not changed and resumable(run.dir) and config_change(run) is None:
+        print(f"clbench compare: resuming interrupted run {run.dir}")
+        run_fit(["--resume", str(run.dir)])
+        return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
     if run.dir.is_dir() and any(run.dir.iterdir()):
         move_aside(run.dir, "changed" if changed else "incomplete")
     run_fit(run.argv)

@@ -193,3 +193,24 @@ def test_paired_differences_to_a_baseline_use_the_seeds_both_ran():
     assert header.startswith("| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | ΔOP vs seqft |")
     assert "| +0.150 ± 0.071 | +0.200 ± 0.141 |" in markdown_table([seqft, gate])
     assert "Δ" not in markdown_table(aggregate(runs))  # no baseline, no paired columns
+
+
+def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+
+    def fake_fit(argv):  # a resumed fit finishes the run in place
+        calls.append(argv)
+        (tmp_path / "killed").mkdir(exist_ok=True)
+        (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
+
+    monkeypatch.setattr(compare, "run_fit", fake_fit)
+    monkeypatch.setattr(compare, "config_change", lambda run: None)  # its config.yaml is this invocation's
+    (tmp_path / "killed" / "resume").mkdir(parents=True)
+    (tmp_path / "killed" / "resume" / "complete").write_text("")
+    (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
+    assert train_or_reuse(Run("seqft", tmp_path / "killed", ["fresh"]), False)["status"] == "complete"
+    assert calls == [["--resume", str(tmp_path / "killed")]] and not list(tmp_path.glob("killed.*"))
+    monkeypatch.setattr(compare, "config_change", lambda run: "model.lr")  # another config: rerun it
+    (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
+    train_or_reuse(Run("seqft", tmp_path / "killed", ["killed"]), False)
+    assert calls[-1] == ["killed"] and list(tmp_path.glob("killed.incomplete-*"))
