@@ -37,8 +37,22 @@ def config(trace_dir: Path, model_dir: Path, out: Path, strategy: object) -> dic
     return cfg
 
 
+# `clbench fit` whose resume-state writer pauses after each file, so that a kill can land inside a save
+SLOW_SAVE = """
+import sys, time
+import clbench.resume as r
+real = r.save_file
+def slow(*args, **kwargs):
+    real(*args, **kwargs)
+    time.sleep(0.3)
+r.save_file = slow
+from clbench.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def start(cfg_path: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "clbench", "fit", "--config", str(cfg_path)]
+    cmd = [sys.executable, "-c", SLOW_SAVE, "fit", "--config", str(cfg_path)]
     return subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -67,6 +81,10 @@ KILL_POINTS = {
     "during a task": lambda run: (run / "tensorboard" / "task2-reverse").is_dir(),
     # while row 2 is evaluated (its first predictions are written, the row is not finished)
     "during an evaluation": lambda run: (run / "predictions" / "after_2").is_dir(),
+    # inside the save of the state after task 2 (the state after task 1 is complete beside it)
+    "during a save": lambda run: (
+        (run / "resume" / "complete").is_file() and (run / "resume.tmp" / "model.safetensors").is_file()
+    ),
 }
 
 
@@ -85,8 +103,10 @@ def test_killed_runs_resume_to_the_uninterrupted_matrix(strategy, trace_dir, tin
         kill_when(proc, lambda ready=ready, run=run: ready(run))
         assert results(run)["status"] == "running"  # killed: nothing could write otherwise
         assert (run / "resume" / "complete").is_file()
+        assert not (run / "resume.tmp" / "complete").exists()  # a save cut short is never taken
         if point == "during an evaluation":  # as if killed between the two renames of the next save
             (run / "resume").rename(run / "resume.old")
+            shutil.rmtree(run / "resume.tmp", ignore_errors=True)
             (run / "resume.tmp").mkdir()
             (run / "resume.tmp" / "model.safetensors").write_bytes(b"half")
         resume(run, tmp_path / f"{name}-resume.log")
