@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -14,7 +15,7 @@ from transformers import GenerationConfig
 from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
-from clbench.strategy import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -31,6 +32,91 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def gated_adamw_(
+    param: torch.Tensor,
+    state: dict,
+    group: dict,
+    held: torch.Tensor,
+    mass: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step of one tensor that withholds the share `held` of each element's update.
+
+    Mirrors torch's default AdamW (torch/optim/adam.py `_single_tensor_adam` with decoupled weight
+    decay, no amsgrad, maximize, capturable or differentiable) operation by operation, except that
+    the step lands in the denominator's buffer: theta_step is AdamW's own, bit for bit, and
+    lerp(theta_step, theta_old, held) written into the parameter is exactly theta_step at held 0 and
+    theta_old at held 1 (the former copy-then-lerp, without the copy). Elementwise on local shards,
+    so under FSDP2 each rank steps its own; `mass`: see clbench.strategy.UpdateGate.
+    """
+    p, grad = dist.local(param), dist.local(param.grad)
+    exp_avg, exp_avg_sq = dist.local(state["exp_avg"]), dist.local(state["exp_avg_sq"])
+    lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+    state["step"] += 1
+    start = p.mul(1 - lr * weight_decay) if weight_decay != 0 else p
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = state["step"].item()
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(group["eps"])
+    stepped = torch.addcdiv(start, exp_avg, denom, value=-step_size, out=denom)
+    if mass is not None:
+        moved = (stepped - p).abs_()
+        mass[0] += (held * moved).sum(dtype=torch.float64)
+        mass[1] += moved.sum(dtype=torch.float64)
+    torch.lerp(stepped, p, held, out=p)
+
+
+class GatedAdamW(torch.optim.AdamW):
+    """torch's AdamW (default settings) whose step withholds what `gate()` asks for, once per step
+    after the closure (the strategy's `update_gate`: grads final and clipped).
+
+    Held tensors step through `gated_adamw_`, every other one through torch's AdamW itself (hidden
+    from it by a `grad` of None for that call), so a tensor that no gate touches moves exactly as
+    under plain AdamW, and so does an element held 0: bit for bit on CPU, where torch's AdamW runs
+    the same single-tensor code; on CUDA torch defaults to its foreach kernels, the same operations
+    in the same order (bit equality there is not tested).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        gate: Callable[[], UpdateGate | None],
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.gate = gate
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gate = self.gate()
+        hidden: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups if gate is not None else ():
+            for p in group["params"]:
+                if p.grad is None or p not in gate.held:
+                    continue
+                state = self.state[p]
+                if not state:  # torch's initial state (capturable and fused off)
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                gated_adamw_(p, state, group, gate.held[p], gate.mass)
+                hidden[p], p.grad = p.grad, None
+        try:
+            super().step()
+        finally:
+            for p, grad in hidden.items():
+                p.grad = grad
+        return loss
 
 
 class CLModule(pl.LightningModule):
@@ -180,7 +266,13 @@ class CLModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        optimizer = GatedAdamW(
+            params,
+            lambda: self.cl_strategy.update_gate(self.ctx),
+            lr=self.lr,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+        )
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.warmup_steps, total, self.schedule)

@@ -7,6 +7,7 @@ this order for each task t of the stream:
     training_examples(ctx, examples)          -> what this task trains on
     per batch:  training_penalty(ctx, batch, outputs) -> added to the loss
     per optimizer step: on_before_optimizer_step(ctx, optimizer)   (grads final, unscaled)
+                        update_gate(ctx)              -> what the step withholds (after clipping)
                         on_after_optimizer_step(ctx, optimizer)
     on_task_end(ctx)                           (before the evaluation of row t)
 
@@ -86,6 +87,22 @@ class Services(Protocol):
 
 
 @dataclass(frozen=True)
+class UpdateGate:
+    """What one optimizer step withholds, elementwise: the step moves parameter p to
+    lerp(theta_step, theta_old, held[p]) (0: the optimizer's own step, 1: p stays where it was,
+    weight decay and momentum included); parameters not in `held` step as usual.
+
+    `held[p]` is shaped like p's local shard, on its device, in its dtype. With `mass` (float64,
+    two elements, on the parameters' device) the step also adds to it the L1 mass of the held
+    tensors' ungated update that the gate removed, sum held |theta_step - theta_old|, and in all,
+    sum |theta_step - theta_old| (extra passes over the tensors: ask on some steps only).
+    """
+
+    held: dict[torch.Tensor, torch.Tensor]
+    mass: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class StrategyContext:
     """What a strategy may see of task t: the module, the stream, the run folder, the services.
 
@@ -152,8 +169,14 @@ class CLStrategy:
     def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step, after all accumulated backward passes, grads unscaled."""
 
+    def update_gate(self, ctx: StrategyContext) -> UpdateGate | None:
+        """Once per optimizer step, inside it (grads final and clipped): the share of each element's
+        update that the step withholds, or None for the optimizer's plain step. The optimizer folds
+        it into its own step (clbench.module.GatedAdamW), with no copy of the weights."""
+        return None
+
     def on_after_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
-        """Right after the optimizer stepped (e.g. to gate the update itself)."""
+        """Right after the optimizer stepped."""
 
     def on_task_end(self, ctx: StrategyContext) -> None:
         """After task t trained, before the matrix row t is evaluated."""

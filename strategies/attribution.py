@@ -15,7 +15,10 @@ first moment m carried over from earlier tasks (keep_optimizer_state) keeps push
 m / sqrt(v) for many steps. Adam is also invariant to a constant gradient scale, so a gate of 0.7
 on every step does almost nothing; only gates near 0 matter. "update" gates the whole step
 (decay and momentum included): a parameter with Rbar = 1 does not move. Both are exact at
-Rbar = 0 (the step is bit-identical to sequential fine-tuning).
+Rbar = 0 (the step is bit-identical to sequential fine-tuning). "update" is folded into AdamW's
+step (the hook `update_gate`, applied by clbench.module.GatedAdamW): the step of a gated tensor is
+computed out of place and lerp(theta_step, theta_old, gate) written into the parameter, with no
+copy of the old weights, at about the cost of a seqft step (tools/bench_gate.py).
 
 `gate_power` (clbench's ablation, 1 = the paper) gates with Rbar ** gate_power instead: a
 monotone transform that keeps which parameters are protected but changes how strongly. Eq. 10's
@@ -23,7 +26,10 @@ log(1 + |R|) is nearly linear for relevance this small (a whole sample's relevan
 logit, spread over every parameter), so the paper's gate is mostly close to 0 and rarely near 1.
 Every gate actually used is summarised in RUN_DIR/importance/gate.json (mean, shares above
 thresholds) with, under "update", the measured share of the L1 mass of the gated tensors' update
-that the gate removed (tensors whose gate is all zero, e.g. norm weights, are not counted).
+that the gate removed (tensors whose gate is all zero, e.g. norm weights, are not counted). It
+takes extra passes over the weights, so it is measured on optimizer steps 0, k, 2k, ... of each
+task only (k = `mass_every`, 8; gate.json gives k and the number of steps measured), exactly on
+those steps.
 
 Importance source. "single_task" (the paper): the prior of task tau comes from a model trained on
 tau alone from the starting weights (same data, epochs, optimizer settings and seed), trained via
@@ -61,7 +67,7 @@ from clbench.distributed import full, is_sharded, local, shard_like
 from clbench.files import write_json
 from clbench.importance import fold_max, gate_statistics, permute_within, rng_preserved
 from clbench.priors import PriorSource
-from clbench.strategy import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
 Tensors = dict[str, torch.Tensor]
 
@@ -86,6 +92,8 @@ class Attribution(CLStrategy):
         prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
             trainable parameter) or "float32" (4K bytes, exact).
     """
+
+    mass_every = 8  # "update": the removed update mass is measured on steps 0, k, 2k, ... of each task
 
     def __init__(
         self,
@@ -139,7 +147,7 @@ class Attribution(CLStrategy):
             record_continual,
             prior_dtype,
         )
-        self._old: dict[int, torch.Tensor] = {}
+        self._steps = 0  # optimizer steps of the current task under the update gate
         self._nonzero: dict[str, bool] = {}
 
     # -- the gate -------------------------------------------------------------------------------
@@ -155,28 +163,28 @@ class Attribution(CLStrategy):
             yield p, local(r)
 
     def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
-        with torch.no_grad():
-            for p, r in self._gated(ctx):
-                if self.gate_target == "grad":
-                    if p.grad is not None:
-                        local(p.grad).mul_((1 - r).to(p.grad.dtype))
-                else:
-                    self._old[id(p)] = local(p).detach().clone()
-
-    def on_after_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
-        if self.gate_target != "update":
+        if self.gate_target != "grad":
             return
         with torch.no_grad():
-            for param, r in self._gated(ctx):
-                p, old = local(param), self._old.pop(id(param))
-                step = (p - old).abs_()
-                if self._moved.device != p.device:  # kept where the parameters are: no sync per step
-                    self._moved = self._moved.to(p.device)
-                self._moved[0] += (r * step).sum(dtype=torch.float64)
-                self._moved[1] += step.sum(dtype=torch.float64)
-                # lerp(new, old, r) is exactly new at r = 0 and exactly old at r = 1
-                p.lerp_(old, r.to(p.dtype))
-        self._old.clear()
+            for p, r in self._gated(ctx):
+                if p.grad is not None:
+                    local(p.grad).mul_((1 - r).to(p.grad.dtype))
+
+    def update_gate(self, ctx: StrategyContext) -> UpdateGate | None:
+        """The gate as the share of each element's update the optimizer's step withholds: theta_new =
+        lerp(theta_step, theta_old, gate), folded into the step. Every `mass_every`-th step of a task
+        (the first included) also measures the update mass the gate removes."""
+        if self.gate_target != "update" or not self.gate:
+            return None
+        held = {p: r.to(p.dtype) for p, r in self._gated(ctx)}  # lerp weighs in the parameter's dtype
+        if not held:
+            return None
+        measured = self._steps % self.mass_every == 0
+        self._steps += 1
+        device = next(iter(held.values())).device
+        if self._moved.device != device:  # kept where the parameters are: no sync per step
+            self._moved = self._moved.to(device)
+        return UpdateGate(held, self._moved if measured else None)
 
     def _fold(self, ctx: StrategyContext, prior: Tensors) -> None:
         if self.estimator == "random":
@@ -208,7 +216,10 @@ class Attribution(CLStrategy):
             removed, total = dist.all_reduce_(self._moved).tolist()  # shard sums -> whole-model sums
             entry = self.gate_log.setdefault(ctx.task.name, {})
             entry["update_mass_removed"] = removed / total if total else 0.0
+            entry["update_mass_every"] = self.mass_every
+            entry["update_mass_steps"] = -(-self._steps // self.mass_every)  # steps 0, k, 2k, ... measured
         self._moved.zero_()
+        self._steps = 0
         if prior is not None and not last:
             self._fold(ctx, prior)
             following = ctx.stream.tasks[ctx.task_index + 1].name

@@ -154,7 +154,7 @@ class GradProbe(Attribution):
         self.seen.append(ctx.module.trainable_parameters()[GATED].grad.clone())
 
 
-def _with_gate(strategy: Attribution, module, value: float) -> Attribution:
+def _with_gate(strategy: Attribution, module, value: float | None) -> Attribution:
     strategy.load_state_dict(fixed_gate(module, value).state_dict())
     return strategy
 
@@ -236,6 +236,51 @@ def test_gate_power_scales_the_update_and_the_removed_mass_is_measured(
     log = json.loads((tmp_path / "importance" / "gate.json").read_text())
     assert log[stream.tasks[1].name]["update_mass_removed"] == pytest.approx(0.5, rel=1e-6)
     assert strat._moved.abs().sum() == 0  # reset for the next task
+
+
+def test_update_gate_is_the_copy_then_lerp_formula_and_measures_the_former_mass(
+    make_module, stream_of, make_ctx
+):
+    """One step under a random gate on every tensor (weight decay, momentum from an earlier task):
+    each parameter is lerp(theta_step, theta_old, gate), theta_step seqft's step from the same state
+    (the former copy-then-lerp; here bit for bit), and the measured mass is the former counter's."""
+    stream, after = stream_of(8, 8), {}
+    for name in ("seqft", "update"):
+        module = make_module(weight_decay=0.1)
+        gated_fit(module, SeqFT(), stream, make_ctx, t=0, steps=2)
+        before = params_of(module)
+        strat = SeqFT() if name == "seqft" else _with_gate(Attribution("update"), module, None)
+        gated_fit(module, strat, stream, make_ctx)
+        after[name] = params_of(module)
+    for n, p in after["update"].items():
+        assert torch.equal(p, after["seqft"][n].lerp(before[n], strat.gate[n]))
+    moved = {n: (p - before[n]).abs() for n, p in after["seqft"].items()}
+    removed = sum((strat.gate[n] * m).sum(dtype=torch.float64) for n, m in moved.items())
+    total = sum(m.sum(dtype=torch.float64) for m in moved.values())
+    assert strat._moved.tolist() == [removed.item(), total.item()]
+
+
+class MassProbe(Attribution):
+    """Records whether each step's update gate asked for the removed mass."""
+
+    def update_gate(self, ctx):
+        gate = super().update_gate(ctx)
+        self.measured.append(gate.mass is not None)
+        return gate
+
+
+def test_removed_mass_is_measured_on_every_kth_step_of_a_task(make_module, stream_of, make_ctx, tmp_path):
+    module, stream = make_module(), stream_of(8, 8)
+    probe = _with_gate(MassProbe("update"), module, 0.5)
+    probe.mass_every, probe.measured = 2, []
+    gated_fit(module, probe, stream, make_ctx, steps=3)
+    assert probe.measured == [True, False, True]
+    probe.on_task_end(full_ctx(module, stream, 1, tmp_path))
+    entry = json.loads((tmp_path / "importance" / "gate.json").read_text())[stream.tasks[1].name]
+    assert entry["update_mass_every"] == 2 and entry["update_mass_steps"] == 2
+    assert entry["update_mass_removed"] == pytest.approx(0.5, rel=1e-6)
+    gated_fit(module, probe, stream, make_ctx)
+    assert probe.measured[-1]  # the next task starts measuring at its own step 0
 
 
 def test_gate_statistics_by_hand():
