@@ -141,6 +141,8 @@ class CLModule(pl.LightningModule):
         dtype: Weight dtype at load; use the Trainer's precision (bf16-mixed) for mixed precision.
         attn_implementation: "eager", "sdpa", ...; None lets transformers choose.
         trust_remote_code: Allow model code from the hub; off unless asked.
+        allow_pickle: Load pickled weights (pytorch_model.bin) when a model has no safetensors;
+            unpickling runs code from the file, so only for weights you trust. Off: safetensors only.
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class CLModule(pl.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -163,7 +166,7 @@ class CLModule(pl.LightningModule):
         self.model_name = model
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         empty = dist.world_size() > 1 and dist.rank() != 0  # filled from rank 0 in configure_model
-        lm = load_causal_lm(model, dtype, attn_implementation, trust_remote_code, empty=empty)
+        lm = load_causal_lm(model, dtype, attn_implementation, trust_remote_code, empty, allow_pickle)
         self.model = add_lora(lm, lora) if lora is not None else lm
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.schedule = warmup_steps, schedule

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
@@ -213,3 +214,17 @@ def test_sigterm_leaves_an_interrupted_run(trace_dir, tiny_model_dir, tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert strict_json(results)["status"] == "interrupted", (tmp_path / "fit.log").read_text()[-2000:]
+
+
+def test_pickled_weights_load_only_when_allowed(trace_dir, tiny_model_dir, tmp_path):
+    from clbench.errors import ConfigError
+    from clbench.module import CLModule
+
+    cfg = {"model": {"model": str(tiny_model_dir)}}
+    pickle_only_model(cfg, trace_dir)
+    with pytest.raises(ConfigError, match="pickled weights only"):
+        CLModule(model=cfg["model"]["model"])
+    loaded = CLModule(model=cfg["model"]["model"], allow_pickle=True)
+    reference = CLModule(model=str(tiny_model_dir))
+    for (name, p), q in zip(loaded.model.named_parameters(), reference.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
