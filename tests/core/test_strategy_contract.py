@@ -38,6 +38,10 @@ class RecordingStrategy(CLStrategy):
     def on_before_optimizer_step(self, ctx, optimizer):
         CALLS.append(("on_before_optimizer_step", ctx.task_index))
 
+    def update_gate(self, ctx):
+        CALLS.append(("update_gate", ctx.task_index))
+        return None
+
     def on_after_optimizer_step(self, ctx, optimizer):
         CALLS.append(("on_after_optimizer_step", ctx.task_index))
 
@@ -65,7 +69,9 @@ def test_outside_strategy_by_class_path_sees_every_hook(trace_dir, tiny_model_di
         names = [name for name, task in CALLS if task == t and name != "setup"]
         # 24 examples, batch 8: 3 batches, 3 accumulated -> 1 optimizer step per task
         assert names.count("training_penalty") == 3
-        assert names.count("on_before_optimizer_step") == names.count("on_after_optimizer_step") == 1
+        steps = ("on_before_optimizer_step", "update_gate", "on_after_optimizer_step")
+        assert [names.count(hook) for hook in steps] == [1, 1, 1]
+        assert [n for n in names if n in steps] == list(steps)  # in this order, once per step
         assert names[:2] == ["on_task_start", "training_examples"] and names[-1] == "on_task_end"
     assert CALLS[0] == ("setup", 0)
     res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
