@@ -302,12 +302,10 @@ class CLModule(pl.LightningModule):
 
     def _named_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
         # Keyed by parameter name, so a strategy that freezes or unfreezes tensors between tasks
-        # still gets each surviving tensor's own moments back.
+        # still gets each surviving tensor's own moments back. The tensors themselves, not copies:
+        # call_trainer drops the finished Trainer's optimizer, so these are their only holders.
         names = {p: n for n, p in self.model.named_parameters()}
-        return {
-            names[p]: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
-            for p, st in optimizer.state.items()
-        }
+        return {names[p]: dict(st) for p, st in optimizer.state.items()}
 
     def _restore_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
@@ -355,7 +353,12 @@ def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:
 def call_trainer(trainer: pl.Trainer, method: str, module: CLModule, **kwargs) -> object:
     """`trainer.<method>(module, **kwargs)` ("fit", "validate", "predict"), then the module back on
     the trainer's device: Lightning's single-device and DDP teardown moves it to the CPU after every
-    call, and the next Trainer, a strategy's side computation or a checkpoint expects it in place."""
+    call, and the next Trainer, a strategy's side computation or a checkpoint expects it in place.
+    After a fit the Trainer's optimizer is dropped: the module still points at its Trainer, which
+    would otherwise keep two moments per parameter alive through evaluation and prior scoring
+    (the moments carried to the next task live in the module, by name)."""
     out = getattr(trainer, method)(module, **kwargs)
     module.to(trainer.strategy.root_device)
+    if method == "fit":
+        trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
     return out

@@ -37,3 +37,23 @@ def test_lr_factor_shapes():
     assert lr_factor(50, 0, 100, "linear") == pytest.approx(0.5)
     assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0)
+
+
+def test_a_finished_fit_keeps_one_copy_of_the_moments(tiny_model_dir):
+    """The carried moments are the optimizer's own tensors, and the finished Trainer lets go of them."""
+    from clbench.module import call_trainer
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    task = Task("t", train=[], test=[])
+    data = TokenizedTask(
+        [Example(f"Upper cat {i}:", "CAT") for i in range(8)], task, module.tokenizer, "raw", True
+    )
+    loader = DataLoader(data, batch_size=4, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id))
+    trainer = quiet_trainer(2)
+    optimizers = []
+    trainer.fit = lambda m, **kw: (pl.Trainer.fit(trainer, m, **kw), optimizers.append(trainer.optimizers[0]))
+    call_trainer(trainer, "fit", module, train_dataloaders=loader)
+    assert trainer.strategy.optimizers == []
+    moments = {id(v) for st in optimizers[0].state.values() for v in st.values()}
+    saved = {id(v) for st in module._saved_optimizer_state.values() for v in st.values()}
+    assert saved == moments and len(saved) == 3 * len(module.trainable_parameters())
