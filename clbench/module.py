@@ -174,6 +174,7 @@ class CLModule(pl.LightningModule):
         self.cl_strategy: CLStrategy = CLStrategy()
         self.ctx: StrategyContext | None = None
         self._saved_optimizer_state: dict[str, dict] = {}
+        self._share: tuple[dict | None, torch.Tensor | None] = (None, None)  # token_share's last batch
 
     def attach(self, strategy: CLStrategy, ctx: StrategyContext) -> None:
         """Point the hooks at the current strategy and task context (the runner calls this per task)."""
@@ -240,8 +241,10 @@ class CLModule(pl.LightningModule):
         world = dist.world_size()
         if world == 1:
             return None
-        count = (batch["labels"][:, 1:] != -100).sum().float()  # the causal shift: labels 1..T
-        return dist.all_reduce_(count) / world
+        if self._share[0] is not batch:  # one all-reduce per batch, however many ask (loss, LwF)
+            count = (batch["labels"][:, 1:] != -100).sum().float()  # the causal shift: labels 1..T
+            self._share = (batch, dist.all_reduce_(count) / world)
+        return self._share[1]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self(batch).loss, batch_size=batch["input_ids"].shape[0])

@@ -72,12 +72,13 @@ def bench(label: str, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int
     print(f"{label:<34} N={ids.shape[0]} T={ids.shape[1]}  " + "  ".join(parts), flush=True)
 
 
-def tiny_llama(dtype: torch.dtype):
+def tiny_llama(dtype: torch.dtype, vocab_size: int = 512):
+    """A random 2-layer, 64-wide Llama (the benchmarks' small model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=512,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -61,23 +61,13 @@ class StepTimer(pl.Callback):
 
 
 def tiny_model_dir(folder: Path) -> str:
-    """A random 2-layer, 64-wide Llama with the bundled model's tokenizer, saved to `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """bench_attribution's tiny Llama with the bundled model's tokenizer, saved to `folder`."""
+    from bench_attribution import tiny_llama  # tools/ is this script's folder, first on the path
 
     from clbench.models import load_tokenizer
 
     tok = load_tokenizer(BUNDLED)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(torch.float32, vocab_size=len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 
