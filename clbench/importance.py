@@ -15,7 +15,8 @@ bf16 by default (about 3 significant digits; values lie in [-1, 1]) or in fp32, 
 Estimators (the ablations of the importance source's scoring rule), all normalised by Eq. 10:
   lrp            parameter-level LRP of the argmax logit at the last prompt position (the paper);
   grad_x_weight  signed gradient x weight of the same logit (first-order Taylor, one sample at a time);
-  fisher         squared gradients of the answer loss (empirical Fisher, one sample at a time).
+  fisher         squared gradients of the answer loss (empirical Fisher, one sample at a time);
+  magnitude      |theta| of the model itself (no samples; the trivial baseline), normalised alike.
 """
 
 from __future__ import annotations
@@ -280,6 +281,16 @@ def _laid_out(param: Tensor, local_prior: Tensor | None) -> Tensor:
     return DTensor.from_local(
         values.to(shard.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
     )
+
+
+def magnitude_prior(params: Tensors, eps: float = EPS) -> Tensors:
+    """|theta| through Eq. 10 per tensor, laid out like `params`: the importance a source that looks
+    at no data would give (large weights matter most)."""
+    out = {}
+    for name, p in params.items():
+        value = normalise(dist.local(p).detach().abs()[None], eps, sharded=dist.is_sharded(p))[0]
+        out[name] = _laid_out(p, value)
+    return out
 
 
 def permute_within(prior: Tensors, seed: int) -> Tensors:

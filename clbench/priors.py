@@ -27,6 +27,7 @@ from clbench.importance import (
     PriorKey,
     PriorStore,
     digest,
+    magnitude_prior,
     parameter_signature,
     rng_preserved,
     task_prior,
@@ -133,6 +134,8 @@ class PriorSource:
     def _score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
         """Score the current model on the task's correctly answered samples."""
         task, params, services = ctx.task, ctx.module.trainable_parameters(), ctx.service()
+        if self.estimator == "magnitude":  # looks at no sample: no generation, no scoring pass
+            return magnitude_prior(params), {"samples_used": None, "candidates": 0, "estimator": "magnitude"}
         candidates = task.train[: self.max_prior_samples]
         correct = self._correct(ctx, candidates)
         if not correct:

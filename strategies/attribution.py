@@ -24,6 +24,12 @@ copy of the old weights, at about the cost of a seqft step (tools/bench_gate.py)
 monotone transform that keeps which parameters are protected but changes how strongly. Eq. 10's
 log(1 + |R|) is nearly linear for relevance this small (a whole sample's relevance is about one
 logit, spread over every parameter), so the paper's gate is mostly close to 0 and rarely near 1.
+`budget` q (clbench's, for comparing importance sources at matched strength) replaces the graded
+gate by a hard one: in each tensor the share q of elements with the highest Rbar gets gate 1 (ties
+broken arbitrarily, exactly ceil(q n) elements), every other element 0; a tensor whose Rbar is zero
+everywhere (the source says nothing about it, e.g. LRP and norm weights) is not gated. Only each
+tensor's order of Rbar matters then, so LRP, gradient x weight, Fisher, magnitude and random all
+withhold the updates of the same number of elements and differ only in which ones.
 Every gate actually used is summarised in RUN_DIR/importance/gate.json (mean, shares above
 thresholds) with, under "update", the measured share of the L1 mass of the gated tensors' update
 that the gate removed (tensors whose gate is all zero, e.g. norm weights, are not counted). It
@@ -37,9 +43,12 @@ ctx.fit with the continual weights saved and restored and the random-number stat
 savings keep the semantics (docs section 5): task 1's single-task model is the continual model
 after task 1, so its prior is scored in place; the last task's prior gates nothing and is scored
 only with `score_last_task`. "continual" scores the continual model after each task (no extra
-training). Estimator "random" computes the LRP gate and permutes it within each tensor with one
-fixed permutation per tensor (seeded by the run seed and the name), so it has the LRP gate's
-per-tensor mass and distribution but not its locations (and permute(max) = max(permute)).
+training). Estimator "magnitude" takes |theta| of the single-task model (no samples scored, no
+generation; the trivial baseline). Estimator "random" computes the LRP gate and permutes it within
+each tensor with one fixed permutation per tensor (seeded by the run seed and the name), so it has
+the LRP gate's per-tensor mass and distribution but not its locations (and permute(max) =
+max(permute)); under a budget its gate is a uniform random choice of q of each tensor's elements,
+fixed by the seed.
 
 Priors are cached as safetensors in `prior_dir` (default: a "priors" folder beside the run folder),
 keyed by model identity (name, LoRA settings, dtype), task name and a hash of its training data and
@@ -55,6 +64,7 @@ relevance is exactly 0, so only a trained adapter has an informative prior.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -78,8 +88,8 @@ class Attribution(CLStrategy):
     Args:
         gate_target: Gate the gradient ("grad", the paper) or the optimizer's whole update ("update").
         source: Score single-task models ("single_task", the paper) or the continual model ("continual").
-        estimator: Per-sample relevance: "lrp" (the paper), "grad_x_weight", "fisher", or "random"
-            (the LRP gate permuted within each tensor).
+        estimator: Per-sample relevance: "lrp" (the paper), "grad_x_weight", "fisher", "magnitude"
+            (|theta|, no samples) or "random" (the LRP gate permuted within each tensor).
         top_k: K of the top-K mean over samples (Eq. 11); memory K x trainable parameters while scoring.
         max_prior_samples: Training examples (the first ones) scored per task; None: all.
         correct_threshold: A sample counts if its metric score is >= this (0/1 metrics: any value in
@@ -89,6 +99,8 @@ class Attribution(CLStrategy):
         record_continual: With source "single_task", also record the continual model's map after
             each task in the run folder (for the analysis; one scoring pass per task).
         gate_power: Gate with Rbar ** gate_power (> 0); 1 is the paper, < 1 strengthens the gate.
+        budget: Instead, gate 1 on the share `budget` (0 < q <= 1) of each tensor's elements with the
+            highest Rbar and 0 elsewhere; None: the graded gate.
         prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
             trainable parameter) or "float32" (4K bytes, exact).
     """
@@ -99,7 +111,7 @@ class Attribution(CLStrategy):
         self,
         gate_target: Literal["grad", "update"] = "grad",
         source: Literal["single_task", "continual"] = "single_task",
-        estimator: Literal["lrp", "grad_x_weight", "fisher", "random"] = "lrp",
+        estimator: Literal["lrp", "grad_x_weight", "fisher", "magnitude", "random"] = "lrp",
         top_k: int = 8,
         max_prior_samples: int | None = 128,
         correct_threshold: float = 0.5,
@@ -108,11 +120,12 @@ class Attribution(CLStrategy):
         record_continual: bool = False,
         gate_power: float = 1.0,
         prior_dtype: Literal["bfloat16", "float32"] = "bfloat16",
+        budget: float | None = None,
     ) -> None:
         for option, value, allowed in (
             ("gate_target", gate_target, ("grad", "update")),
             ("source", source, ("single_task", "continual")),
-            ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "random")),
+            ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "magnitude", "random")),
             ("prior_dtype", prior_dtype, ("bfloat16", "float32")),
         ):
             if value not in allowed:
@@ -125,13 +138,17 @@ class Attribution(CLStrategy):
             )
         if not gate_power > 0:
             raise ValueError(f"attribution.gate_power must be > 0, got {gate_power}")
+        if budget is not None and not 0.0 < budget <= 1.0:
+            raise ValueError(f"attribution.budget must be in (0, 1] or None, got {budget}")
+        if budget is not None and gate_power != 1.0:
+            raise ValueError("attribution.budget and attribution.gate_power exclude each other: set one")
         if not 0.0 <= correct_threshold <= 1.0:
             raise ValueError(f"attribution.correct_threshold must be in [0, 1], got {correct_threshold}")
         self.gate_target, self.source, self.estimator = gate_target, source, estimator
         self.top_k, self.max_prior_samples = top_k, max_prior_samples
         self.correct_threshold, self.prior_dir = correct_threshold, prior_dir
         self.score_last_task, self.record_continual = score_last_task, record_continual
-        self.gate_power = gate_power
+        self.gate_power, self.budget = gate_power, budget
         self.rbar: Tensors = {}
         self.gate: Tensors = {}  # what multiplies the step: Rbar ** gate_power
         self.gate_log: dict[str, dict] = {}  # by the task trained under the gate
@@ -196,7 +213,9 @@ class Attribution(CLStrategy):
         self._refresh()
 
     def _refresh(self) -> None:
-        if self.gate_power == 1.0:
+        if self.budget is not None:
+            self.gate = {name: _top_share(r, self.budget) for name, r in self.rbar.items()}
+        elif self.gate_power == 1.0:
             self.gate = dict(self.rbar)
         else:
             self.gate = {name: r.pow(self.gate_power) for name, r in self.rbar.items()}
@@ -224,7 +243,8 @@ class Attribution(CLStrategy):
             self._fold(ctx, prior)
             following = ctx.stream.tasks[ctx.task_index + 1].name
             stats = gate_statistics(self.gate)
-            self.gate_log[following] = {"after": ctx.task.name, "gate_power": self.gate_power, **stats}
+            form = {"gate_power": self.gate_power} if self.budget is None else {"budget": self.budget}
+            self.gate_log[following] = {"after": ctx.task.name, **form, **stats}
             rank_zero_info(
                 f"clbench: attribution gate for {following}: mean {stats.get('mean', 0.0):.4f}, "
                 f"{stats.get('share_above_0.5', 0.0):.3%} of elements above 0.5 (importance/gate.json)"
@@ -244,3 +264,15 @@ class Attribution(CLStrategy):
         self.rbar = {k[len("rbar.") :]: v.float() for k, v in state.items() if k.startswith("rbar.")}
         self.tasks_folded = int(state.get("tasks_folded", torch.tensor(0)))
         self._refresh()
+
+
+def _top_share(rbar: torch.Tensor, q: float) -> torch.Tensor:
+    """1 on the ceil(q n) elements of the tensor with the highest Rbar, 0 elsewhere (all 0 when Rbar
+    is); laid out like `rbar`. Under FSDP2 the whole tensor is gathered (a collective: every rank)."""
+    whole = full(rbar)
+    flat = whole.flatten()
+    gate = torch.zeros_like(flat)
+    if flat.any():
+        gate[flat.topk(math.ceil(q * flat.numel()), sorted=False).indices] = 1.0
+    gate = gate.view_as(whole)
+    return shard_like(rbar, gate) if is_sharded(rbar) else gate

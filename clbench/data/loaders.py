@@ -82,6 +82,8 @@ class StreamConfig:
         seed: Seed of the per-task subsampling.
         batch_size: Training batch size.
         eval_batch_size: Generation batch size.
+        score_split: The split that fills the accuracy matrix: "test", or "eval" to choose settings
+            (a strategy's hyper-parameters) without looking at the test split.
     """
 
     name: str = "stream"
@@ -91,6 +93,7 @@ class StreamConfig:
     seed: int = 1234
     batch_size: int = 8
     eval_batch_size: int = 16
+    score_split: Literal["test", "eval"] = "test"
 
 
 def parse_examples(rows: object, where: str) -> list[Example]:
@@ -259,8 +262,16 @@ def load_stream(cfg: StreamConfig) -> TaskStream:
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"stream.tasks: task names repeat: {names}")
+    if cfg.score_split not in ("test", "eval"):
+        raise ConfigError(f"stream.score_split: must be test or eval, got {cfg.score_split!r}")
     root = Path(cfg.data_root)
-    return TaskStream(cfg.name, [load_task(t, root, cfg.seed) for t in cfg.tasks])
+    tasks = [load_task(t, root, cfg.seed) for t in cfg.tasks]
+    if cfg.score_split == "eval":
+        for task in tasks:
+            if not task.eval:
+                raise ConfigError(f"stream.score_split: eval, but task {task.name} has no eval split")
+            task.test = task.eval  # the matrix scores the eval split; the test split is not scored
+    return TaskStream(cfg.name, tasks)
 
 
 def fit_to_context(stream: TaskStream, context: int | None) -> list[str]:

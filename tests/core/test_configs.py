@@ -98,3 +98,13 @@ def test_trace_config_runs_on_miniature_trace(tiny_model_dir, tmp_path):
     assert res["tasks"] == TRACE_ORDER and len(res["matrix"]) == 9
     # epochs come from the config: 4 examples, batch 4, accumulate 4 -> 1 optimizer step per epoch
     assert [res["timings"]["steps"][n] for n in TRACE_ORDER] == [5, 3, 7, 5, 3, 5, 5, 7]
+
+
+def test_study_config_is_the_quickstart_run_with_less_evaluation():
+    """The study's numbers are about the quickstart: its model, stream and training must not drift."""
+    study, quick = (
+        yaml.safe_load((ROOT / "configs" / f"{n}.yaml").read_text()) for n in ("study", "quickstart")
+    )
+    for key in ("model", "trainer", "stream", "seed_everything", "strategy"):
+        assert study[key] == quick[key], key
+    assert study["run"]["evaluate"] == "needed" and study["run"]["checkpoints"] == "none"

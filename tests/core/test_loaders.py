@@ -89,3 +89,12 @@ def test_stream_rejects_repeated_names_and_empty(trace_dir):
         )
     with pytest.raises(ConfigError, match="no tasks"):
         load_stream(StreamConfig(tasks=[]))
+
+
+def test_score_split_eval_scores_the_eval_examples_and_never_the_test_ones(trace_dir):
+    tasks = [TaskConfig("parity", "parity"), TaskConfig("upper", "upper")]
+    on_test = load_stream(StreamConfig(tasks=tasks, data_root=str(trace_dir)))
+    on_eval = load_stream(StreamConfig(tasks=tasks, data_root=str(trace_dir), score_split="eval"))
+    for a, b in zip(on_test, on_eval, strict=True):
+        assert b.test == a.eval and b.eval == a.eval and b.train == a.train
+        assert b.test != a.test

@@ -4,6 +4,7 @@ moves a gated parameter under each target, and the prior cache (reuse, refusal).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -355,7 +356,7 @@ def test_only_correctly_answered_samples_count(make_module, stream_of, tmp_path)
     assert used[0]["samples_used"] == 3
 
 
-@pytest.mark.parametrize("estimator", ["grad_x_weight", "fisher", "random"])
+@pytest.mark.parametrize("estimator", ["grad_x_weight", "fisher", "magnitude", "random"])
 def test_estimators_give_bounded_priors_of_every_trainable_tensor(
     make_module, stream_of, tmp_path, estimator
 ):
@@ -370,6 +371,64 @@ def test_estimators_give_bounded_priors_of_every_trainable_tensor(
         assert not torch.equal(strat.rbar[GATED], lrp.rbar[GATED])
     else:
         assert sum(r.sum() for r in strat.rbar.values()) > 0
+
+
+def test_magnitude_prior_is_eq10_of_the_single_task_weights_and_needs_no_answers(
+    make_module, stream_of, tmp_path
+):
+    """Task 1's single-task model is the continual model: its prior is |theta| through Eq. 10, and
+    no generation runs (a predict that fails would be called for the correct-sample filter)."""
+    module, stream = make_module(), stream_of(4, 4)
+
+    def no_predict(task, exs):
+        raise AssertionError("magnitude must not generate")
+
+    strat = Attribution(estimator="magnitude", prior_dir=str(tmp_path / "p"), correct_threshold=1.0)
+    strat.setup(full_ctx(module, stream, 0, tmp_path))
+    strat.on_task_end(full_ctx(module, stream, 0, tmp_path, predict=no_predict))
+    for name, p in module.trainable_parameters().items():
+        expected = normalise(p.detach().abs()[None])[0]
+        torch.testing.assert_close(strat.rbar[name], expected)
+    assert strat.rbar[GATED].max() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("q", [0.01, 0.3, 1.0])
+def test_budget_gate_protects_the_top_share_of_each_tensor(make_module, q):
+    """Gate 1 on exactly ceil(q n) elements of each tensor, those with the highest Rbar; a tensor
+    with Rbar zero everywhere is not gated."""
+    module = make_module()
+    rbar = fixed_gate(module).rbar
+    zero = next(n for n in rbar if n != GATED)
+    rbar[zero] = torch.zeros_like(rbar[zero])
+    strat = Attribution("update", budget=q)
+    strat.load_state_dict({f"rbar.{n}": r for n, r in rbar.items()})
+    for name, g in strat.gate.items():
+        r = rbar[name].flatten()
+        if name == zero:
+            assert g.sum() == 0
+            continue
+        k = math.ceil(q * r.numel())
+        assert set(g.unique().tolist()) <= {0.0, 1.0} and int(g.sum()) == k
+        assert r[g.flatten() == 1].min() >= r.topk(k).values.min()  # rand: no ties
+    stats = gate_statistics(strat.gate)
+    assert 0 < stats["mean"] <= q + 1e-3
+
+
+def test_budget_with_the_random_estimator_is_a_seeded_uniform_choice(make_module, stream_of, tmp_path):
+    """Random at a budget: as many elements per tensor as LRP's choice, other ones, fixed by the seed."""
+    stream = stream_of(4, 4)
+    q, prior = 0.2, tmp_path / "p"
+    lrp = run_priors(make_module(), stream, tmp_path / "a", prior, [], budget=q)
+    rnd = [
+        run_priors(
+            make_module(), stream, tmp_path / f"r{i}", tmp_path / "p", [], budget=q, estimator="random"
+        )
+        for i in (0, 1)
+    ]
+    assert torch.equal(rnd[0].gate[GATED], rnd[1].gate[GATED])
+    assert rnd[0].gate[GATED].sum() == lrp.gate[GATED].sum() > 0
+    overlap = (rnd[0].gate[GATED] * lrp.gate[GATED]).sum() / lrp.gate[GATED].sum()
+    assert overlap < 0.6  # a uniform choice of 20% overlaps LRP's by about 20%
 
 
 def test_continual_source_trains_no_side_model_and_records_maps(make_module, stream_of, tmp_path):
@@ -412,6 +471,9 @@ def test_state_dict_round_trips(make_module):
         ({"correct_threshold": 2.0}, "correct_threshold"),
         ({"max_prior_samples": 0}, "max_prior_samples"),
         ({"gate_power": 0.0}, "gate_power"),
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 1.5}, "budget"),
+        ({"budget": 0.1, "gate_power": 0.5}, "budget"),
     ],
 )
 def test_bad_options_name_themselves(kwargs, option):
