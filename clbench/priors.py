@@ -12,6 +12,7 @@ that made it, and the key holds the world size and global batch (they change the
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,7 +91,7 @@ class PriorSource:
         else:
             prior, info, reused = *self._train_and_score(ctx), False
             path = self._save(ctx, store, key, signature, prior, info)
-        self._record(ctx, "single_task", path, info.get("samples_used"), reused)
+        self._record(ctx, "single_task", path, info.get("samples_used"), reused, None if reused else info)
         if ctx.task_index == 0 and self.record_continual:  # the same model, so the same map
             self._record(ctx, "continual", path, info.get("samples_used"), reused)
         return prior
@@ -113,8 +114,11 @@ class PriorSource:
         if ctx.task_index == 0:  # the continual model after task 1 is task 1's single-task model
             return self._score(ctx)
         with self._starting_weights(ctx):
+            start = time.perf_counter()
             ctx.service().side_fit(ctx.task, ctx.task.train)
-            return self._score(ctx)
+            side_fit_s = time.perf_counter() - start
+            prior, info = self._score(ctx)
+        return prior, {**info, "seconds": {"side_fit": side_fit_s, **info["seconds"]}}
 
     def _continual_map(self, ctx: StrategyContext) -> Tensors:
         prior, info = self._score(ctx)
@@ -122,22 +126,36 @@ class PriorSource:
         key = PriorKey(self._model_identity(ctx), ctx.task.name, "continual", {"after_task": ctx.task_index})
         store = PriorStore(Path(ctx.run_dir) / "importance" / "continual")  # history-dependent: never shared
         path = self._save(ctx, store, key, parameter_signature(params), prior, info)
-        self._record(ctx, "continual", path, info["samples_used"], reused=False)
+        self._record(ctx, "continual", path, info["samples_used"], reused=False, info=info)
         return prior
 
-    def _record(self, ctx: StrategyContext, kind: str, path: Path, samples: int | None, reused: bool) -> None:
+    def _record(
+        self,
+        ctx: StrategyContext,
+        kind: str,
+        path: Path,
+        samples: int | None,
+        reused: bool,
+        info: dict | None = None,
+    ) -> None:
+        """One map used; `info` of a map computed here adds where its time went (side training,
+        generation for the correct-sample filter, scoring), in seconds."""
         entry = {"task": ctx.task.name, "index": ctx.task_index, "kind": kind}
-        self.used.append(
-            {**entry, "file": str(Path(path).resolve()), "samples_used": samples, "reused": reused}
-        )
+        entry.update({"file": str(Path(path).resolve()), "samples_used": samples, "reused": reused})
+        if info is not None and "seconds" in info:
+            entry["seconds"] = {k: round(v, 3) for k, v in info["seconds"].items()}
+        self.used.append(entry)
 
     def _score(self, ctx: StrategyContext) -> tuple[Tensors, dict]:
         """Score the current model on the task's correctly answered samples."""
         task, params, services = ctx.task, ctx.module.trainable_parameters(), ctx.service()
+        start = time.perf_counter()
         if self.estimator == "magnitude":  # looks at no sample: no generation, no scoring pass
-            return magnitude_prior(params), {"samples_used": None, "candidates": 0, "estimator": "magnitude"}
+            info = {"samples_used": None, "candidates": 0, "estimator": "magnitude"}
+            return magnitude_prior(params), {**info, "seconds": {"score": time.perf_counter() - start}}
         candidates = task.train[: self.max_prior_samples]
         correct = self._correct(ctx, candidates)
+        filtered = time.perf_counter()
         if not correct:
             warnings.warn(
                 f"attribution: no sample of {task.name} is answered correctly; its prior is zero",
@@ -151,7 +169,9 @@ class PriorSource:
             batches = services.make_prompt_loader(correct)
         store = getattr(torch, self.prior_dtype)
         prior, n = task_prior(ctx.model, params, batches, self.estimator, self.top_k, store_dtype=store)
-        return prior, {"samples_used": n, "candidates": len(candidates), "estimator": self.estimator}
+        seconds = {"filter": filtered - start, "score": time.perf_counter() - filtered}
+        info = {"samples_used": n, "candidates": len(candidates), "estimator": self.estimator}
+        return prior, {**info, "seconds": seconds}
 
     def _correct(self, ctx: StrategyContext, examples: list) -> list:
         if self.correct_threshold == 0.0 or not examples:

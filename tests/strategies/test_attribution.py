@@ -312,12 +312,16 @@ def test_stored_prior_is_reused_without_a_second_single_task_training(make_modul
     assert all(torch.equal(p, before[n]) for n, p in params_of(module).items())  # continual weights back
     assert torch.equal(torch.get_rng_state(), rng)  # and the random-number state
     assert len(list((tmp_path / "priors").glob("*.safetensors"))) == 2
+    computed = json.loads((tmp_path / "run1" / "importance" / "used.json").read_text())["maps"]
+    assert [sorted(m["seconds"]) for m in computed] == [["filter", "score"], ["filter", "score", "side_fit"]]
+    assert all(v >= 0 for m in computed for v in m["seconds"].values())
     second = run_priors(make_module(), stream, tmp_path / "run2", tmp_path / "priors", fits)
     assert fits == ["beta"]
     assert first.state_dict().keys() == second.state_dict().keys()
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
     used = json.loads((tmp_path / "run2" / "importance" / "used.json").read_text())["maps"]
     assert [(m["task"], m["reused"]) for m in used] == [("alpha", True), ("beta", True)]
+    assert not any("seconds" in m for m in used)  # nothing computed in this run
     run_priors(make_module(), stream, tmp_path / "run3", tmp_path / "priors", fits, top_k=2)
     assert fits == ["beta", "beta"]  # other settings, another prior
 
