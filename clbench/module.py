@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -15,6 +17,7 @@ from transformers import GenerationConfig
 from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
+from clbench.offload import Parked, Where
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
 
@@ -309,6 +312,26 @@ class CLModule(pl.LightningModule):
         # call_trainer drops the finished Trainer's optimizer, so these are their only holders.
         names = {p: n for n, p in self.model.named_parameters()}
         return {names[p]: dict(st) for p, st in optimizer.state.items()}
+
+    @contextmanager
+    def optimizer_state_parked(self, where: Where, folder: Path) -> Iterator[None]:
+        """The carried AdamW moments out of the way inside (clbench.offload: host memory or disk),
+        back where they were after; for side computations (attribution's priors) that need the
+        memory and not the moments."""
+        saved, self._saved_optimizer_state = self._saved_optimizer_state, {}
+        flat = {f"{n}::{k}": v for n, st in saved.items() for k, v in st.items()}
+        kept = {key: v for key, v in flat.items() if not torch.is_tensor(v)}
+        parked = Parked({k: v for k, v in flat.items() if torch.is_tensor(v)}, where, folder, copy=False)
+        del saved, flat  # the moments' last references: they are freed here
+        try:
+            yield
+        finally:
+            restored: dict[str, dict] = {}
+            for key, value in [*parked.items(), *kept.items()]:
+                name, field = key.rsplit("::", 1)
+                restored.setdefault(name, {})[field] = value
+            parked.close()
+            self._saved_optimizer_state = restored
 
     def _restore_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}

@@ -12,9 +12,11 @@ that made it, and the key holds the world size and global batch (they change the
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +35,7 @@ from clbench.importance import (
     rng_preserved,
     task_prior,
 )
+from clbench.offload import Parked, Where
 from clbench.strategy import StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -55,27 +58,44 @@ class PriorSource:
         prior_dir: str | None,
         record_continual: bool,
         prior_dtype: str = "bfloat16",
+        offload: Where = "memory",
     ) -> None:
         self.source, self.estimator = source, "lrp" if estimator == "random" else estimator
         self.top_k, self.max_prior_samples = top_k, max_prior_samples
         self.correct_threshold, self.prior_dir = correct_threshold, prior_dir
         self.record_continual, self.prior_dtype = record_continual, prior_dtype
-        self.start: Tensors = {}  # this rank's shards of the starting weights
+        self.offload = offload
+        self.start: Parked | None = None  # this rank's shards of the starting weights
         self.used: list[dict] = []
 
     def setup(self, ctx: StrategyContext) -> None:
-        if self.source == "single_task" and not self.start:
-            # the start of every single-task model: this rank's shards, on the CPU
+        if self.source == "single_task" and self.start is None:
+            # the start of every single-task model: this rank's shards, in host memory or on disk
             params = ctx.module.trainable_parameters()
-            self.start = {n: dist.local(p).detach().to("cpu", copy=True) for n, p in params.items()}
+            self.start = Parked(params, self.offload, self.offload_dir(ctx) / "start", copy=True)
 
     def prior(self, ctx: StrategyContext, needed: bool) -> Tensors | None:
-        """Task t's prior (None when not needed), recording continual maps when asked."""
-        if self.source == "continual":
-            return self._continual_map(ctx) if needed or self.record_continual else None
-        if self.record_continual and ctx.task_index > 0:
-            self._continual_map(ctx)  # task 0's continual map is its single-task prior
-        return self._single_task_prior(ctx) if needed else None
+        """Task t's prior (None when not needed), recording continual maps when asked. Meanwhile the
+        continual run's optimizer moments wait where `offload` says."""
+        with ctx.module.optimizer_state_parked(self.offload, self.offload_dir(ctx) / "moments"):
+            if self.source == "continual":
+                return self._continual_map(ctx) if needed or self.record_continual else None
+            if self.record_continual and ctx.task_index > 0:
+                self._continual_map(ctx)  # task 0's continual map is its single-task prior
+            return self._single_task_prior(ctx) if needed else None
+
+    def close(self, ctx: StrategyContext) -> None:
+        """No prior is needed any more: let go of the starting weights (and offloaded files)."""
+        if self.start is not None:
+            self.start.close()
+            self.start = None
+        shutil.rmtree(self.offload_dir(ctx), ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last rank to finish removes the folder
+            self.offload_dir(ctx).parent.rmdir()
+
+    def offload_dir(self, ctx: StrategyContext) -> Path:
+        """This rank's folder of offloaded tensors (offload "disk"), removed by `close`."""
+        return Path(ctx.run_dir) / "offload" / f"rank{ctx.rank}"
 
     def _single_task_prior(self, ctx: StrategyContext) -> Tensors:
         params = ctx.module.trainable_parameters()
@@ -185,13 +205,14 @@ class PriorSource:
     def _starting_weights(self, ctx: StrategyContext) -> Iterator[None]:
         """Starting weights and the run seed inside; the continual weights and RNG state after."""
         params = ctx.module.trainable_parameters()
-        continual = {n: dist.local(p).detach().to("cpu", copy=True) for n, p in params.items()}
+        continual = Parked(params, self.offload, self.offload_dir(ctx) / "continual", copy=True)
         try:
             with rng_preserved(ctx.seed):
-                _copy_into(params, self.start)
+                _copy_into(params, self.start.items())
                 yield
         finally:
-            _copy_into(ctx.module.trainable_parameters(), continual)
+            _copy_into(ctx.module.trainable_parameters(), continual.items())
+            continual.close()
 
     # -- cache key ------------------------------------------------------------------------------
     def _prior_dir(self, ctx: StrategyContext) -> Path:
@@ -226,8 +247,13 @@ class PriorSource:
         return PriorKey(self._model_identity(ctx), task.name, digest([examples, limits, probe]), settings)
 
 
-def _copy_into(params: Tensors, values: Tensors) -> None:
-    """Copy each value (this rank's shard) into its parameter's local tensor."""
+def _copy_into(params: Tensors, values: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy each (name, value) (this rank's shard) into its parameter's local tensor; every
+    parameter must get one."""
+    done = set()
     with torch.no_grad():
-        for name, p in params.items():
-            dist.local(p).copy_(values[name])
+        for name, value in values:
+            dist.local(params[name]).copy_(dist.local(value))
+            done.add(name)
+    if done != set(params):
+        raise RuntimeError(f"attribution: no stored value for {sorted(set(params) - done)[:3]}")

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,7 @@ from clbench import distributed as dist
 from clbench.distributed import full, is_sharded, local, shard_like
 from clbench.files import write_json
 from clbench.importance import fold_max, gate_statistics, permute_within, rng_preserved
+from clbench.offload import Parked
 from clbench.priors import PriorSource
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
@@ -101,6 +103,10 @@ class Attribution(CLStrategy):
         gate_power: Gate with Rbar ** gate_power (> 0); 1 is the paper, < 1 strengthens the gate.
         budget: Instead, gate 1 on the share `budget` (0 < q <= 1) of each tensor's elements with the
             highest Rbar and 0 elsewhere; None: the graded gate.
+        offload: Where the single-task models' starting weights wait, and the continual weights and
+            optimizer moments while a prior is computed: "memory" (host memory) or "disk"
+            (safetensors in RUN_DIR/offload, removed after the last prior; lower peak memory, costs
+            writing and reading them once per prior). See clbench/offload.py.
         prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
             trainable parameter) or "float32" (4K bytes, exact).
     """
@@ -121,12 +127,14 @@ class Attribution(CLStrategy):
         gate_power: float = 1.0,
         prior_dtype: Literal["bfloat16", "float32"] = "bfloat16",
         budget: float | None = None,
+        offload: Literal["memory", "disk"] = "memory",
     ) -> None:
         for option, value, allowed in (
             ("gate_target", gate_target, ("grad", "update")),
             ("source", source, ("single_task", "continual")),
             ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "magnitude", "random")),
             ("prior_dtype", prior_dtype, ("bfloat16", "float32")),
+            ("offload", offload, ("memory", "disk")),
         ):
             if value not in allowed:
                 raise ValueError(f"attribution.{option} must be one of {', '.join(allowed)}; got {value!r}")
@@ -148,7 +156,7 @@ class Attribution(CLStrategy):
         self.top_k, self.max_prior_samples = top_k, max_prior_samples
         self.correct_threshold, self.prior_dir = correct_threshold, prior_dir
         self.score_last_task, self.record_continual = score_last_task, record_continual
-        self.gate_power, self.budget = gate_power, budget
+        self.gate_power, self.budget, self.offload = gate_power, budget, offload
         self.rbar: Tensors = {}
         self.gate: Tensors = {}  # what multiplies the step: Rbar ** gate_power
         self.gate_log: dict[str, dict] = {}  # by the task trained under the gate
@@ -163,9 +171,11 @@ class Attribution(CLStrategy):
             prior_dir,
             record_continual,
             prior_dtype,
+            offload,
         )
         self._steps = 0  # optimizer steps of the current task under the update gate
         self._nonzero: dict[str, bool] = {}
+        self._keep: dict[torch.Tensor, torch.Tensor] = {}  # "grad": 1 - gate by parameter, grad's dtype
 
     # -- the gate -------------------------------------------------------------------------------
     def _gated(self, ctx: StrategyContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,12 +190,20 @@ class Attribution(CLStrategy):
             yield p, local(r)
 
     def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
+        """ "grad": g <- (1 - gate) g, one in-place multiply per gated tensor by 1 - gate, made once
+        per gate in the gradient's dtype and device (`_refresh` drops them) and kept: the same
+        numbers as computing it every step, at one gate's memory more (4 B per gated fp32 element)."""
         if self.gate_target != "grad":
             return
         with torch.no_grad():
             for p, r in self._gated(ctx):
-                if p.grad is not None:
-                    local(p.grad).mul_((1 - r).to(p.grad.dtype))
+                if p.grad is None:
+                    continue
+                grad = local(p.grad)
+                keep = self._keep.get(p)
+                if keep is None or keep.dtype != grad.dtype or keep.device != grad.device:
+                    keep = self._keep[p] = (1 - r).to(grad.dtype)
+                grad.mul_(keep)
 
     def update_gate(self, ctx: StrategyContext) -> UpdateGate | None:
         """The gate as the share of each element's update the optimizer's step withholds: theta_new =
@@ -220,6 +238,7 @@ class Attribution(CLStrategy):
         else:
             self.gate = {name: r.pow(self.gate_power) for name, r in self.rbar.items()}
         self._nonzero = {name: bool(local(r).any()) for name, r in self.gate.items()}
+        self._keep = {}  # made again from the new gate at the next step
 
     # -- priors ---------------------------------------------------------------------------------
     def setup(self, ctx: StrategyContext) -> None:
@@ -229,8 +248,10 @@ class Attribution(CLStrategy):
         last = ctx.task_index == len(ctx.stream) - 1
         # scoring iterates data loaders (which draw from the global RNG) and may train a side
         # model: keep the continual run's random stream the same whether a prior is cached or not
-        with rng_preserved(ctx.seed):
+        with rng_preserved(ctx.seed), self._rbar_parked(ctx):
             prior = self.priors.prior(ctx, needed=not last or self.score_last_task)
+        if last:
+            self.priors.close(ctx)
         if self.gate and self.gate_target == "update":
             removed, total = dist.all_reduce_(self._moved).tolist()  # shard sums -> whole-model sums
             entry = self.gate_log.setdefault(ctx.task.name, {})
@@ -254,6 +275,22 @@ class Attribution(CLStrategy):
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "used.json", {"maps": self.priors.used})
             write_json(out / "gate.json", self.gate_log)
+
+    @contextmanager
+    def _rbar_parked(self, ctx: StrategyContext) -> Iterator[None]:
+        """Rbar waits where `offload` says while a prior is computed (nothing gates meanwhile), and
+        the gate is made again from it after."""
+        if not self.rbar:
+            yield
+            return
+        parked = Parked(self.rbar, self.offload, self.priors.offload_dir(ctx) / "rbar", copy=False)
+        self.rbar, self.gate, self._keep, self._nonzero = {}, {}, {}, {}
+        try:
+            yield
+        finally:
+            self.rbar = dict(parked.items())
+            parked.close()
+            self._refresh()
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

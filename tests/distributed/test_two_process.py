@@ -21,6 +21,11 @@ CASES = {
     "lwf": ("--strategy", "lwf"),
     "attribution-grad": ("--strategy", "attribution", *ATTRIBUTION),
     "attribution-update": ("--strategy", "attribution", "--strategy.gate_target", "update", *ATTRIBUTION),
+    # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
+    "attribution-budget-disk": (
+        *("--strategy", "attribution", "--strategy.gate_target", "update", "--strategy.budget", "0.3"),
+        *("--strategy.offload", "disk", *ATTRIBUTION),
+    ),
     "attribution-lora": (
         "--strategy",
         "attribution",
@@ -95,6 +100,7 @@ def test_fsdp2_equals_one_process(toy_setup, case):
         gates = json.loads((two / "importance" / "gate.json").read_text())
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
         assert gates["reverse"]["mean"] > 0  # a real gate, not zeros
+        assert not (two / "offload").exists()  # offloaded shards are removed after the last prior
 
 
 def _close(gates: dict, one: Path) -> bool:
