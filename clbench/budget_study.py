@@ -1,0 +1,167 @@
+"""The matched-budget study: does attribution's choice of parameters beat cheaper or random choices?
+
+    clbench analyze budget runs/compare-study [--baseline seqft]
+
+Reads every finished run of a comparison folder. Runs of the attribution strategy with a `budget`
+(configs/study/) are grouped by importance source (estimator) and budget q; each is paired with the
+baseline run of the same seed. Per (source, q), over seeds: the change in BWT (TRACE) against the
+baseline, the own-task score (the mean of the accuracy matrix's diagonal: plasticity) and its change,
+OP, and the measured share of the update's L1 mass the gate removed (importance/gate.json, averaged
+over the gated tasks; it is measured under gate_target "update" only). Mean and standard error over
+seeds (sample std / sqrt(n)); a difference counts as real only beyond its errors.
+Writes <comparison>/budget_study.md and budget_study.png (one line per source against removed mass).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from clbench.errors import ConfigError
+from clbench.files import write_atomic
+from clbench.reporting import plt, save_figure
+
+SOURCES = ("lrp", "grad_x_weight", "fisher", "magnitude", "random")
+
+
+def _run(folder: Path) -> dict | None:
+    """One finished run: strategy settings, seed and what the study needs from its results."""
+    results_path, config_path = folder / "results.json", folder / "config.yaml"
+    if not (results_path.is_file() and config_path.is_file()):
+        return None
+    results = json.loads(results_path.read_text())
+    if results.get("status") != "complete":
+        return None
+    cfg = yaml.safe_load(config_path.read_text())
+    strategy = cfg.get("strategy") or {}
+    args = strategy.get("init_args") or {}
+    matrix = results["matrix"]
+    diagonal = [matrix[i + 1][i] for i in range(len(results["tasks"]))]
+    gates = folder / "importance" / "gate.json"
+    removed = []
+    if gates.is_file():
+        removed = [
+            e["update_mass_removed"]
+            for e in json.loads(gates.read_text()).values()
+            if "update_mass_removed" in e
+        ]
+    return {
+        "name": folder.name.rsplit("-seed", 1)[0],
+        "class": str(strategy.get("class_path", "")).rsplit(".", 1)[-1].lower(),
+        "estimator": args.get("estimator", "lrp"),
+        "budget": args.get("budget"),
+        "seed": cfg.get("seed_everything"),
+        "bwt": results["summary"]["BWT_TRACE"],
+        "op": results["summary"]["OP"],
+        "own": sum(diagonal) / len(diagonal),
+        "removed": sum(removed) / len(removed) if removed else None,
+    }
+
+
+def _stat(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None with one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def collect(comparison: Path, baseline: str = "seqft") -> dict:
+    """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed}} with (mean, standard error) cells."""
+    runs = [r for f in sorted((comparison / "runs").glob("*-seed*")) if (r := _run(f))]
+    base = {r["seed"]: r for r in runs if r["name"] == baseline}
+    if not base:
+        raise ConfigError(f"{comparison}: no finished {baseline} run to pair with")
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["class"] == "attribution" and r["budget"] is not None and r["seed"] in base:
+            groups[(r["estimator"], float(r["budget"]))].append(r)
+    out = {}
+    for key, rs in sorted(groups.items()):
+        pairs = [(r, base[r["seed"]]) for r in rs]
+        out[key] = {
+            "n": len(rs),
+            "seeds": sorted(r["seed"] for r in rs),
+            "d_bwt": _stat([r["bwt"] - b["bwt"] for r, b in pairs]),
+            "own": _stat([r["own"] for r in rs]),
+            "d_own": _stat([r["own"] - b["own"] for r, b in pairs]),
+            "op": _stat([r["op"] for r in rs]),
+            "removed": _stat([r["removed"] for r in rs])
+            if all(r["removed"] is not None for r in rs)
+            else None,
+        }
+    out[("baseline", 0.0)] = {
+        "n": len(base),
+        "seeds": sorted(base),
+        "bwt": _stat([b["bwt"] for b in base.values()]),
+        "own": _stat([b["own"] for b in base.values()]),
+        "op": _stat([b["op"] for b in base.values()]),
+    }
+    return out
+
+
+def _cell(stat: tuple[float, float | None] | None, signed: bool = False) -> str:
+    if stat is None:
+        return "–"
+    mean, se = stat
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text + (f" ± {se:.3f}" if se is not None else "")
+
+
+def markdown(study: dict, baseline: str) -> str:
+    b = study[("baseline", 0.0)]
+    lines = [
+        f"Baseline {baseline}: {b['n']} seeds {b['seeds']}, BWT (TRACE) {_cell(b['bwt'])}, "
+        f"own-task score {_cell(b['own'])}, OP {_cell(b['op'])} (mean ± standard error).",
+        "",
+        "| source | q | seeds | update mass removed | ΔBWT (TRACE) vs baseline | own-task score "
+        "| Δ own-task | OP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (source, q), s in study.items():
+        if source == "baseline":
+            continue
+        cells = [source, f"{q:g}", str(s["n"]), _cell(s["removed"]), _cell(s["d_bwt"], True)]
+        cells += [_cell(s["own"]), _cell(s["d_own"], True), _cell(s["op"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict, path: Path, baseline: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_source: dict[str, list] = defaultdict(list)
+    for (source, q), s in study.items():
+        if source != "baseline":
+            by_source[source].append((s["removed"][0] if s["removed"] else q, s))
+    for source in sorted(by_source, key=lambda x: SOURCES.index(x) if x in SOURCES else 99):
+        points = sorted(by_source[source], key=lambda p: p[0])
+        xs = [100 * x for x, _ in points]
+        for ax, key in zip(axes, ("d_bwt", "d_own"), strict=True):
+            ys = [s[key][0] for _, s in points]
+            errs = [s[key][1] or 0.0 for _, s in points]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=source)
+    titles = (f"ΔBWT (TRACE) vs {baseline}: higher = less forgetting", f"Δ own-task score vs {baseline}")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("share of the update's L1 mass removed (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def analyze_budget(comparison: Path, baseline: str = "seqft") -> dict:
+    """The study table and plot of a comparison folder; returns the collected cells."""
+    if not (comparison / "runs").is_dir():
+        raise ConfigError(f"{comparison}: not a comparison folder (no runs/ inside)")
+    study = collect(comparison, baseline)
+    write_atomic(comparison / "budget_study.md", markdown(study, baseline))
+    plot(study, comparison / "budget_study.png", baseline)
+    return study

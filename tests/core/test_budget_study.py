@@ -1,0 +1,61 @@
+"""The matched-budget study pairs runs with the baseline by seed and reports mean ± standard error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from clbench.analyze import main
+from clbench.budget_study import collect
+from clbench.errors import ConfigError
+
+
+def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete"):
+    folder = root / "runs" / f"{name}-seed{seed}"
+    (folder / "importance").mkdir(parents=True)
+    n = len(diagonal)
+    matrix = [[None] * n] + [[d if j == i else None for j in range(n)] for i, d in enumerate(diagonal)]
+    results = {"status": status, "tasks": [f"t{i}" for i in range(n)], "matrix": matrix}
+    results["summary"] = {"OP": 0.5, "BWT_TRACE": bwt}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"seed_everything": seed, "strategy": strategy}))
+    if removed is not None:
+        gates = {f"t{i + 1}": {"update_mass_removed": r} for i, r in enumerate(removed)}
+        (folder / "importance" / "gate.json").write_text(json.dumps(gates))
+
+
+def attribution(estimator, q):
+    return {
+        "class_path": "strategies.attribution.Attribution",
+        "init_args": {"estimator": estimator, "budget": q},
+    }
+
+
+def test_runs_are_paired_by_seed_and_summarised(tmp_path):
+    for seed, bwt in ((1, -0.10), (2, -0.20)):
+        write_run(tmp_path, "seqft", seed, bwt, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    write_run(tmp_path, "lrp-q20", 1, -0.05, [0.7, 0.6], attribution("lrp", 0.2), removed=[0.2, 0.3])
+    write_run(tmp_path, "lrp-q20", 2, -0.20, [0.8, 0.5], attribution("lrp", 0.2), removed=[0.1, 0.2])
+    write_run(tmp_path, "lrp-q50", 3, 0.0, [0.5, 0.5], attribution("lrp", 0.5))  # no seqft of seed 3
+    write_run(tmp_path, "random-q20", 1, -0.1, [0.8, 0.6], attribution("random", 0.2), status="running")
+    study = collect(tmp_path)
+    assert set(study) == {("lrp", 0.2), ("baseline", 0.0)}  # unpaired and unfinished runs left out
+    cell = study[("lrp", 0.2)]
+    assert cell["seeds"] == [1, 2]
+    mean, se = cell["d_bwt"]  # paired differences +0.05 and 0.00
+    assert mean == pytest.approx(0.025) and se == pytest.approx(0.025)
+    assert cell["removed"][0] == pytest.approx((0.25 + 0.15) / 2)
+    assert cell["d_own"][0] == pytest.approx(((0.65 - 0.7) + (0.65 - 0.7)) / 2)
+    assert study[("baseline", 0.0)]["bwt"] == pytest.approx((-0.15, 0.05))  # sample std 0.0707 / sqrt(2)
+
+
+def test_cli_writes_table_and_plot_and_refuses_a_folder_without_baseline(tmp_path):
+    write_run(tmp_path, "seqft", 1, -0.1, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    write_run(tmp_path, "magnitude-q05", 1, -0.08, [0.8, 0.6], attribution("magnitude", 0.05), removed=[0.05])
+    main(["budget", str(tmp_path)])
+    assert "| magnitude | 0.05 | 1 |" in (tmp_path / "budget_study.md").read_text()
+    assert (tmp_path / "budget_study.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="no finished other run"):
+        main(["budget", str(tmp_path), "--baseline", "other"])
