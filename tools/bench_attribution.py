@@ -72,7 +72,7 @@ def bench(label: str, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int
     print(f"{label:<34} N={ids.shape[0]} T={ids.shape[1]}  " + "  ".join(parts), flush=True)
 
 
-def tiny_llama(dtype: torch.dtype, vocab_size: int = 512):
+def tiny_llama(dtype: torch.dtype, vocab_size: int = 512, max_position_embeddings: int = 256):
     """A random 2-layer, 64-wide Llama (the benchmarks' small model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,7 +84,7 @@ def tiny_llama(dtype: torch.dtype, vocab_size: int = 512):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
     )
     return LlamaForCausalLM(config).to(dtype)
 
