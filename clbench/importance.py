@@ -58,12 +58,13 @@ def normalise(relevance: Tensor | RowMap, eps: float = EPS, sharded: bool = Fals
     one: its untouched elements are 0 and log1p(0) = 0 never raises the maximum over its rows."""
     if isinstance(relevance, RowMap):
         return RowMap(relevance.rows, normalise(relevance.values, eps, sharded), relevance.shape)
-    relevance = relevance.float()
-    mag = relevance.abs().log1p()  # (B, *shape)
-    peak = mag.reshape(mag.shape[0], -1).amax(1) if mag[0].numel() else mag.new_zeros(mag.shape[0])
+    # one temporary the size of the maps: sign(R) log1p|R| / d == copysign(log1p|R| / d, R) exactly
+    out = relevance.abs().float().log1p_()  # (B, *shape)
+    peak = out.reshape(out.shape[0], -1).amax(1) if out[0].numel() else out.new_zeros(out.shape[0])
     if sharded:
         dist.all_reduce_(peak, "max")
-    return relevance.sign() * mag / (peak.view(-1, *[1] * (mag.dim() - 1)) + eps)
+    out.div_(peak.view(-1, *[1] * (out.dim() - 1)) + eps)
+    return out.copysign_(relevance.float() if relevance.dtype != torch.float32 else relevance)
 
 
 class TopKMean:
