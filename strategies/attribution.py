@@ -190,8 +190,8 @@ class Attribution(CLStrategy):
 
     def on_before_optimizer_step(self, ctx: StrategyContext, optimizer: torch.optim.Optimizer) -> None:
         """ "grad": g <- (1 - gate) g as g - g gate, one fused in-place op per gated tensor: no
-        temporary and no second tensor beside the gate (the same numbers as multiplying by 1 - gate
-        on SmolLM2's embedding gradient, and as fast)."""
+        temporary and no second tensor beside the gate (within fp32 rounding of multiplying by
+        1 - gate, exact at gates 0 and 1, and as fast)."""
         if self.gate_target != "grad":
             return
         with torch.no_grad():
