@@ -80,9 +80,18 @@ def package_versions() -> dict[str, str]:
 
 
 def peak_memory_mb() -> float:
-    """Peak accelerator memory when on CUDA, else the process's peak resident set size."""
+    """Peak accelerator memory when on CUDA, else the process's peak resident set size.
+
+    On Linux that is VmHWM of /proc/self/status: getrusage's ru_maxrss survives fork and exec, so a
+    run started by a large process (a compare, a benchmark holding a model) would report its
+    parent's size whenever its own peak is smaller."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -111,8 +111,9 @@ def fit_peak_mb(config: Path, args: list[str], name: str, folder: Path) -> float
 def floor_mb() -> float:
     """Peak resident set of a process that imports what `clbench fit` imports and loads nothing."""
     code = (
-        "import resource, clbench.cli, clbench.runner, strategies, torch, transformers, lightning, peft\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import clbench.cli, strategies, torch, transformers, lightning, peft\n"
+        "from clbench.runner import peak_memory_mb\n"
+        "print(peak_memory_mb())"
     )
     return float(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -129,3 +129,19 @@ def test_training_order_does_not_depend_on_what_was_evaluated(trace_dir, tiny_mo
         res = json.loads((tmp_path / evaluate / "run" / "results.json").read_text())
         losses.append([res["per_task"][t]["loss_after"] for t in res["tasks"]])
     assert losses[0] == losses[1]
+
+
+def test_peak_memory_is_the_process_own_not_a_large_parents(tmp_path):
+    """A run started by a process holding 1.5 GB (a compare, a benchmark with a model loaded) reports
+    its own peak: getrusage's ru_maxrss would inherit the parent's across fork and exec."""
+    import subprocess
+    import sys
+
+    import torch
+
+    held = torch.ones(1500 * 2**20, dtype=torch.uint8)  # resident: every page written
+    code = "from clbench.runner import peak_memory_mb; print(peak_memory_mb())"
+    child = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert held.sum() > 0 and child < 1400
