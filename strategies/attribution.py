@@ -246,7 +246,7 @@ class Attribution(CLStrategy):
             prior = self.priors.prior(ctx, needed=not last or self.score_last_task)
         if last:
             self.priors.close(ctx)
-        if self.gate and self.gate_target == "update":
+        if self.rbar and self.gate_target == "update":  # a gate trained this task
             removed, total = dist.all_reduce_(self._moved).tolist()  # shard sums -> whole-model sums
             entry = self.gate_log.setdefault(ctx.task.name, {})
             entry["update_mass_removed"] = removed / total if total else 0.0
@@ -264,6 +264,8 @@ class Attribution(CLStrategy):
                 f"clbench: attribution gate for {following}: mean {stats.get('mean', 0.0):.4f}, "
                 f"{stats.get('share_above_0.5', 0.0):.3%} of elements above 0.5 (importance/gate.json)"
             )
+        else:
+            self._refresh()  # the gate of the Rbar that waited while the prior was computed
         if ctx.writes:
             out = Path(ctx.run_dir) / "importance"
             out.mkdir(parents=True, exist_ok=True)
@@ -272,8 +274,8 @@ class Attribution(CLStrategy):
 
     @contextmanager
     def _rbar_parked(self, ctx: StrategyContext) -> Iterator[None]:
-        """Rbar waits where `offload` says while a prior is computed (nothing gates meanwhile), and
-        the gate is made again from it after."""
+        """Rbar waits where `offload` says while a prior is computed (nothing gates meanwhile); the
+        caller makes the gate again from it after (once, with the new prior folded in)."""
         if not self.rbar:
             yield
             return
@@ -284,7 +286,6 @@ class Attribution(CLStrategy):
         finally:
             self.rbar = dict(parked.items())
             parked.close()
-            self._refresh()
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -87,13 +87,14 @@ def write_trace_folder(root: Path, tasks: dict[str, dict[str, list[dict]]]) -> P
     return root
 
 
-def quiet_trainer(steps: int, accumulate: int = 1):
+def quiet_trainer(steps: int, accumulate: int = 1, clip: float | None = None):
     """A CPU Lightning Trainer for a few steps, with no logger, checkpoint or progress bar."""
     import lightning.pytorch as pl
 
     return pl.Trainer(
         max_steps=steps,
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -485,6 +485,20 @@ def test_bad_options_name_themselves(kwargs, option):
         Attribution(**kwargs)
 
 
+class WaitingSpy(list):
+    """The side-fit record of full_ctx; also notes, during each side fit, whether the module still
+    holds its optimizer moments and which offloaded sets are on disk."""
+
+    def __init__(self, module, folder) -> None:
+        super().__init__()
+        self.module, self.folder, self.seen = module, folder, []
+
+    def append(self, task) -> None:
+        on_disk = sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else []
+        self.seen.append((bool(self.module._saved_optimizer_state), on_disk))
+        super().append(task)
+
+
 def test_offload_to_disk_gives_the_same_priors_and_restores_weights_and_moments(
     make_module, stream_of, make_ctx, tmp_path
 ):
@@ -500,7 +514,10 @@ def test_offload_to_disk_gives_the_same_priors_and_restores_weights_and_moments(
             n: {k: v.clone() for k, v in st.items()} for n, st in module._saved_optimizer_state.items()
         }
         assert moments  # there is carried state to park
-        strat = run_priors(module, stream, tmp_path / where, tmp_path / f"p-{where}", [], offload=where)
+        spy = WaitingSpy(module, tmp_path / where / "offload" / "rank0")
+        strat = run_priors(module, stream, tmp_path / where, tmp_path / f"p-{where}", spy, offload=where)
+        on_disk = ["continual", "moments", "rbar", "start"] if where == "disk" else []
+        assert spy.seen == [(False, on_disk)]  # the moments left the module; on disk, as files
         assert all(torch.equal(p, weights[n]) for n, p in params_of(module).items())
         state = module._saved_optimizer_state
         assert state.keys() == moments.keys()

@@ -1,9 +1,9 @@
 """EWC: the penalty is zero at the anchor, its gradient is lambda F (theta - theta*), Fisher is right;
 the gradient added in the optimizer-step hook trains exactly as the penalty in the loss did."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from toydata import quiet_trainer
 
 from strategies.ewc import EWC, ewc_penalty
 from strategies.seqft import SeqFT
@@ -96,16 +96,7 @@ def test_steps_equal_the_penalty_in_the_loss(make_module, make_ctx, stream_of, a
         module.attach(strategy, ctx)
         strategy.on_task_start(ctx)
         torch.manual_seed(1)  # the same shuffled batches
-        trainer = pl.Trainer(
-            max_steps=3,
-            accumulate_grad_batches=accumulate,
-            gradient_clip_val=clip,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        )
+        trainer = quiet_trainer(3, accumulate, clip)
         trainer.fit(module, train_dataloaders=ctx.services.make_loader(ctx.task.train, True))
         grads[label] = getattr(strategy, "grads", None)
         weights[label] = {n: p.detach().clone() for n, p in module.trainable_parameters().items()}
