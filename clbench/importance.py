@@ -71,10 +71,14 @@ class TopKMean:
     """Eq. 11, streaming: the K largest values seen per element, and their mean.
 
     K slots per element in `dtype` (bf16: 2K bytes per element; fp32 is exact), merged in place one
-    sample at a time: while fewer than K samples are in, a sample fills the next slot; after that each
-    element's smallest slot takes the sample's value where it is larger. `mean` is fp32 and, in fp32,
-    bit for bit the mean of the values in arrival order (n <= K) or sorted descending (n > K, the
-    order torch.topk gives). A RowMap's untouched elements count as the value 0.
+    sample at a time: while fewer than K samples are in, a sample fills the next slot; the sample
+    that finds them full sorts them (descending, per element) and is inserted, and so is every later
+    one: an insertion network of K max/min pairs over contiguous slot rows keeps each element's K
+    largest values sorted, and the smallest falls out. Why not "replace each element's smallest
+    slot": its min and scatter over the K-strided slots cost 6x the network per element and sample,
+    and a prior folds up to max_prior_samples samples into every element. `mean` is fp32 and, in
+    fp32, bit for bit the mean of the values in arrival order (n <= K) or sorted descending (n > K,
+    the order torch.topk gives). A RowMap's untouched elements count as the value 0.
     """
 
     def __init__(self, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -100,13 +104,9 @@ class TopKMean:
             self.count[name] += 1
 
     def mean(self, name: str) -> Tensor:
-        """The fp32 mean of each element's slots (sorting them in place first when n > K)."""
+        """The fp32 mean of each element's slots."""
         n = self.count[name]
-        kept = self.slots[name][: min(n, self.k)]
-        if n > self.k:
-            flat = kept.view(self.k, -1)
-            for cols in _spans(flat.shape[1]):
-                flat[:, cols] = flat[:, cols].sort(0, descending=True).values
+        kept = self.slots[name][: min(n, self.k)]  # n > K: sorted descending by the folds
         if kept.dtype == torch.float32:
             return kept.mean(0)  # the reduction of the contiguous (K, *shape) topk values: the same bits
         out = torch.zeros(kept.shape[1:], dtype=torch.float32, device=kept.device)
@@ -131,9 +131,19 @@ def _fold(slots: Tensor, filled: int, value: Tensor) -> None:
         slots[filled] = value
         return
     for cols in _spans(slots.shape[1]):
-        part = slots[:, cols]
-        low, at = part.min(0)
-        part.scatter_(0, at[None], torch.maximum(low, value[cols] if value.dim() else value)[None])
+        _insert(slots[:, cols], filled, value[cols] if value.dim() else value)
+
+
+def _insert(part: Tensor, filled: int, value: Tensor) -> None:
+    """`value` ((n,) or 0-dim) into full slots `part` (K, n), kept sorted descending per element
+    (sorted here when they first become full, `filled` == K); the smallest of the K + 1 drops out."""
+    if filled == part.shape[0]:
+        part.copy_(part.sort(0, descending=True).values)
+    value, spare = value.expand(part.shape[1:]).clone(), torch.empty_like(part[0])
+    for row in part:  # row i keeps the larger, the smaller moves on to row i + 1
+        torch.minimum(row, value, out=spare)
+        torch.maximum(row, value, out=row)
+        value, spare = spare, value
 
 
 def _fold_rows(slots: Tensor, filled: int, rows: Tensor, value: Tensor) -> None:
