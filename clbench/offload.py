@@ -10,6 +10,9 @@ trained and been scored. Where they wait decides that phase's peak memory:
   at most one part of them while writing and one tensor while reading. It costs writing and reading
   them once per prior.
 
+"auto" (attribution's default) is "disk" when the parameters live on the CPU, where host memory is
+the memory training uses and "memory" would free nothing, and "memory" on an accelerator.
+
 Files are written in parts of at most PART_BYTES (safetensors serialises a whole file in memory
 before writing it), each part atomically.
 """
@@ -31,6 +34,16 @@ from clbench.files import atomic_path
 
 Where = Literal["memory", "disk"]
 PART_BYTES = 1 << 28
+
+
+def resolve(setting: str, device: torch.device) -> Where:
+    """Where state waits for an offload setting ("memory", "disk" or "auto") and the device the
+    parameters live on: "auto" parks on disk only when that device is the host itself."""
+    if setting == "auto":
+        return "disk" if torch.device(device).type == "cpu" else "memory"
+    if setting not in ("memory", "disk"):
+        raise ValueError(f"offload must be memory, disk or auto, got {setting!r}")
+    return setting
 
 
 class Parked:

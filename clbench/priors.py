@@ -35,7 +35,7 @@ from clbench.importance import (
     rng_preserved,
     task_prior,
 )
-from clbench.offload import Parked, Where
+from clbench.offload import Parked, Where, resolve
 from clbench.strategy import StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -58,7 +58,7 @@ class PriorSource:
         prior_dir: str | None,
         record_continual: bool,
         prior_dtype: str = "bfloat16",
-        offload: Where = "memory",
+        offload: str = "auto",
     ) -> None:
         self.source, self.estimator = source, "lrp" if estimator == "random" else estimator
         self.top_k, self.max_prior_samples = top_k, max_prior_samples
@@ -72,12 +72,12 @@ class PriorSource:
         if self.source == "single_task" and self.start is None:
             # the start of every single-task model: this rank's shards, in host memory or on disk
             params = ctx.module.trainable_parameters()
-            self.start = Parked(params, self.offload, self.offload_dir(ctx) / "start", copy=True)
+            self.start = Parked(params, self.where(ctx), self.offload_dir(ctx) / "start", copy=True)
 
     def prior(self, ctx: StrategyContext, needed: bool) -> Tensors | None:
         """Task t's prior (None when not needed), recording continual maps when asked. Meanwhile the
         continual run's optimizer moments wait where `offload` says."""
-        with ctx.module.optimizer_state_parked(self.offload, self.offload_dir(ctx) / "moments"):
+        with ctx.module.optimizer_state_parked(self.where(ctx), self.offload_dir(ctx) / "moments"):
             if self.source == "continual":
                 return self._continual_map(ctx) if needed or self.record_continual else None
             if self.record_continual and ctx.task_index > 0:
@@ -92,6 +92,11 @@ class PriorSource:
         shutil.rmtree(self.offload_dir(ctx), ignore_errors=True)
         with contextlib.suppress(OSError):  # the last rank to finish removes the folder
             self.offload_dir(ctx).parent.rmdir()
+
+    def where(self, ctx: StrategyContext) -> Where:
+        """Where state waits: `offload`, with "auto" decided by the device the parameters live on."""
+        first = next(iter(ctx.module.trainable_parameters().values()))
+        return resolve(self.offload, dist.local(first).device)
 
     def offload_dir(self, ctx: StrategyContext) -> Path:
         """This rank's folder of offloaded tensors (offload "disk"), removed by `close`."""
@@ -205,7 +210,7 @@ class PriorSource:
     def _starting_weights(self, ctx: StrategyContext) -> Iterator[None]:
         """Starting weights and the run seed inside; the continual weights and RNG state after."""
         params = ctx.module.trainable_parameters()
-        continual = Parked(params, self.offload, self.offload_dir(ctx) / "continual", copy=True)
+        continual = Parked(params, self.where(ctx), self.offload_dir(ctx) / "continual", copy=True)
         try:
             with rng_preserved(ctx.seed):
                 _copy_into(params, self.start.items())

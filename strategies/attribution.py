@@ -103,10 +103,12 @@ class Attribution(CLStrategy):
         gate_power: Gate with Rbar ** gate_power (> 0); 1 is the paper, < 1 strengthens the gate.
         budget: Instead, gate 1 on the share `budget` (0 < q <= 1) of each tensor's elements with the
             highest Rbar and 0 elsewhere; None: the graded gate.
-        offload: Where the single-task models' starting weights wait, and the continual weights and
-            optimizer moments while a prior is computed: "memory" (host memory) or "disk"
+        offload: Where the single-task models' starting weights wait, and the continual weights,
+            optimizer moments and Rbar while a prior is computed: "memory" (host memory), "disk"
             (safetensors in RUN_DIR/offload, removed after the last prior; lower peak memory, costs
-            writing and reading them once per prior). See clbench/offload.py.
+            writing and reading them once per prior) or "auto": disk when training runs on the
+            CPU (host memory is then the training memory), memory on an accelerator. See
+            clbench/offload.py.
         prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
             trainable parameter) or "float32" (4K bytes, exact).
     """
@@ -127,14 +129,14 @@ class Attribution(CLStrategy):
         gate_power: float = 1.0,
         prior_dtype: Literal["bfloat16", "float32"] = "bfloat16",
         budget: float | None = None,
-        offload: Literal["memory", "disk"] = "memory",
+        offload: Literal["auto", "memory", "disk"] = "auto",
     ) -> None:
         for option, value, allowed in (
             ("gate_target", gate_target, ("grad", "update")),
             ("source", source, ("single_task", "continual")),
             ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "magnitude", "random")),
             ("prior_dtype", prior_dtype, ("bfloat16", "float32")),
-            ("offload", offload, ("memory", "disk")),
+            ("offload", offload, ("auto", "memory", "disk")),
         ):
             if value not in allowed:
                 raise ValueError(f"attribution.{option} must be one of {', '.join(allowed)}; got {value!r}")
@@ -279,7 +281,7 @@ class Attribution(CLStrategy):
         if not self.rbar:
             yield
             return
-        parked = Parked(self.rbar, self.offload, self.priors.offload_dir(ctx) / "rbar", copy=False)
+        parked = Parked(self.rbar, self.priors.where(ctx), self.priors.offload_dir(ctx) / "rbar", copy=False)
         self.rbar, self.gate, self._nonzero = {}, {}, {}
         try:
             yield

@@ -66,10 +66,10 @@ RUNS: dict[str, list[str]] = {
     "lwf": ["--strategy", "lwf"],
     "freeze": ["--strategy", "freeze", "--strategy.lower_layers", "1"],
     "multitask": ["--strategy", "multitask"],
-    "attribution": ATTRIBUTION,
-    "attribution, offload disk": [*ATTRIBUTION, "--strategy.offload", "disk"],
+    "attribution": ATTRIBUTION,  # offload "auto": disk when training on the CPU
+    "attribution, offload memory": [*ATTRIBUTION, "--strategy.offload", "memory"],
 }
-LORA_RUNS = ("seqft", "attribution", "attribution, offload disk")
+LORA_RUNS = ("seqft", "attribution", "attribution, offload memory")
 
 
 # -- memory of whole runs ----------------------------------------------------------------------

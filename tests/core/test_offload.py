@@ -30,6 +30,14 @@ def test_parked_tensors_come_back_exactly_and_close_removes_them(tmp_path, monke
     assert not (tmp_path / "p").exists() and dict(parked.items()) == {}
 
 
+def test_auto_parks_on_disk_only_when_the_parameters_are_on_the_host():
+    assert offload.resolve("auto", torch.device("cpu")) == "disk"
+    assert offload.resolve("auto", torch.device("cuda", 0)) == "memory"  # host memory frees the GPU
+    assert offload.resolve("memory", torch.device("cpu")) == "memory"
+    with pytest.raises(ValueError, match="offload"):
+        offload.resolve("gpu", torch.device("cpu"))
+
+
 def test_bad_place_is_refused(tmp_path):
     with pytest.raises(ValueError, match="offload"):
         Parked({}, "gpu", tmp_path, copy=False)
