@@ -1,7 +1,8 @@
 """clbench's benchmark suite: every strategy's cost, measured side by side, written to BENCHMARKS.md.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tools/bench.py [--models smollm2-135m-instruct,tiny]
-        [--only memory,steps,scoring,generation,growth,seq_len] [--write]
+        [--only memory,steps,scoring_vs_training,scoring_vs_training_n32,generation,gate_growth,
+               scoring_vs_seq_len] [--write]
 
 Sections (each a ratio measured in one process or one sitting, so a shared machine moves A and B
 alike; `--write` puts each (section, model) into its own marked part of BENCHMARKS.md with the
@@ -257,7 +258,13 @@ def sections() -> dict[str, Callable[[str, str, Path], str]]:
 
         return run
 
-    names = ("scoring_vs_training", "generation", "gate_growth", "scoring_vs_seq_len")
+    names = (
+        "scoring_vs_training",
+        "scoring_vs_training_n32",
+        "generation",
+        "gate_growth",
+        "scoring_vs_seq_len",
+    )
     return {"memory": mem, "steps": steps, **{n: scaling(n) for n in names}}
 
 

@@ -10,6 +10,8 @@ as a small table under a one-line caption. tools/bench.py imports them with tool
 
   scoring_vs_training   a task prior (clbench.importance.task_prior: LRP, K 8, bf16 top-K, chunk 4)
                         against a bf16-autocast training forward + backward on the same sequences
+  scoring_vs_training_n32  the same over 32 sequences: more samples than K, so every element's full
+                        slots take the top-K insertion too, as in a run's prior (up to 64 samples)
   generation            clbench's batched greedy generation (Runner -> Evaluator -> Trainer.predict ->
                         CLModule.generate, left padding) at batch 8 against the same prompts one by one
   gate_growth           bytes the attribution strategy holds after folding the priors of 1..8 tasks
@@ -698,8 +700,14 @@ def scoring_vs_seq_len(
 # -- reporting --------------------------------------------------------------------------------
 
 
+def scoring_vs_training_n32(model: str = "tiny") -> dict:
+    """`scoring_vs_training` over 32 samples: with N > K the top-K merge's insertion runs too."""
+    return scoring_vs_training(model, n=32)
+
+
 MEASUREMENTS: dict[str, Callable[..., dict]] = {
     "scoring_vs_training": scoring_vs_training,
+    "scoring_vs_training_n32": scoring_vs_training_n32,
     "generation": generation,
     "gate_growth": gate_growth,
     "scoring_vs_seq_len": scoring_vs_seq_len,
@@ -836,6 +844,7 @@ def _md_scoring_vs_seq_len(res: dict, label: str) -> list[str]:
 
 RENDERERS = {
     "scoring_vs_training": _md_scoring_vs_training,
+    "scoring_vs_training_n32": _md_scoring_vs_training,
     "generation": _md_generation,
     "gate_growth": _md_gate_growth,
     "scoring_vs_seq_len": _md_scoring_vs_seq_len,
