@@ -1,5 +1,5 @@
 """`clbench analyze importance RUN_DIR`: how much tasks' importance maps overlap, per layer.
-(`clbench analyze budget COMPARISON`: the matched-budget study, clbench/budget_study.py.)
+(`clbench analyze budget COMPARISON [COMPARISON ...]`: the matched-budget study, clbench/budget_study.py.)
 
 The paper's Figure 1 (arXiv 2605.05285): for each layer (all of its trainable tensors flattened
 together), the top-k overlap |top(a) & top(b)| / k of two maps' k = top_fraction x n largest
@@ -173,16 +173,16 @@ def main(argv: list[str]) -> None:
     imp.add_argument("run_dir", type=Path)
     imp.add_argument("--top", type=float, default=0.05, help="top fraction compared (default 0.05)")
     imp.add_argument("--max_elements", type=int, default=1_000_000, help="per-layer subsample size")
-    bud = sub.add_parser("budget", help="the matched-budget study of a comparison folder")
-    bud.add_argument("comparison", type=Path)
+    bud = sub.add_parser("budget", help="the matched-budget study of one or more comparison folders")
+    bud.add_argument("comparison", type=Path, nargs="+")
     bud.add_argument("--baseline", default="seqft", help="the entry each run is paired with by seed")
+    bud.add_argument("--out", type=Path, help="folder of budget_study.md/.png (default: the first one)")
     args = p.parse_args(argv)
     if args.analysis == "budget":
-        study = analyze_budget(args.comparison, args.baseline)
+        study = analyze_budget(args.comparison, args.baseline, args.out)
+        out = args.out or args.comparison[0]
         print(markdown(study, args.baseline))
-        print(
-            f"clbench analyze: {args.comparison / 'budget_study.md'}, {args.comparison / 'budget_study.png'}"
-        )
+        print(f"clbench analyze: {out / 'budget_study.md'}, {out / 'budget_study.png'}")
         return
     if not 0 < args.top <= 1:
         raise ConfigError(f"--top must be in (0, 1], got {args.top}")

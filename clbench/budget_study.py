@@ -1,15 +1,19 @@
 """The matched-budget study: does attribution's choice of parameters beat cheaper or random choices?
 
-    clbench analyze budget runs/compare-study [--baseline seqft]
+    clbench analyze budget runs/study [runs/study-b ...] [--baseline seqft] [--out DIR]
 
-Reads every finished run of a comparison folder. Runs of the attribution strategy with a `budget`
-(configs/study/) are grouped by importance source (estimator) and budget q; each is paired with the
-baseline run of the same seed. Per (source, q), over seeds: the change in BWT (TRACE) against the
-baseline, the own-task score (the mean of the accuracy matrix's diagonal: plasticity) and its change,
-OP, and the measured share of the update's L1 mass the gate removed (importance/gate.json, averaged
-over the gated tasks; it is measured under gate_target "update" only). Mean and standard error over
+Reads every finished run of one or more comparison folders (a study split over folders so that its
+parts can run side by side). Runs of the attribution strategy with a `budget` (configs/study/) are
+grouped by importance source (estimator) and budget q; each is paired with the baseline run of the
+same seed. Per (source, q), over seeds: the change in BWT (TRACE) against the baseline, the own-task
+score (the mean of the accuracy matrix's diagonal: plasticity) and its change, OP, the measured
+share of the update's L1 mass the gate removed (importance/gate.json, averaged over the gated tasks;
+measured under gate_target "update" only), and, for every source but random, the change in BWT and
+own-task score against the random choice at the same q on the same seeds: the matched control, the
+comparison that says whether the source's choice of elements matters. Mean and standard error over
 seeds (sample std / sqrt(n)); a difference counts as real only beyond its errors.
-Writes <comparison>/budget_study.md and budget_study.png (one line per source against removed mass).
+Writes budget_study.md and budget_study.png (one line per source against removed mass) into the
+first folder or --out.
 """
 
 from __future__ import annotations
@@ -72,12 +76,15 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var / n)
 
 
-def collect(comparison: Path, baseline: str = "seqft") -> dict:
-    """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed}} with (mean, standard error) cells."""
-    runs = [r for f in sorted((comparison / "runs").glob("*-seed*")) if (r := _run(f))]
+def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
+    """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random}} with (mean, standard
+    error) cells, from the finished runs of one or more comparison folders."""
+    folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
+    runs = [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := _run(f))]
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:
-        raise ConfigError(f"{comparison}: no finished {baseline} run to pair with")
+        names = ", ".join(str(c) for c in folders)
+        raise ConfigError(f"{names}: no finished {baseline} run to pair with")
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in runs:
         if r["class"] == "attribution" and r["budget"] is not None and r["seed"] in base:
@@ -95,6 +102,7 @@ def collect(comparison: Path, baseline: str = "seqft") -> dict:
             "removed": _stat([r["removed"] for r in rs])
             if all(r["removed"] is not None for r in rs)
             else None,
+            "vs_random": _against(rs, groups.get(("random", key[1]), [])) if key[0] != "random" else None,
         }
     out[("baseline", 0.0)] = {
         "n": len(base),
@@ -104,6 +112,19 @@ def collect(comparison: Path, baseline: str = "seqft") -> dict:
         "op": _stat([b["op"] for b in base.values()]),
     }
     return out
+
+
+def _against(runs: list[dict], control: list[dict]) -> dict | None:
+    """Paired by seed: this source's BWT and own-task score minus the control's (None: no shared seed)."""
+    by_seed = {c["seed"]: c for c in control}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    if not pairs:
+        return None
+    return {
+        "n": len(pairs),
+        "d_bwt": _stat([r["bwt"] - c["bwt"] for r, c in pairs]),
+        "d_own": _stat([r["own"] - c["own"] for r, c in pairs]),
+    }
 
 
 def _cell(stat: tuple[float, float | None] | None, signed: bool = False) -> str:
@@ -121,14 +142,16 @@ def markdown(study: dict, baseline: str) -> str:
         f"own-task score {_cell(b['own'])}, OP {_cell(b['op'])} (mean ± standard error).",
         "",
         "| source | q | seeds | update mass removed | ΔBWT (TRACE) vs baseline | own-task score "
-        "| Δ own-task | OP |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Δ own-task | OP | ΔBWT vs random at q | Δ own-task vs random at q |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (source, q), s in study.items():
         if source == "baseline":
             continue
         cells = [source, f"{q:g}", str(s["n"]), _cell(s["removed"]), _cell(s["d_bwt"], True)]
         cells += [_cell(s["own"]), _cell(s["d_own"], True), _cell(s["op"])]
+        vs = s.get("vs_random")
+        cells += [_cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -157,11 +180,15 @@ def plot(study: dict, path: Path, baseline: str) -> None:
     save_figure(fig, path)
 
 
-def analyze_budget(comparison: Path, baseline: str = "seqft") -> dict:
-    """The study table and plot of a comparison folder; returns the collected cells."""
-    if not (comparison / "runs").is_dir():
-        raise ConfigError(f"{comparison}: not a comparison folder (no runs/ inside)")
-    study = collect(comparison, baseline)
-    write_atomic(comparison / "budget_study.md", markdown(study, baseline))
-    plot(study, comparison / "budget_study.png", baseline)
+def analyze_budget(comparisons: list[Path], baseline: str = "seqft", out: Path | None = None) -> dict:
+    """The study table and plot of one or more comparison folders (written into `out`, default the
+    first folder); returns the collected cells."""
+    for comparison in comparisons:
+        if not (comparison / "runs").is_dir():
+            raise ConfigError(f"{comparison}: not a comparison folder (no runs/ inside)")
+    study = collect(comparisons, baseline)
+    out = out or comparisons[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "budget_study.md", markdown(study, baseline))
+    plot(study, out / "budget_study.png", baseline)
     return study

@@ -59,3 +59,27 @@ def test_cli_writes_table_and_plot_and_refuses_a_folder_without_baseline(tmp_pat
     assert (tmp_path / "budget_study.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="no finished other run"):
         main(["budget", str(tmp_path), "--baseline", "other"])
+
+
+def test_folders_are_read_together_and_each_source_is_paired_with_random_at_its_budget(tmp_path):
+    """The matched control: LRP minus random at the same q on the same seeds, from a study split over
+    two folders; a seed random did not run is left out of that pairing only."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, bwt in ((1, -0.10), (2, -0.20), (3, -0.15)):
+        write_run(b, "seqft", seed, bwt, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    for seed, bwt in ((1, -0.04), (2, -0.16), (3, -0.15)):
+        write_run(a, "lrp-q20", seed, bwt, [0.7, 0.6], attribution("lrp", 0.2))
+    for seed, bwt in ((1, -0.08), (2, -0.17)):
+        write_run(a, "random-q20", seed, bwt, [0.8, 0.6], attribution("random", 0.2))
+    write_run(a, "random-q50", 1, -0.05, [0.6, 0.6], attribution("random", 0.5))
+    study = collect([a, b])
+    lrp = study[("lrp", 0.2)]
+    assert lrp["n"] == 3 and lrp["vs_random"]["n"] == 2
+    mean, se = lrp["vs_random"]["d_bwt"]  # +0.04 and +0.01
+    assert mean == pytest.approx(0.025) and se == pytest.approx(0.015)
+    assert lrp["vs_random"]["d_own"][0] == pytest.approx(-0.05)
+    assert study[("random", 0.2)]["vs_random"] is None
+    main(["budget", str(a), str(b), "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "budget_study.md").read_text()
+    assert "| lrp | 0.2 | 3 |" in table and "+0.025 ± 0.015" in table
+    assert not (a / "budget_study.md").exists()
