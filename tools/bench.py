@@ -16,6 +16,11 @@ command, the commit and the machine, replacing that part only):
   projection per GPU for Llama-3.2-3B (full fine-tuning and LoRA r 8) on 1 and 8 GPUs under FSDP2,
   which shards every per-parameter state alike; activations and the runtime are not in it.
 - steps: training step time of every strategy against seqft's (tools/bench_gate.py).
+- wall (bundled model only): whole quickstart runs (configs/quickstart.yaml, as a user runs it, no
+  checkpoints) of seqft, attribution scoring new priors and attribution reusing them, one after the
+  other, each a `clbench fit` process: wall and CPU time as ratios to seqft's, and where an
+  attribution run's extra time goes (side training, generation for the correct-sample filter,
+  scoring; importance/used.json).
 - scoring, generation, growth, seq_len: task-prior scoring against a training forward + backward,
   batched against one-at-a-time generation, the attribution gate's memory after 1-8 tasks, and
   scoring time and memory against sequence length (tools/bench_scaling.py).
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -210,6 +216,80 @@ def projection_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# -- wall time of whole runs -------------------------------------------------------------------
+WALL_RUNS = {
+    "seqft": ["--strategy", "seqft"],
+    "attribution, new priors": ["--strategy", "attribution"],
+    "attribution, cached priors": ["--strategy", "attribution"],  # the same key: every prior reused
+}
+
+
+def wall_times(model: str, folder: Path) -> dict:
+    """Each WALL_RUNS entry as one quickstart `clbench fit` child: wall and CPU seconds (the child's
+    user + system time: with OMP_NUM_THREADS=1 the work done, whatever else shares the machine), its
+    train and eval seconds, and the seconds of each prior part its used.json records."""
+    out = {}
+    for name, args in WALL_RUNS.items():
+        where = ["--run.output_dir", str(folder / "runs"), "--run.name", slug(name)]
+        extra = ["--strategy.prior_dir", str(folder / "priors")] if "attribution" in args else []
+        cmd = [sys.executable, "-m", "clbench", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
+        cmd += [
+            *args,
+            *extra,
+            "--model.model",
+            model,
+            "--stream.data_root",
+            str(ROOT / "data" / "quickstart"),
+        ]
+        cmd += [*where, "--run.checkpoints", "none", "--run.resumable", "false"]
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+        done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+        wall, after = time.time() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        run = folder / "runs" / slug(name)
+        timings = json.loads((run / "results.json").read_text())["timings"]
+        parts: dict[str, float] = {}
+        used = run / "importance" / "used.json"
+        for entry in json.loads(used.read_text())["maps"] if used.is_file() else []:
+            for part, sec in entry.get("seconds", {}).items():
+                parts[part] = parts.get(part, 0.0) + sec
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        out[name] = {
+            "wall": wall,
+            "cpu": cpu,
+            "train": timings["train_s"],
+            "eval": timings["eval_s"],
+            **parts,
+        }
+    return out
+
+
+def wall_markdown(result: dict) -> str:
+    base = result["seqft"]
+    lines = [
+        "### Wall time of whole quickstart runs: seqft against attribution",
+        "",
+        "`configs/quickstart.yaml` (4 tasks, full matrix), checkpoints off; attribution as the defaults "
+        "set it (single-task priors, LRP, up to 128 samples, correct-sample filter). Train and eval "
+        "are the run's own clocks; an attribution run's priors are scored inside its train time "
+        "(side training, the filter's generation, scoring: seconds summed over its priors).",
+        "",
+        "| run | wall | vs seqft (wall) | CPU | vs seqft (CPU) | train | eval | side training | filter "
+        "| scoring |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result.items():
+        parts = [f"{r[p]:.0f} s" if p in r else "–" for p in ("side_fit", "filter", "score")]
+        lines.append(
+            f"| {name} | {r['wall']:.0f} s | **{r['wall'] / base['wall']:.2f}x** | {r['cpu']:.0f} s "
+            f"| {r['cpu'] / base['cpu']:.2f}x | {r['train']:.0f} s | {r['eval']:.0f} s | "
+            + " | ".join(parts)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 # -- the suite ---------------------------------------------------------------------------------
 def tiny_path(folder: Path) -> str:
     from bench_gate import tiny_model_dir
@@ -237,8 +317,8 @@ def commit() -> str:
     return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
-def sections() -> dict[str, Callable[[str, str, Path], str]]:
-    """name -> (model name, model path, scratch folder) -> markdown."""
+def sections() -> dict[str, Callable[[str, str, Path], str | None]]:
+    """name -> (model name, model path, scratch folder) -> markdown (None: not for this model)."""
 
     def mem(model: str, path: str, folder: Path) -> str:
         result = memory(model, path, folder, lora=model == BUNDLED)
@@ -249,6 +329,9 @@ def sections() -> dict[str, Callable[[str, str, Path], str]]:
         import bench_gate
 
         return bench_gate.markdown(bench_gate.measure(model=model), model)
+
+    def wall(model: str, path: str, folder: Path) -> str | None:
+        return wall_markdown(wall_times(path, folder)) if model == BUNDLED else None
 
     def scaling(name: str) -> Callable[[str, str, Path], str]:
         def run(model: str, path: str, folder: Path) -> str:
@@ -265,7 +348,7 @@ def sections() -> dict[str, Callable[[str, str, Path], str]]:
         "gate_growth",
         "scoring_vs_seq_len",
     )
-    return {"memory": mem, "steps": steps, **{n: scaling(n) for n in names}}
+    return {"memory": mem, "steps": steps, "wall": wall, **{n: scaling(n) for n in names}}
 
 
 def write(key: str, block: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -303,6 +386,8 @@ def main() -> None:
                 scratch.mkdir()
                 started = time.time()
                 text = table[name](model, path, scratch)
+                if text is None:
+                    continue
                 took = (time.time() - started) / 60
                 how = (
                     f"`{command} tools/bench.py --models {model} --only {name}`: commit {commit()}; "
