@@ -38,6 +38,10 @@ before it clips the gradients (the precision plugin's `_after_closure`: hooks, t
 the penalty's gradient is inside the clipped norm, as before. Under FSDP2 each rank adds it to its
 own shards (no communication); under DDP every rank adds the same term to the averaged gradient.
 
+The Fisher's scale decides what a lambda means (a per-batch empirical Fisher of a large model is
+tiny), so after each task RUN_DIR/ewc/fisher.json records the accumulated Fisher's mean, the share
+of its elements above 1e-10 ... 1e-4, and lambda x mean (a log line says the same).
+
 The penalty's value is computed without a graph, for the log only: on optimizer steps 0, k, 2k, ...
 of each task (k = `penalty_every`, 8), on the first micro-batch; in between, train/penalty (and its
 share of train/loss) repeats the last value, at most k - 1 steps old (the gradient is always the
@@ -49,11 +53,15 @@ them (tools/bench_gate.py measures the step).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.distributed import all_reduce_, is_sharded, local
+from clbench.files import write_json
 from clbench.gradients import squared_grads
+from clbench.importance import gate_statistics
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -116,6 +124,7 @@ class EWC(CLStrategy):
         self.fisher_batches, self.per_sample = fisher_batches, per_sample
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.scale_log: dict[str, dict] = {}  # the Fisher's scale after each task, by task
         self._restart()
 
     def _restart(self) -> None:
@@ -206,6 +215,21 @@ class EWC(CLStrategy):
             old = self.fisher.get(name)
             self.fisher[name] = f if old is None else self.gamma * old + f
             self.anchor[name] = params[name].detach().float().clone()
+        self._log_scale(ctx)
+
+    def _log_scale(self, ctx: StrategyContext) -> None:
+        """The accumulated Fisher's mean and spread (every rank: shard sums), to RUN_DIR/ewc/fisher.json."""
+        stats = gate_statistics(self.fisher, thresholds=(1e-10, 1e-8, 1e-6, 1e-4))
+        stats["lambda_times_mean"] = self.ewc_lambda * stats.get("mean", 0.0)
+        self.scale_log[ctx.task.name] = stats
+        rank_zero_info(
+            f"clbench: ewc Fisher after {ctx.task.name}: mean {stats.get('mean', 0.0):.3g}, "
+            f"lambda x mean {stats['lambda_times_mean']:.3g} (ewc/fisher.json)"
+        )
+        if ctx.writes:
+            out = Path(ctx.run_dir) / "ewc"
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "fisher.json", self.scale_log)
 
     def estimate_fisher(self, ctx: StrategyContext, params: Tensors) -> Tensors:
         """Mean squared gradient over the first `fisher_batches` (shuffled) training batches."""

@@ -169,6 +169,20 @@ def test_fisher_is_the_mean_squared_batch_gradient(make_module, make_ctx, stream
         torch.testing.assert_close(ewc.fisher[name], expected[name])
 
 
+def test_the_fisher_scale_is_recorded_after_each_task(make_module, make_ctx, stream_of, tmp_path):
+    """fisher.json: the accumulated Fisher's mean over every element and lambda x mean, per task."""
+    import json
+
+    module, stream, ewc = ewc_after_task0(make_module, make_ctx, stream_of, ewc_lambda=400.0)
+    fisher = torch.cat([f.flatten() for f in ewc.fisher.values()])
+    logged = json.loads((tmp_path / "ewc" / "fisher.json").read_text())
+    entry = logged[stream.tasks[0].name]
+    assert entry["elements"] == fisher.numel()
+    assert entry["mean"] == pytest.approx(fisher.double().mean().item(), rel=1e-6)
+    assert entry["lambda_times_mean"] == pytest.approx(400.0 * entry["mean"], rel=1e-9)
+    assert entry["share_above_1e-10"] == pytest.approx((fisher > 1e-10).double().mean().item())
+
+
 def test_per_sample_fisher_is_larger_than_per_batch(make_module, make_ctx, stream_of):
     # Per-example gradients do not cancel, so their mean square exceeds the squared batch mean.
     module, stream = make_module(), stream_of(8)
