@@ -32,7 +32,7 @@ from clbench.reporting import plt, save_figure
 SOURCES = ("lrp", "grad_x_weight", "fisher", "magnitude", "random")
 
 
-def _run(folder: Path) -> dict | None:
+def read_run(folder: Path) -> dict | None:
     """One finished run: strategy settings, seed and what the study needs from its results."""
     results_path, config_path = folder / "results.json", folder / "config.yaml"
     if not (results_path.is_file() and config_path.is_file()):
@@ -80,7 +80,7 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random}} with (mean, standard
     error) cells, from the finished runs of one or more comparison folders."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
-    runs = [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := _run(f))]
+    runs = [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := read_run(f))]
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:
         names = ", ".join(str(c) for c in folders)

@@ -47,10 +47,14 @@ def test_config_parses_and_prints(path, capsys):
 def test_strategy_preset_parses_over_its_stream(preset, capsys):
     stream_config = ROOT / "configs" / f"{preset.parent.name}.yaml"
     printed = _print_config(capsys, stream_config, preset)
-    wanted = yaml.safe_load(preset.read_text())["strategy"]
+    given = yaml.safe_load(preset.read_text())
+    wanted = given["strategy"]
     assert printed["strategy"]["class_path"].rsplit(".", 1)[-1].lower() == wanted["class_path"]
     for key, value in wanted.get("init_args", {}).items():
         assert printed["strategy"]["init_args"][key] == value
+    for key, value in given.get("model", {}).items():  # e.g. the LoRA presets' rank and lr
+        got = printed["model"][key]
+        assert {k: got[k] for k in value} == value if isinstance(value, dict) else got == value
 
 
 def test_trace_config_matches_trace():

@@ -1,0 +1,42 @@
+"""Baselines' settings are chosen on eval-split runs only, by the best mean over seeds per strategy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from clbench.analyze import main
+from clbench.errors import ConfigError
+from clbench.tuning import select
+
+
+def write_run(root, name, seed, op, bwt, class_path, split="eval"):
+    folder = root / "runs" / f"{name}-seed{seed}"
+    folder.mkdir(parents=True)
+    results = {"status": "complete", "tasks": ["a", "b"], "matrix": [[None, None], [0.8, None], [0.6, 0.7]]}
+    results["summary"] = {"OP": op, "BWT_TRACE": bwt}
+    (folder / "results.json").write_text(json.dumps(results))
+    config = {"seed_everything": seed, "strategy": {"class_path": class_path}}
+    config["stream"] = {"score_split": split}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_the_best_mean_per_strategy_is_chosen(tmp_path):
+    ewc, replay = "strategies.ewc.EWC", "strategies.replay.Replay"
+    write_run(tmp_path, "ewc-l1e2", 1, 0.50, -0.10, ewc)
+    write_run(tmp_path, "ewc-l1e2", 2, 0.40, -0.10, ewc)  # mean 0.45
+    write_run(tmp_path, "ewc-l1e4", 1, 0.48, -0.05, ewc)  # 0.48: best OP
+    write_run(tmp_path, "ewc-l1e8", 1, 0.20, 0.00, ewc)  # best BWT: learns nothing
+    write_run(tmp_path, "replay-r01", 1, 0.55, -0.02, replay)
+    assert select(tmp_path) == {"ewc": "ewc-l1e4", "replay": "replay-r01"}
+    assert select(tmp_path, by="BWT")["ewc"] == "ewc-l1e8"
+    table = (tmp_path / "selection.md").read_text()
+    assert "| ewc | ewc-l1e2 | 2 | 0.450 |" in table
+
+
+def test_test_split_runs_are_refused(tmp_path):
+    write_run(tmp_path, "ewc-l1e2", 1, 0.5, -0.1, "strategies.ewc.EWC", split="test")
+    with pytest.raises(ConfigError, match="score_split"):
+        main(["select", str(tmp_path)])
