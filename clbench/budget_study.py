@@ -53,7 +53,10 @@ def read_run(folder: Path) -> dict | None:
             for e in json.loads(gates.read_text()).values()
             if "update_mass_removed" in e
         ]
+    setup = {"model": cfg.get("model"), "score_split": (cfg.get("stream") or {}).get("score_split", "test")}
     return {
+        "folder": folder,
+        "setup": json.dumps(setup, sort_keys=True, default=str),  # what must match to compare runs
         "name": folder.name.rsplit("-seed", 1)[0],
         "class": str(strategy.get("class_path", "")).rsplit(".", 1)[-1].lower(),
         "estimator": args.get("estimator", "lrp"),
@@ -80,7 +83,9 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random}} with (mean, standard
     error) cells, from the finished runs of one or more comparison folders."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
-    runs = [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := read_run(f))]
+    runs = comparable_runs(
+        [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := read_run(f))]
+    )
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:
         names = ", ".join(str(c) for c in folders)
@@ -114,6 +119,26 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     return out
 
 
+def comparable_runs(runs: list[dict]) -> list[dict]:
+    """The runs, refused when two share a name and seed (one would count twice) or when their model
+    settings or score split differ (LoRA against full fine-tuning, eval against test: analyse such
+    sets separately)."""
+    seen: dict[tuple[str, object], Path] = {}
+    for r in runs:
+        key = (r["name"], r["seed"])
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {r['folder']}: two finished runs of {key[0]} seed {key[1]}")
+        seen[key] = r["folder"]
+    first = runs[0] if runs else None
+    for r in runs:
+        if r["setup"] != first["setup"]:
+            raise ConfigError(
+                f"{first['folder']} and {r['folder']}: different model settings or score split; "
+                "compare like with like (analyse them separately)"
+            )
+    return runs
+
+
 def _against(runs: list[dict], control: list[dict]) -> dict | None:
     """Paired by seed: this source's BWT and own-task score minus the control's (None: no shared seed)."""
     by_seed = {c["seed"]: c for c in control}
@@ -142,8 +167,8 @@ def markdown(study: dict, baseline: str) -> str:
         f"own-task score {_cell(b['own'])}, OP {_cell(b['op'])} (mean ± standard error).",
         "",
         "| source | q | seeds | update mass removed | ΔBWT (TRACE) vs baseline | own-task score "
-        "| Δ own-task | OP | ΔBWT vs random at q | Δ own-task vs random at q |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Δ own-task | OP | seeds with random at q | ΔBWT vs random | Δ own-task vs random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (source, q), s in study.items():
         if source == "baseline":
@@ -151,7 +176,7 @@ def markdown(study: dict, baseline: str) -> str:
         cells = [source, f"{q:g}", str(s["n"]), _cell(s["removed"]), _cell(s["d_bwt"], True)]
         cells += [_cell(s["own"]), _cell(s["d_own"], True), _cell(s["op"])]
         vs = s.get("vs_random")
-        cells += [_cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–", "–"]
+        cells += [str(vs["n"]), _cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -45,7 +45,7 @@ import yaml
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
 from clbench.reporting import save_figure
-from strategies import class_path, name_for
+from strategies import class_path, name_for, placement_only
 
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
@@ -203,10 +203,17 @@ def resolved_config(fit_argv: list[str]) -> dict:
 
 def _comparable(cfg: object) -> dict:
     """A resolved fit config without the run folder's name and parent, which legitimately differ
-    between the runs of a comparison (and after moving the comparison folder)."""
+    between the runs of a comparison (and after moving the comparison folder), and without the
+    strategy's placement-only arguments (where state waits or is cached: the same numbers)."""
     cfg = cfg if isinstance(cfg, dict) else {}
     run = {k: v for k, v in (cfg.get("run") or {}).items() if k not in PER_RUN}
-    return cfg | {"run": run}
+    out = cfg | {"run": run}
+    strategy = cfg.get("strategy")
+    if isinstance(strategy, dict) and isinstance(strategy.get("init_args"), dict):
+        ignored = placement_only(str(strategy.get("class_path", "")))
+        args = {k: v for k, v in strategy["init_args"].items() if k not in ignored}
+        out["strategy"] = strategy | {"init_args": args}
+    return out
 
 
 def changed_fields(old: dict, new: dict) -> list[str]:

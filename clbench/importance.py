@@ -173,7 +173,7 @@ def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0
         return {"elements": 0}
     shards = [dist.local(g) for g in gate.values()]
     sums = torch.tensor(
-        [sum(g.double().sum().item() for g in shards)]
+        [sum(g.sum(dtype=torch.float64).item() for g in shards)]  # no fp64 copy
         + [sum((g > t).sum().item() for g in shards) for t in thresholds],
         dtype=torch.float64,
         device=shards[0].device,

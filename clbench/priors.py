@@ -95,8 +95,8 @@ class PriorSource:
 
     def where(self, ctx: StrategyContext) -> Where:
         """Where state waits: `offload`, with "auto" decided by the device the parameters live on."""
-        first = next(iter(ctx.module.trainable_parameters().values()))
-        return resolve(self.offload, dist.local(first).device)
+        first = next(iter(ctx.module.trainable_parameters().values()), None)
+        return resolve(self.offload, dist.local(first).device if first is not None else torch.device("cpu"))
 
     def offload_dir(self, ctx: StrategyContext) -> Path:
         """This rank's folder of offloaded tensors (offload "disk"), removed by `close`."""

@@ -148,7 +148,13 @@ class StrategyContext:
 
 class CLStrategy:
     """Base class of continual-learning strategies: every hook is a no-op by default,
-    which is exactly naive sequential fine-tuning."""
+    which is exactly naive sequential fine-tuning.
+
+    `placement_only` names init arguments that decide only where state waits or is cached, never
+    a number a run produces (attribution's offload and prior_dir): compare treats runs that differ
+    only in them as the same run."""
+
+    placement_only: tuple[str, ...] = ()
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""

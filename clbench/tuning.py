@@ -5,9 +5,11 @@
 Reads the finished runs of a comparison folder run with `--stream.score_split eval` (the tuning
 presets of configs/study/); runs scored on the test split are refused, so a choice can never
 see the numbers it will be judged by. Runs are grouped by strategy class (ewc, lwf, replay, ...);
-within a group the preset with the highest mean of `--by` over its seeds wins (OP by default:
-BWT alone would pick whatever learns least). Writes selection.md beside the runs: every
-candidate, and the chosen preset per strategy, to run on the test split over the study's seeds.
+within a group the preset with the highest mean of `--by` wins (OP by default: BWT alone would
+pick whatever learns least), each mean over the seeds every preset of the group ran, so no preset
+is favoured by a luckier seed. Runs of other model settings are refused
+(budget_study.comparable_runs). Writes selection.md beside the runs: every candidate, and the
+chosen preset per strategy, to run on the test split over the study's seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from clbench.budget_study import read_run
+from clbench.budget_study import comparable_runs, read_run
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
 
@@ -25,21 +27,30 @@ KEYS = {"OP": "op", "BWT": "bwt", "own": "own"}
 
 
 def candidates(comparison: Path) -> dict[str, dict[str, list[dict]]]:
-    """{strategy class: {preset: [finished runs]}} of an eval-split comparison folder."""
+    """{strategy class: {preset: [finished runs on the seeds all the class's presets ran]}} of an
+    eval-split comparison folder."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for folder in sorted((comparison / "runs").glob("*-seed*")):
-        run = read_run(folder)
-        if run is None:
-            continue
-        split = (yaml.safe_load((folder / "config.yaml").read_text()).get("stream") or {}).get("score_split")
+    runs = [r for f in sorted((comparison / "runs").glob("*-seed*")) if (r := read_run(f))]
+    for run in comparable_runs(runs):
+        split = (yaml.safe_load((run["folder"] / "config.yaml").read_text()).get("stream") or {}).get(
+            "score_split"
+        )
         if split != "eval":
             raise ConfigError(
-                f"{folder / 'config.yaml'}: stream.score_split is {split or 'test'}; settings are chosen "
-                "on eval-split runs only (--stream.score_split eval)"
+                f"{run['folder'] / 'config.yaml'}: stream.score_split is {split or 'test'}; settings are "
+                "chosen on eval-split runs only (--stream.score_split eval)"
             )
         groups[run["class"]][run["name"]].append(run)
     if not groups:
         raise ConfigError(f"{comparison}: no finished run to choose from")
+    for strategy, presets in groups.items():
+        shared = set.intersection(*({r["seed"] for r in rs} for rs in presets.values()))
+        if not shared:
+            raise ConfigError(
+                f"{comparison}: the {strategy} presets share no seed; run them on the same seeds"
+            )
+        for preset, rs in presets.items():
+            presets[preset] = [r for r in rs if r["seed"] in shared]
     return groups
 
 

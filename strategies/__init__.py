@@ -56,6 +56,17 @@ def class_path(name: str) -> str:
     raise ValueError(f"unknown strategy '{name}'; known: {', '.join(sorted(known))}")
 
 
+def placement_only(path: str) -> tuple[str, ...]:
+    """The init arguments of the strategy at class path `path` that change no result (none if the
+    class cannot be imported)."""
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return ()
+    return tuple(getattr(cls, "placement_only", ()))
+
+
 def name_for(path: str) -> str:
     """The one short name of a strategy class path: its registry or entry-point name, else the
     class name in lower case. Run folders, results and compare all use it."""
@@ -71,4 +82,13 @@ def name_of(strategy: CLStrategy) -> str:
     return name_for(f"{cls.__module__}.{cls.__qualname__}")
 
 
-__all__ = ["CLStrategy", "StrategyContext", "REGISTRY", "available", "class_path", "name_for", "name_of"]
+__all__ = [
+    "CLStrategy",
+    "StrategyContext",
+    "REGISTRY",
+    "available",
+    "class_path",
+    "name_for",
+    "name_of",
+    "placement_only",
+]

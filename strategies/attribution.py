@@ -114,6 +114,7 @@ class Attribution(CLStrategy):
     """
 
     mass_every = 8  # "update": the removed update mass is measured on steps 0, k, 2k, ... of each task
+    placement_only = ("offload", "prior_dir")  # the same numbers wherever state waits or priors are cached
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ them (tools/bench_gate.py measures the step).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -218,7 +219,11 @@ class EWC(CLStrategy):
         self._log_scale(ctx)
 
     def _log_scale(self, ctx: StrategyContext) -> None:
-        """The accumulated Fisher's mean and spread (every rank: shard sums), to RUN_DIR/ewc/fisher.json."""
+        """The accumulated Fisher's mean and spread (every rank: shard sums), to RUN_DIR/ewc/fisher.json
+        (after a resume, the tasks before it are read back from the file)."""
+        path = Path(ctx.run_dir) / "ewc" / "fisher.json"
+        if not self.scale_log and path.is_file():
+            self.scale_log = json.loads(path.read_text())
         stats = gate_statistics(self.fisher, thresholds=(1e-10, 1e-8, 1e-6, 1e-4))
         stats["lambda_times_mean"] = self.ewc_lambda * stats.get("mean", 0.0)
         self.scale_log[ctx.task.name] = stats
@@ -227,9 +232,8 @@ class EWC(CLStrategy):
             f"lambda x mean {stats['lambda_times_mean']:.3g} (ewc/fisher.json)"
         )
         if ctx.writes:
-            out = Path(ctx.run_dir) / "ewc"
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "fisher.json", self.scale_log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, self.scale_log)
 
     def estimate_fisher(self, ctx: StrategyContext, params: Tensors) -> Tensors:
         """Mean squared gradient over the first `fisher_batches` (shuffled) training batches."""

@@ -1,7 +1,7 @@
 """clbench's benchmark suite: every strategy's cost, measured side by side, written to BENCHMARKS.md.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tools/bench.py [--models smollm2-135m-instruct,tiny]
-        [--only memory,steps,scoring_vs_training,scoring_vs_training_n32,generation,gate_growth,
+        [--only memory,steps,wall,scoring_vs_training,scoring_vs_training_n32,generation,gate_growth,
                scoring_vs_seq_len] [--write]
 
 Sections (each a ratio measured in one process or one sitting, so a shared machine moves A and B
@@ -21,9 +21,10 @@ command, the commit and the machine, replacing that part only):
   other, each a `clbench fit` process: wall and CPU time as ratios to seqft's, and where an
   attribution run's extra time goes (side training, generation for the correct-sample filter,
   scoring; importance/used.json).
-- scoring, generation, growth, seq_len: task-prior scoring against a training forward + backward,
-  batched against one-at-a-time generation, the attribution gate's memory after 1-8 tasks, and
-  scoring time and memory against sequence length (tools/bench_scaling.py).
+- scoring_vs_training (8 samples) and scoring_vs_training_n32 (32: more than K, as in a run's
+  prior), generation, gate_growth, scoring_vs_seq_len: task-prior scoring against a training
+  forward + backward, batched against one-at-a-time generation, the attribution gate's memory after
+  1-8 tasks, and scoring time and memory against sequence length (tools/bench_scaling.py).
 """
 
 from __future__ import annotations

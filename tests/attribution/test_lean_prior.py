@@ -63,6 +63,20 @@ def test_bf16_topk_mean_is_within_bf16_precision(n):
     assert got.dtype == torch.float32 and (got - exact).abs().max() <= 2**-9 + 1e-6
 
 
+@pytest.mark.parametrize("n", sorted(SPLITS), ids=lambda n: f"n{n}")
+def test_bf16_topk_mean_is_bit_for_bit_the_top_k_of_the_rounded_values(n):
+    """bf16 slots keep exactly the K largest bf16-rounded values, summed in fp32 slot by slot in
+    arrival order (n <= K) or descending (n > K): nothing but the rounding differs from fp32."""
+    values = samples(n, seed=2)
+    got = fold(TopKMean(8), values, SPLITS[n])
+    rounded = values.bfloat16()
+    kept = rounded.topk(8, dim=0).values if n > 8 else rounded
+    expected = torch.zeros(values.shape[1:])
+    for row in kept:
+        expected += row
+    assert torch.equal(got, expected / len(kept))
+
+
 def test_a_top_k_of_one_is_the_maximum():
     values = samples(5)
     assert torch.equal(fold(TopKMean(1, torch.float32), values, [2, 3]), values.amax(0))

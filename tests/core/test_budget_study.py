@@ -12,7 +12,7 @@ from clbench.budget_study import collect
 from clbench.errors import ConfigError
 
 
-def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete"):
+def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete", model=None):
     folder = root / "runs" / f"{name}-seed{seed}"
     (folder / "importance").mkdir(parents=True)
     n = len(diagonal)
@@ -20,7 +20,8 @@ def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="c
     results = {"status": status, "tasks": [f"t{i}" for i in range(n)], "matrix": matrix}
     results["summary"] = {"OP": 0.5, "BWT_TRACE": bwt}
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "config.yaml").write_text(yaml.safe_dump({"seed_everything": seed, "strategy": strategy}))
+    config = {"seed_everything": seed, "strategy": strategy, "model": model or {"lr": 5e-5}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     if removed is not None:
         gates = {f"t{i + 1}": {"update_mass_removed": r} for i, r in enumerate(removed)}
         (folder / "importance" / "gate.json").write_text(json.dumps(gates))
@@ -83,3 +84,17 @@ def test_folders_are_read_together_and_each_source_is_paired_with_random_at_its_
     table = (tmp_path / "out" / "budget_study.md").read_text()
     assert "| lrp | 0.2 | 3 |" in table and "+0.025 ± 0.015" in table
     assert not (a / "budget_study.md").exists()
+
+
+def test_lora_and_full_runs_or_a_run_twice_are_refused(tmp_path):
+    """LoRA runs would be paired with full fine-tuning's baseline; a run in two folders would count twice."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, "seqft", 1, -0.1, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    write_run(a, "lrp-q20", 1, -0.05, [0.7, 0.6], attribution("lrp", 0.2))
+    write_run(b, "lrp-q20", 1, -0.06, [0.7, 0.6], attribution("lrp", 0.2))
+    with pytest.raises(ConfigError, match="two finished runs of lrp-q20 seed 1"):
+        collect([a, b])
+    lora = tmp_path / "lora"
+    write_run(lora, "lora-lrp-q20", 1, -0.05, [0.7, 0.6], attribution("lrp", 0.2), model={"lora": {"r": 8}})
+    with pytest.raises(ConfigError, match="different model settings"):
+        collect([a, lora])

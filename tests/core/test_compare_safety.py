@@ -16,7 +16,7 @@ from test_compare import fake_run
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
-from clbench.compare import LOCK, folder_lock, parse_args, plan, resolved_config
+from clbench.compare import LOCK, _comparable, changed_fields, folder_lock, parse_args, plan, resolved_config
 
 
 def toy(tmp_path: Path, trace_dir: Path, model_dir: Path, epochs: int = 1) -> dict:
@@ -73,6 +73,19 @@ def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
     capsys.readouterr()
     assert main([*argv, "--model.lr", "0.01"]) == 0  # the same invocation again: reused, not refused
     assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_placement_only_arguments_do_not_make_a_run_another_config():
+    """A run made when attribution's offload default was "memory" is reused under "auto" (the same
+    numbers); a budget that differs is a difference."""
+
+    def cfg(**args):
+        base = {"gate_target": "update", "budget": 0.2, "offload": "memory", "prior_dir": None}
+        init = base | args
+        return {"strategy": {"class_path": "strategies.attribution.Attribution", "init_args": init}}
+
+    assert changed_fields(_comparable(cfg()), _comparable(cfg(offload="auto", prior_dir="/p"))) == []
+    assert changed_fields(_comparable(cfg()), _comparable(cfg(budget=0.5))) == ["strategy.init_args"]
 
 
 def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):

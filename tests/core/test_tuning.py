@@ -23,17 +23,18 @@ def write_run(root, name, seed, op, bwt, class_path, split="eval"):
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def test_the_best_mean_per_strategy_is_chosen(tmp_path):
+def test_the_best_mean_per_strategy_on_shared_seeds_is_chosen(tmp_path):
     ewc, replay = "strategies.ewc.EWC", "strategies.replay.Replay"
-    write_run(tmp_path, "ewc-l1e2", 1, 0.50, -0.10, ewc)
-    write_run(tmp_path, "ewc-l1e2", 2, 0.40, -0.10, ewc)  # mean 0.45
-    write_run(tmp_path, "ewc-l1e4", 1, 0.48, -0.05, ewc)  # 0.48: best OP
+    write_run(tmp_path, "ewc-l1e2", 1, 0.46, -0.10, ewc)
+    write_run(tmp_path, "ewc-l1e2", 2, 0.60, -0.10, ewc)  # a lucky seed the others did not run
+    write_run(tmp_path, "ewc-l1e4", 1, 0.48, -0.05, ewc)  # best OP on the shared seed 1
+    write_run(tmp_path, "ewc-l1e4", 3, 0.10, -0.05, ewc)  # (seed 3 not shared either)
     write_run(tmp_path, "ewc-l1e8", 1, 0.20, 0.00, ewc)  # best BWT: learns nothing
     write_run(tmp_path, "replay-r01", 1, 0.55, -0.02, replay)
     assert select(tmp_path) == {"ewc": "ewc-l1e4", "replay": "replay-r01"}
     assert select(tmp_path, by="BWT")["ewc"] == "ewc-l1e8"
     table = (tmp_path / "selection.md").read_text()
-    assert "| ewc | ewc-l1e2 | 2 | 0.450 |" in table
+    assert "| ewc | ewc-l1e2 | 1 | 0.460 |" in table and "| ewc | ewc-l1e4 | 1 | 0.480 |" in table
 
 
 def test_test_split_runs_are_refused(tmp_path):

@@ -181,6 +181,10 @@ def test_the_fisher_scale_is_recorded_after_each_task(make_module, make_ctx, str
     assert entry["mean"] == pytest.approx(fisher.double().mean().item(), rel=1e-6)
     assert entry["lambda_times_mean"] == pytest.approx(400.0 * entry["mean"], rel=1e-9)
     assert entry["share_above_1e-10"] == pytest.approx((fisher > 1e-10).double().mean().item())
+    resumed = EWC(fisher_batches=2)  # a resumed run's strategy: its log starts empty
+    resumed.load_state_dict(ewc.state_dict())
+    resumed.on_task_end(make_ctx(module, stream, 1))
+    assert list(json.loads((tmp_path / "ewc" / "fisher.json").read_text())) == [t.name for t in stream.tasks]
 
 
 def test_per_sample_fisher_is_larger_than_per_batch(make_module, make_ctx, stream_of):
