@@ -443,6 +443,28 @@ def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_pareto(rows: list[dict], title: str, path: Path) -> None:
+    """OP against BWT (TRACE), one point per strategy with its std over seeds both ways: the
+    trade-off view (up and right is better; a strategy that forgets nothing by learning nothing
+    sits low on OP)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for r in rows:
+        (op, op_std), (bwt, bwt_std) = r["OP"], r["BWT (TRACE)"]
+        if op is None or bwt is None:
+            continue
+        ax.errorbar(bwt, op, xerr=bwt_std or 0.0, yerr=op_std or 0.0, marker="o", capsize=3, ls="none")
+        ax.annotate(r["strategy"], (bwt, op), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("BWT (TRACE): higher = less forgetting")
+    ax.set_ylabel("OP (mean final score)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv: list[str]) -> dict[str, list[dict]]:
     """`clbench compare`: run (or reuse) every strategy x seed, then write the comparison."""
     args, passthrough = parse_args(argv)
@@ -489,7 +511,8 @@ def tabulate_finished(
 def write_comparison(
     args: argparse.Namespace, passthrough: list[str], runs: dict[str, list[dict]], notes: list[str]
 ) -> None:
-    """comparison.md, comparison.csv and comparison.png in the comparison folder."""
+    """comparison.md, comparison.csv, comparison.png (bars) and comparison-pareto.png (OP against
+    BWT) in the comparison folder."""
     baseline = short_name(args.baseline) if args.baseline else None
     rows, out = aggregate(runs, baseline), args.compare_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -508,9 +531,9 @@ def write_comparison(
     write_atomic(out / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
     write_atomic(out / "comparison.csv", csv_text(rows))
     n_runs = sum(len(r) for r in runs.values())
-    plot_comparison(
-        rows, f"{stream}: {n_runs} runs, up to {len(args.seeds)} seed(s) each", out / "comparison.png"
-    )
+    title = f"{stream}: {n_runs} runs, up to {len(args.seeds)} seed(s) each"
+    plot_comparison(rows, title, out / "comparison.png")
+    plot_pareto(rows, title, out / "comparison-pareto.png")
     print(f"clbench compare: {len(rows)} strategies, {n_runs} runs: {out / 'comparison.md'}")
 
 

@@ -138,6 +138,7 @@ def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, caps
         assert 0.0 <= float(r["OP mean"]) <= 1.0 and float(r["OP std"]) >= 0.0
         assert {"final parity mean", "final upper std", "wall time s mean"} <= set(r)
     assert (out / "comparison.png").stat().st_size > 1000
+    assert (out / "comparison-pareto.png").stat().st_size > 1000  # OP against BWT
     assert not list(out.glob("*.tmp")) and not list(out.glob("tmp-*"))
 
     mtimes = {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in names}
