@@ -1,6 +1,6 @@
 """`clbench analyze importance RUN_DIR`: how much tasks' importance maps overlap, per layer.
 (`clbench analyze budget COMPARISON [COMPARISON ...]`: the matched-budget study, clbench/budget_study.py;
-`clbench analyze select COMPARISON`: baselines' settings chosen on the eval split, clbench/tuning.py.)
+`clbench analyze select COMPARISON [COMPARISON ...]`: baselines' settings chosen on the eval split, clbench/tuning.py.)
 
 The paper's Figure 1 (arXiv 2605.05285): for each layer (all of its trainable tensors flattened
 together), the top-k overlap |top(a) & top(b)| / k of two maps' k = top_fraction x n largest
@@ -179,14 +179,14 @@ def main(argv: list[str]) -> None:
     bud.add_argument("comparison", type=Path, nargs="+")
     bud.add_argument("--baseline", default="seqft", help="the entry each run is paired with by seed")
     bud.add_argument("--out", type=Path, help="folder of budget_study.md/.png (default: the first one)")
-    sel = sub.add_parser("select", help="each baseline's setting chosen on an eval-split comparison")
-    sel.add_argument("comparison", type=Path)
+    sel = sub.add_parser("select", help="each baseline's setting chosen on eval-split comparisons")
+    sel.add_argument("comparison", type=Path, nargs="+")
     sel.add_argument("--by", default="OP", help="OP (default), BWT or own: the mean over seeds to maximise")
     args = p.parse_args(argv)
     if args.analysis == "select":
         for strategy, preset in select(args.comparison, args.by).items():
             print(f"clbench analyze: {strategy}: {preset}")
-        print(f"clbench analyze: {args.comparison / 'selection.md'}")
+        print(f"clbench analyze: {args.comparison[0] / 'selection.md'}")
         return
     if args.analysis == "budget":
         study = analyze_budget(args.comparison, args.baseline, args.out)

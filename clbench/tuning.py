@@ -1,15 +1,16 @@
 """Baselines at their best: each strategy's setting chosen on the eval split, never on the test split.
 
-    clbench analyze select runs/tune [--by OP]
+    clbench analyze select runs/tune [runs/tune-b ...] [--by OP]
 
-Reads the finished runs of a comparison folder run with `--stream.score_split eval` (the tuning
+Reads the finished runs of one or more comparison folders run with `--stream.score_split eval` (the tuning
 presets of configs/study/); runs scored on the test split are refused, so a choice can never
 see the numbers it will be judged by. Runs are grouped by strategy class (ewc, lwf, replay, ...);
 within a group the preset with the highest mean of `--by` wins (OP by default: BWT alone would
 pick whatever learns least), each mean over the seeds every preset of the group ran, so no preset
 is favoured by a luckier seed. Runs of other model settings are refused
 (budget_study.comparable_runs). Writes selection.md beside the runs: every candidate, and the
-chosen preset per strategy, to run on the test split over the study's seeds.
+chosen preset per strategy, to run on the test split over the study's seeds (in the first folder
+when there are several: tuning runs side by side, one compare per folder).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from clbench.files import write_atomic
 KEYS = {"OP": "op", "BWT": "bwt", "own": "own"}
 
 
-def candidates(comparison: Path) -> dict[str, dict[str, list[dict]]]:
-    """{strategy class: {preset: [finished runs on the seeds all the class's presets ran]}} of an
-    eval-split comparison folder."""
+def candidates(comparisons: list[Path]) -> dict[str, dict[str, list[dict]]]:
+    """{strategy class: {preset: [finished runs on the seeds all the class's presets ran]}} of
+    eval-split comparison folders."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    runs = [r for f in sorted((comparison / "runs").glob("*-seed*")) if (r := read_run(f))]
+    folders = [f for c in comparisons for f in sorted((c / "runs").glob("*-seed*"))]
+    runs = [r for f in folders if (r := read_run(f))]
+    where = ", ".join(str(c) for c in comparisons)
     for run in comparable_runs(runs):
         split = (yaml.safe_load((run["folder"] / "config.yaml").read_text()).get("stream") or {}).get(
             "score_split"
@@ -42,23 +45,22 @@ def candidates(comparison: Path) -> dict[str, dict[str, list[dict]]]:
             )
         groups[run["class"]][run["name"]].append(run)
     if not groups:
-        raise ConfigError(f"{comparison}: no finished run to choose from")
+        raise ConfigError(f"{where}: no finished run to choose from")
     for strategy, presets in groups.items():
         shared = set.intersection(*({r["seed"] for r in rs} for rs in presets.values()))
         if not shared:
-            raise ConfigError(
-                f"{comparison}: the {strategy} presets share no seed; run them on the same seeds"
-            )
+            raise ConfigError(f"{where}: the {strategy} presets share no seed; run them on the same seeds")
         for preset, rs in presets.items():
             presets[preset] = [r for r in rs if r["seed"] in shared]
     return groups
 
 
-def select(comparison: Path, by: str = "OP") -> dict[str, str]:
-    """The chosen preset per strategy class; writes <comparison>/selection.md."""
+def select(comparisons: Path | list[Path], by: str = "OP") -> dict[str, str]:
+    """The chosen preset per strategy class; writes selection.md into the first folder."""
     if by not in KEYS:
         raise ConfigError(f"--by: one of {', '.join(KEYS)}, got {by!r}")
-    key, groups = KEYS[by], candidates(comparison)
+    comparisons = [comparisons] if isinstance(comparisons, Path) else comparisons
+    key, groups = KEYS[by], candidates(comparisons)
     mean = {c: {p: sum(r[key] for r in rs) / len(rs) for p, rs in ps.items()} for c, ps in groups.items()}
     chosen = {c: max(scores, key=scores.get) for c, scores in mean.items()}
     lines = [
@@ -73,5 +75,5 @@ def select(comparison: Path, by: str = "OP") -> dict[str, str]:
             cells += [f"{sum(r[k] for r in rs) / len(rs):.3f}" for k in ("op", "bwt", "own")]
             cells.append("**yes**" if chosen[c] == preset else "")
             lines.append("| " + " | ".join(cells) + " |")
-    write_atomic(comparison / "selection.md", "\n".join(lines) + "\n")
+    write_atomic(comparisons[0] / "selection.md", "\n".join(lines) + "\n")
     return chosen

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,3 +40,13 @@ def test_only_finished_runs_and_their_small_files_are_kept(tmp_path):
     assert [p.name for p in kept.iterdir()] == ["lrp-q20-seed1"]
     files = sorted(str(p.relative_to(kept / "lrp-q20-seed1")) for p in kept.rglob("*") if p.is_file())
     assert files == ["config.yaml", "importance/gate.json", "results.json"]
+
+
+def test_the_archive_is_not_ignored_by_git():
+    """A `runs/` pattern in .gitignore once hid every archived run, and a study died with its machine."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    kept = "results/quickstart-study/study/runs/lrp-q20-seed1234/results.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", kept], cwd=ROOT).returncode
+    assert ignored == 1, f"{kept} is ignored by .gitignore"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/x/results.json"], cwd=ROOT).returncode == 0

@@ -41,3 +41,15 @@ def test_test_split_runs_are_refused(tmp_path):
     write_run(tmp_path, "ewc-l1e2", 1, 0.5, -0.1, "strategies.ewc.EWC", split="test")
     with pytest.raises(ConfigError, match="score_split"):
         main(["select", str(tmp_path)])
+
+
+def test_tuning_folders_run_side_by_side_are_chosen_from_together(tmp_path):
+    ewc = "strategies.ewc.EWC"
+    write_run(tmp_path / "tune", "ewc-l1e2", 1, 0.46, -0.10, ewc)
+    write_run(tmp_path / "tune-b", "ewc-l1e4", 1, 0.48, -0.05, ewc)
+    main(["select", str(tmp_path / "tune"), str(tmp_path / "tune-b")])
+    table = (tmp_path / "tune" / "selection.md").read_text()
+    assert "| ewc | ewc-l1e4 | 1 | 0.480 | -0.050 |" in table and "**yes**" in table.split("ewc-l1e4")[1]
+    write_run(tmp_path / "tune-b", "ewc-l1e2", 1, 0.50, -0.10, ewc)  # the same run in both folders
+    with pytest.raises(ConfigError, match="two finished runs of ewc-l1e2 seed 1"):
+        select([tmp_path / "tune", tmp_path / "tune-b"])
