@@ -1,6 +1,7 @@
 """`clbench analyze importance RUN_DIR`: how much tasks' importance maps overlap, per layer.
 (`clbench analyze budget COMPARISON [COMPARISON ...]`: the matched-budget study, clbench/budget_study.py;
-`clbench analyze select COMPARISON [COMPARISON ...]`: baselines' settings chosen on the eval split, clbench/tuning.py.)
+`clbench analyze select COMPARISON [COMPARISON ...]`: baselines' settings chosen on the eval split,
+clbench/tuning.py.)
 
 The paper's Figure 1 (arXiv 2605.05285): for each layer (all of its trainable tensors flattened
 together), the top-k overlap |top(a) & top(b)| / k of two maps' k = top_fraction x n largest

@@ -25,6 +25,7 @@ from clbench.console import run_log, say
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, Diverged, safe_name
 from clbench.module import CLModule
+from clbench.precision import default_precision, slow_bf16_note
 from clbench.runner import RunConfig, Runner, prepare_run_dir
 from clbench.strategy import CLStrategy
 from strategies import class_path, name_for, name_of
@@ -178,6 +179,7 @@ def build_cli(argv: list[str]) -> CLBenchCLI:
             "limit_val_batches": 0,
             "devices": 1,
             "use_distributed_sampler": False,  # clbench splits batches over ranks itself
+            "precision": default_precision(),  # bf16-mixed only where bf16 is native and faster
         },
         seed_everything_default=1234,
         parser_kwargs={"exit_on_error": False, "prog": "clbench fit"},
@@ -264,7 +266,9 @@ def fit(argv: list[str]) -> dict:
         return cli.instantiate_trainer(**kwargs)
 
     context = getattr(dist.fsdp_root(cli.model.model).config, "max_position_embeddings", None)
-    for note in fit_to_context(cli.stream, context):
+    notes = fit_to_context(cli.stream, context)
+    notes.append(slow_bf16_note(cfg.trainer.precision, cfg.trainer.accelerator))
+    for note in filter(None, notes):
         say(f"clbench: warning: {note}")
     strategy = cli.config_init.strategy
     runner = Runner(

@@ -11,6 +11,9 @@ from toydata import build_tiny_llama, build_tiny_tokenizer, toy_tasks, write_tra
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The same numbers on every machine: configs that leave trainer.precision unset run in fp32 here,
+# not in bf16 where a CPU happens to have it (clbench/precision.py; its tests unset this).
+os.environ["CLBENCH_DEFAULT_PRECISION"] = "32-true"
 # Tiny models run fastest on one thread; two threads on a shared 2-core machine spin and wait.
 torch.set_num_threads(1)
 
