@@ -1,8 +1,8 @@
 """The Trainer's default precision, chosen for the machine: bf16 is not faster on every CPU.
 
 bf16-mixed (fp32 master weights, bf16 matmuls) is about 1.7x faster than fp32 on a CPU with native
-bf16 (AVX512-BF16, AMX), and 18x slower for a SmolLM2 training step on one without it (an AMD EPYC
-with AVX only, where torch falls back to a scalar bf16 matmul: BENCHMARKS.md). So when a config
+bf16 (AVX512-BF16, AMX), and 11-18x slower for a SmolLM2 training step on one without it (an AMD
+EPYC with AVX only, where torch falls back to a scalar bf16 matmul: BENCHMARKS.md). So when a config
 leaves `trainer.precision` unset, clbench times one matmul in each dtype and takes bf16-mixed only
 where bf16 wins clearly; on CUDA it takes bf16-mixed where the device supports it. The choice is a
 default, so it lands in the run's config.yaml like any other value, and `clbench compare` refuses
