@@ -10,7 +10,9 @@ score (the mean of the accuracy matrix's diagonal: plasticity) and its change, O
 share of the update's L1 mass the gate removed (importance/gate.json, averaged over the gated tasks;
 measured under gate_target "update" only), and, for every source but random, the change in BWT and
 own-task score against the random choice at the same q on the same seeds: the matched control, the
-comparison that says whether the source's choice of elements matters. Mean and standard error over
+comparison that says whether the source's choice of elements matters; and LRP against each cheaper
+source at the same q (does attribution choose better than gradient x weight, Fisher, |θ|?), paired by
+seed likewise. Mean and standard error over
 seeds (sample std / sqrt(n)); a difference counts as real only beyond its errors.
 Writes budget_study.md and budget_study.png (one line per source against removed mass) into the
 first folder or --out.
@@ -80,8 +82,9 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
 
 
 def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
-    """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random}} with (mean, standard
-    error) cells, from the finished runs of one or more comparison folders."""
+    """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random, lrp_vs}} with (mean,
+    standard error) cells, from the finished runs of one or more comparison folders; `lrp_vs` is LRP
+    minus this source (cheaper sources only)."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
     runs = comparable_runs(
         [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := read_run(f))]
@@ -96,6 +99,7 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
             groups[(r["estimator"], float(r["budget"]))].append(r)
     out = {}
     for key, rs in sorted(groups.items()):
+        cheaper = key[0] not in ("lrp", "random")
         pairs = [(r, base[r["seed"]]) for r in rs]
         out[key] = {
             "n": len(rs),
@@ -108,6 +112,7 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
             if all(r["removed"] is not None for r in rs)
             else None,
             "vs_random": _against(rs, groups.get(("random", key[1]), [])) if key[0] != "random" else None,
+            "lrp_vs": _against(groups.get(("lrp", key[1]), []), rs) if cheaper else None,
         }
     out[("baseline", 0.0)] = {
         "n": len(base),
@@ -140,7 +145,7 @@ def comparable_runs(runs: list[dict]) -> list[dict]:
 
 
 def _against(runs: list[dict], control: list[dict]) -> dict | None:
-    """Paired by seed: this source's BWT and own-task score minus the control's (None: no shared seed)."""
+    """Paired by seed: these runs' BWT, own-task score and OP minus the control's (None: no shared seed)."""
     by_seed = {c["seed"]: c for c in control}
     pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
     if not pairs:
@@ -149,6 +154,7 @@ def _against(runs: list[dict], control: list[dict]) -> dict | None:
         "n": len(pairs),
         "d_bwt": _stat([r["bwt"] - c["bwt"] for r, c in pairs]),
         "d_own": _stat([r["own"] - c["own"] for r, c in pairs]),
+        "d_op": _stat([r["op"] - c["op"] for r, c in pairs]),
     }
 
 
@@ -178,6 +184,19 @@ def markdown(study: dict, baseline: str) -> str:
         vs = s.get("vs_random")
         cells += [str(vs["n"]), _cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–"] * 3
         lines.append("| " + " | ".join(cells) + " |")
+    cheaper = [(key, s["lrp_vs"]) for key, s in study.items() if s.get("lrp_vs")]
+    if cheaper:
+        lines += [
+            "",
+            "LRP minus each cheaper source at the same q, paired by seed (positive ΔBWT: LRP forgets less):",
+            "",
+            "| source | q | seeds with lrp at q | ΔBWT (lrp − source) | Δ own-task (lrp − source) "
+            "| ΔOP (lrp − source) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (source, q), vs in cheaper:
+            deltas = [_cell(vs[k], True) for k in ("d_bwt", "d_own", "d_op")]
+            lines.append("| " + " | ".join([source, f"{q:g}", str(vs["n"]), *deltas]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,13 +12,13 @@ from clbench.budget_study import collect
 from clbench.errors import ConfigError
 
 
-def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete", model=None):
+def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete", model=None, op=0.5):
     folder = root / "runs" / f"{name}-seed{seed}"
     (folder / "importance").mkdir(parents=True)
     n = len(diagonal)
     matrix = [[None] * n] + [[d if j == i else None for j in range(n)] for i, d in enumerate(diagonal)]
     results = {"status": status, "tasks": [f"t{i}" for i in range(n)], "matrix": matrix}
-    results["summary"] = {"OP": 0.5, "BWT_TRACE": bwt}
+    results["summary"] = {"OP": op, "BWT_TRACE": bwt}
     (folder / "results.json").write_text(json.dumps(results))
     config = {"seed_everything": seed, "strategy": strategy, "model": model or {"lr": 5e-5}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -84,6 +84,32 @@ def test_folders_are_read_together_and_each_source_is_paired_with_random_at_its_
     table = (tmp_path / "out" / "budget_study.md").read_text()
     assert "| lrp | 0.2 | 3 |" in table and "+0.025 ± 0.015" in table
     assert not (a / "budget_study.md").exists()
+
+
+def test_lrp_is_paired_against_each_cheaper_source_at_its_budget(tmp_path):
+    """Does attribution choose better than gradient x weight? LRP minus the source, seed by seed;
+    random is the matched control (its own column), so it gets no LRP row."""
+    for seed in (1, 2, 3):
+        write_run(tmp_path, "seqft", seed, -0.2, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    for seed, bwt, op in ((1, -0.05, 0.50), (2, -0.10, 0.40)):
+        write_run(tmp_path, "lrp-q20", seed, bwt, [0.7, 0.6], attribution("lrp", 0.2), op=op)
+    for seed, bwt, op in ((1, -0.08, 0.45), (2, -0.09, 0.42), (3, -0.10, 0.40)):
+        write_run(tmp_path, "gxw-q20", seed, bwt, [0.8, 0.6], attribution("grad_x_weight", 0.2), op=op)
+    write_run(tmp_path, "random-q20", 1, -0.15, [0.8, 0.6], attribution("random", 0.2))
+    write_run(tmp_path, "gxw-q05", 1, -0.15, [0.8, 0.6], attribution("grad_x_weight", 0.05))
+    study = collect(tmp_path)
+    vs = study[("grad_x_weight", 0.2)]["lrp_vs"]
+    assert vs["n"] == 2  # seed 3 has no LRP run
+    assert vs["d_bwt"][0] == pytest.approx((0.03 - 0.01) / 2)  # LRP minus gxw: +0.03, -0.01
+    assert vs["d_op"][0] == pytest.approx((0.05 - 0.02) / 2)
+    assert vs["d_own"][0] == pytest.approx(-0.05)
+    assert study[("lrp", 0.2)]["lrp_vs"] is None and study[("random", 0.2)]["lrp_vs"] is None
+    assert study[("grad_x_weight", 0.05)]["lrp_vs"] is None  # no LRP at q 0.05
+    main(["budget", str(tmp_path)])
+    assert (
+        "| grad_x_weight | 0.2 | 2 | +0.010 ± 0.020 | -0.050 ± 0.000 | +0.015 ± 0.035 |"
+        in (tmp_path / "budget_study.md").read_text()
+    )
 
 
 def test_lora_and_full_runs_or_a_run_twice_are_refused(tmp_path):
