@@ -166,6 +166,10 @@ def _cell(stat: tuple[float, float | None] | None, signed: bool = False) -> str:
     return text + (f" ± {se:.3f}" if se is not None else "")
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(study: dict, baseline: str) -> str:
     b = study[("baseline", 0.0)]
     lines = [
@@ -183,7 +187,7 @@ def markdown(study: dict, baseline: str) -> str:
         cells += [_cell(s["own"]), _cell(s["d_own"], True), _cell(s["op"])]
         vs = s.get("vs_random")
         cells += [str(vs["n"]), _cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–"] * 3
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     cheaper = [(key, s["lrp_vs"]) for key, s in study.items() if s.get("lrp_vs")]
     if cheaper:
         lines += [
@@ -195,8 +199,12 @@ def markdown(study: dict, baseline: str) -> str:
             "|---|---|---|---|---|---|",
         ]
         for (source, q), vs in cheaper:
-            deltas = [_cell(vs[k], True) for k in ("d_bwt", "d_own", "d_op")]
-            lines.append("| " + " | ".join([source, f"{q:g}", str(vs["n"]), *deltas]) + " |")
+            lines.append(
+                _row(
+                    [source, f"{q:g}", str(vs["n"])]
+                    + [_cell(vs[k], True) for k in ("d_bwt", "d_own", "d_op")]
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
