@@ -15,7 +15,11 @@ come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. W
   suffix and run again.
 - One compare per comparison folder (compare.lock names the holder's process id); a lock left by
   a compare that died is taken over.
-- No fit outlives its compare: Ctrl-C, SIGTERM or an error stops the running fit and its children.
+- No fit outlives its compare: Ctrl-C, SIGTERM or an error stops the running fits and their children.
+- `--jobs N` trains up to N runs side by side, in the order given, each with cpu_count // N torch
+  threads unless OMP_NUM_THREADS is set, its console in <comparison>/logs/<run>.log; runs that need
+  the same attribution prior compute it once (the first takes the prior's lock, the others wait and
+  reuse it). When a fit fails, no further run starts, those running finish, then compare fails.
 - A fit imports clbench as installed, never a module of the same name in the working directory.
 
 `--finished_only` trains nothing and moves nothing: it rewrites the comparison from the runs that
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +75,13 @@ class Run(NamedTuple):
     strategy: str  # the --strategies entry
     dir: Path
     argv: list[str]
+
+
+class Console(NamedTuple):
+    """Where a fit run side by side with others writes its output, and its torch threads."""
+
+    log: Path
+    threads: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +122,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="move finished runs whose config differs from this invocation's aside and rerun them "
         "(without it, compare refuses them)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained side by side (default 1), each with cpu_count // jobs torch threads unless "
+        "OMP_NUM_THREADS is set; their consoles go to <comparison>/logs/<run>.log",
+    )
     args, passthrough = p.parse_known_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive integer, got {args.jobs}")
     for arg in passthrough:
         if arg.split("=", 1)[0] in RESERVED:
             raise ConfigError(f"{arg}: set by compare; use --strategies, --seeds, --output_dir, --name")
@@ -267,20 +288,21 @@ def resumable(run_dir: Path) -> bool:
     return any((run_dir / name / MARKER).is_file() for name in (FOLDER, f"{FOLDER}.old"))
 
 
-def train_or_reuse(run: Run, changed: bool) -> dict:
+def train_or_reuse(run: Run, changed: bool, console: Console | None = None) -> dict:
     """A finished run's results as on disk; an interrupted one with the same config resumed from its
-    last finished task; else it is (re)trained, any earlier run moved aside."""
+    last finished task; else it is (re)trained, any earlier run moved aside. `console`: where the
+    fit's output goes (None: this process's)."""
     results = read_finished(run.dir)
     if results is not None and not changed:
         print(f"clbench compare: reusing finished run {run.dir}")
         return results
     if not changed and resumable(run.dir) and config_change(run) is None:
         print(f"clbench compare: resuming interrupted run {run.dir}")
-        run_fit(["--resume", str(run.dir)])
+        run_fit(["--resume", str(run.dir)], console)
         return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
     if run.dir.is_dir() and any(run.dir.iterdir()):
         move_aside(run.dir, "changed" if changed else "incomplete")
-    run_fit(run.argv)
+    run_fit(run.argv, console)
     # What is on disk, so a later rerun that reuses this run builds the same table.
     return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
 
@@ -473,11 +495,45 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         return tabulate_finished(args, passthrough, runs)
     with folder_lock(args.compare_dir), sigterm_raises():
         changed = changed_runs(runs, args.rerun_changed)
+        if args.jobs == 1:
+            finished = [train_or_reuse(run, run.dir in changed) for run in runs]
+        else:
+            finished = side_by_side(runs, changed, args.jobs, args.compare_dir / "logs")
         results: dict[str, list[dict]] = {}
-        for run in runs:
-            results.setdefault(short_name(run.strategy), []).append(train_or_reuse(run, run.dir in changed))
+        for run, result in zip(runs, finished):
+            results.setdefault(short_name(run.strategy), []).append(result)
         write_comparison(args, passthrough, results, [])
     return results
+
+
+def side_by_side(runs: list[Run], changed: set[Path], jobs: int, logs: Path) -> list[dict]:
+    """`--jobs`: every run trained or reused as `train_or_reuse` does, up to `jobs` at once in the
+    order given; results in that order. A failed fit lets the running ones finish and starts no
+    other; Ctrl-C or SIGTERM stops them all."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    logs.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="fit")
+    futures = [
+        pool.submit(train_or_reuse, run, run.dir in changed, Console(logs / f"{run.dir.name}.log", threads))
+        for run in runs
+    ]
+    try:
+        pending: set[Future] = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in pending:
+                    f.cancel()  # not started yet
+                wait(pending)  # the running ones finish
+                raise failed[0].exception()
+        return [f.result() for f in futures]
+    except BaseException:
+        for child in list(LIVE):
+            stop(child)
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def tabulate_finished(
@@ -537,19 +593,38 @@ def write_comparison(
     print(f"clbench compare: {len(rows)} strategies, {n_runs} runs: {out / 'comparison.md'}")
 
 
-def run_fit(argv: list[str]) -> None:
+LIVE: set[subprocess.Popen] = set()  # fits in flight, all stopped when compare stops
+
+
+def run_fit(argv: list[str], console: Console | None = None) -> None:
     """One `clbench fit` in a process of its own: memory is returned between runs, and each run's
     peak memory is its own. Its own process group too, so that stopping it stops its children
     (ranks, loader workers) and Ctrl-C reaches compare alone, which then stops it. PYTHONSAFEPATH
-    keeps the working directory off the import path of the ranks Lightning starts (Python 3.11+)."""
+    keeps the working directory off the import path of the ranks Lightning starts (Python 3.11+).
+    With a `console`, the fit's output is appended to its log and it runs with its threads."""
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
-    child = subprocess.Popen([sys.executable, "-c", FIT_MAIN, "fit", *argv], env=env, start_new_session=True)
-    try:
-        code = child.wait()
-    finally:
-        stop(child)
+    if console is not None:
+        env["OMP_NUM_THREADS"] = console.threads
+        print(f"clbench compare: started {console.log.stem} ({console.threads} threads): {console.log}")
+    with open(console.log, "a", encoding="utf-8") if console else contextlib.nullcontext() as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", FIT_MAIN, "fit", *argv],
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
+        LIVE.add(child)
+        try:
+            code = child.wait()
+        finally:
+            stop(child)
+            LIVE.discard(child)
+    where = "above" if console is None else f"in {console.log}"
     if code != 0:
-        raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {code}); its error is above")
+        raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {code}); its error is {where}")
+    if console is not None:
+        print(f"clbench compare: finished {console.log.stem}")
 
 
 def stop(child: subprocess.Popen) -> None:

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from clbench import distributed as dist
+from clbench.console import say
 from clbench.evaluation.metrics import score_predictions
+from clbench.files import exclusive
 from clbench.importance import (
     NEEDS_ANSWERS,
     PriorKey,
@@ -105,21 +107,34 @@ class PriorSource:
     def _single_task_prior(self, ctx: StrategyContext) -> Tensors:
         params = ctx.module.trainable_parameters()
         store, key, signature = PriorStore(self._prior_dir(ctx)), self._key(ctx), parameter_signature(params)
-        found = dist.broadcast_object(store.path(key).is_file())  # one branch for every rank
-        if found:
-            whole, info = store.load(key, signature)
-            prior = {
-                n: dist.shard_like(params[n], t) if dist.is_sharded(params[n]) else t
-                for n, t in whole.items()
-            }
-            path, reused = store.path(key), True
-        else:
-            prior, info, reused = *self._train_and_score(ctx), False
-            path = self._save(ctx, store, key, signature, prior, info)
+        with self._computing(ctx, store.path(key)):
+            found = dist.broadcast_object(store.path(key).is_file())  # one branch for every rank
+            if found:
+                whole, info = store.load(key, signature)
+                prior = {
+                    n: dist.shard_like(params[n], t) if dist.is_sharded(params[n]) else t
+                    for n, t in whole.items()
+                }
+                path, reused = store.path(key), True
+            else:
+                prior, info, reused = *self._train_and_score(ctx), False
+                path = self._save(ctx, store, key, signature, prior, info)
         self._record(ctx, "single_task", path, info.get("samples_used"), reused, None if reused else info)
         if ctx.task_index == 0 and self.record_continual:  # the same model, so the same map
             self._record(ctx, "continual", path, info.get("samples_used"), reused)
         return prior
+
+    @staticmethod
+    def _computing(ctx: StrategyContext, path: Path) -> contextlib.AbstractContextManager:
+        """One process computes a given prior at a time: a run that needs the prior another run with
+        the same prior_dir is computing (`compare --jobs`) waits for it, then reuses it. Rank 0 holds
+        the lock; the other ranks wait at its broadcast, so within the process group's timeout."""
+        if not ctx.writes:
+            return contextlib.nullcontext()
+        return exclusive(
+            path.with_name(f"{path.name}.lock"),
+            on_wait=lambda: say(f"clbench: waiting for {path.name}: another run is computing it"),
+        )
 
     def _save(
         self,

@@ -71,7 +71,7 @@ def test_aggregate_and_tables():
 
 
 def test_train_or_reuse_moves_unfinished_and_changed_runs_aside(tmp_path, monkeypatch, capsys):
-    def fake_fit(argv):  # what a fit leaves: a finished run
+    def fake_fit(argv, console=None):  # what a fit leaves: a finished run
         fits.append(argv[0])
         (tmp_path / argv[0]).mkdir(exist_ok=True)
         (tmp_path / argv[0] / "results.json").write_text(json.dumps({"status": "complete", "seed": 2}))
@@ -199,7 +199,7 @@ def test_paired_differences_to_a_baseline_use_the_seeds_both_ran():
 def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, monkeypatch):
     calls: list[list[str]] = []
 
-    def fake_fit(argv):  # a resumed fit finishes the run in place
+    def fake_fit(argv, console=None):  # a resumed fit finishes the run in place
         calls.append(argv)
         (tmp_path / "killed").mkdir(exist_ok=True)
         (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
@@ -215,3 +215,45 @@ def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, 
     (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
     train_or_reuse(Run("seqft", tmp_path / "killed", ["killed"]), False)
     assert calls[-1] == ["killed"] and list(tmp_path.glob("killed.incomplete-*"))
+
+
+def test_jobs_train_side_by_side_with_the_numbers_of_one_at_a_time(
+    trace_dir, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Two attribution runs that need the same LRP priors (random permutes LRP's), side by side:
+    each prior is computed once, each run's results land under its own strategy, and they are those
+    of the same runs trained one after the other. (Waiting for a prior another run is computing:
+    tests/strategies/test_attribution.py.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads either way: the same rounding
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    for task in cfg["stream"]["tasks"]:
+        task.update(epochs=1, max_prompt_tokens=64, max_answer_tokens=16)
+    cfg["run"].update(evaluate="needed", checkpoints="none")
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for name, estimator in (("lrp-q50", "lrp"), ("random-q50", "random")):
+        args = {"gate_target": "update", "estimator": estimator, "budget": 0.5}
+        args |= {"correct_threshold": 0.0, "max_prior_samples": 4, "top_k": 2}
+        write_config(presets / f"{name}.yaml", {"strategy": {"class_path": "attribution", "init_args": args}})
+    argv = ["compare", "--config", str(write_config(tmp_path / "toy.yaml", cfg)), "--presets", str(presets)]
+    argv += ["--strategies", "lrp-q50,random-q50", "--seeds", "1"]
+    assert main([*argv, "--name", "side", "--jobs", "2"]) == 0
+    assert main([*argv, "--name", "serial"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("clbench compare: started") == 2 and out.count("clbench compare: finished") == 2
+
+    def run(folder: str, name: str) -> tuple[dict, list[dict]]:
+        d = tmp_path / "runs" / folder / "runs" / f"{name}-seed1"
+        used = json.loads((d / "importance" / "used.json").read_text())["maps"]
+        return json.loads((d / "results.json").read_text()), used
+
+    for name in ("lrp-q50", "random-q50"):
+        (side, _), (serial, _) = run("side", name), run("serial", name)
+        assert side["status"] == "complete" and side["matrix"] == serial["matrix"], name
+        log = tmp_path / "runs" / "side" / "logs" / f"{name}-seed1.log"
+        assert "clbench: task 3/3 upper" in log.read_text()  # the fit's console, in its log
+    lrp, random = run("side", "lrp-q50")[1], run("side", "random-q50")[1]
+    assert [m["task"] for m in lrp] == [m["task"] for m in random] == ["parity", "reverse"]
+    for a, b in zip(lrp, random):
+        assert sorted([a["reused"], b["reused"]]) == [False, True], (a, b)  # computed once
+    assert run("side", "lrp-q50")[0]["matrix"] != run("side", "random-q50")[0]["matrix"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from test_compare import fake_run
 from test_fit import toy_config, write_config
@@ -117,40 +118,45 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_stopping_compare_stops_its_fit(trace_dir, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_stopping_compare_stops_its_fits(trace_dir, tiny_model_dir, tmp_path, capsys, jobs):
     cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir, epochs=200))
-    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
-    argv += ["--run.checkpoints", "none"]
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", ",".join(["1", "2"][:jobs])]
+    argv += ["--run.checkpoints", "none", "--jobs", str(jobs)]
     with open(tmp_path / "compare.log", "w") as log:
         compare = subprocess.Popen([sys.executable, "-m", "clbench", *argv], stdout=log, stderr=log)
-    results = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1" / "results.json"
-    fit = None
+    runs = tmp_path / "runs" / "compare-toy" / "runs"
+    results = [runs / f"seqft-seed{seed}" / "results.json" for seed in (1, 2)[:jobs]]
+    fits: list[int] = []
     try:
         deadline = time.monotonic() + 240
-        while not results.is_file() and compare.poll() is None and time.monotonic() < deadline:
+        while not all(r.is_file() for r in results) and compare.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "compare.log").read_text()
             time.sleep(0.5)
-        assert results.is_file(), (tmp_path / "compare.log").read_text()
-        fit = json.loads(results.read_text())["pid"]
-        assert alive(fit) and fit != compare.pid
+        assert all(r.is_file() for r in results), (tmp_path / "compare.log").read_text()
+        fits = [json.loads(r.read_text())["pid"] for r in results]
+        assert all(alive(fit) and fit != compare.pid for fit in fits)  # side by side with --jobs 2
 
-        # A second compare on the folder is refused; the first one's live run is left alone.
+        # A second compare on the folder is refused; the first one's live runs are left alone.
         assert main(argv) == 2
-        lock = results.parent.parent.parent / LOCK
+        lock = runs.parent / LOCK
         assert f"{lock}: held by process {compare.pid}" in one_line_error(capsys)
-        assert sorted(p.name for p in results.parent.parent.iterdir()) == ["seqft-seed1"]
+        assert sorted(p.name for p in runs.iterdir()) == [r.parent.name for r in results]
 
         compare.send_signal(signal.SIGTERM)
         assert compare.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 5
-        while alive(fit) and time.monotonic() < deadline:
+        while any(alive(fit) for fit in fits) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not alive(fit)
-        assert f"stopping clbench fit (process {fit})" in (tmp_path / "compare.log").read_text()
+        assert not any(alive(fit) for fit in fits)
+        log = (tmp_path / "compare.log").read_text()
+        assert all(f"stopping clbench fit (process {fit})" in log for fit in fits)
         assert lock.read_text() == ""  # released on the way out
     finally:  # whatever failed above, leave no process behind
         compare.kill()
-        if fit is not None and alive(fit):
-            os.kill(fit, signal.SIGKILL)
+        for fit in fits:
+            if alive(fit):
+                os.kill(fit, signal.SIGKILL)
 
 
 def test_fits_do_not_import_modules_of_the_working_directory(

@@ -3,16 +3,20 @@ moves a gated parameter under each target, and the prior cache (reuse, refusal).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import threading
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 from toydata import ToyServices, quiet_trainer
 
+from clbench import priors as priors_module
 from clbench.attribution import parameter_relevance
+from clbench.files import exclusive
 from clbench.importance import TopKMean, fold_max, gate_statistics, normalise, task_prior
 from clbench.module import CLModule
 from clbench.strategy import CLStrategy, StrategyContext
@@ -324,6 +328,41 @@ def test_stored_prior_is_reused_without_a_second_single_task_training(make_modul
     assert not any("seconds" in m for m in used)  # nothing computed in this run
     run_priors(make_module(), stream, tmp_path / "run3", tmp_path / "priors", fits, top_k=2)
     assert fits == ["beta", "beta"]  # other settings, another prior
+
+
+def test_a_prior_another_process_is_computing_is_waited_for_then_reused(
+    make_module, stream_of, tmp_path, monkeypatch
+):
+    """A run that needs a prior whose lock is held (another run is computing it) waits, then finds
+    the file and reuses it; checking for the file before taking the lock would compute it again."""
+    stream, fits, priors = stream_of(6, 6, 6), [], tmp_path / "priors"
+    run_priors(make_module(), stream, tmp_path / "run1", priors, fits)
+    stored = sorted(priors.glob("*.safetensors"))
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in stored:  # as if another run were still computing them
+        path.rename(aside / path.name)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with contextlib.ExitStack() as locks:
+            for path in stored:
+                locks.enter_context(exclusive(path.with_name(f"{path.name}.lock")))
+            held.set()
+            release.wait(30)
+            for path in stored:
+                (aside / path.name).rename(path)  # saved, then the locks go
+
+    said: list[str] = []
+    monkeypatch.setattr(priors_module, "say", lambda line: (said.append(line), release.set()))
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    assert held.wait(30)
+    run_priors(make_module(), stream, tmp_path / "run2", priors, fits)
+    thread.join(30)
+    assert said == [f"clbench: waiting for {stored[0].name}: another run is computing it"]
+    used = json.loads((tmp_path / "run2" / "importance" / "used.json").read_text())["maps"]
+    assert [m["reused"] for m in used] == [True, True] and fits == ["beta"]  # no second side training
 
 
 def test_gate_json_describes_the_gate_each_later_task_trains_under(make_module, stream_of, tmp_path):
