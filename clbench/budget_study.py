@@ -209,27 +209,47 @@ def markdown(study: dict, baseline: str) -> str:
 
 
 def plot(study: dict, path: Path, baseline: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Against the removed update mass, one line per source: ΔBWT and Δ own-task score against the
+    baseline; and against q, the paired ΔBWT against random at the same q (the matched control,
+    whose error bars are those of the paired differences, not of the two lines above)."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     by_source: dict[str, list] = defaultdict(list)
     for (source, q), s in study.items():
         if source != "baseline":
-            by_source[source].append((s["removed"][0] if s["removed"] else q, s))
+            by_source[source].append((s["removed"][0] if s["removed"] else q, q, s))
+    xs_all: list[list[float]] = [[], [], []]
     for source in sorted(by_source, key=lambda x: SOURCES.index(x) if x in SOURCES else 99):
         points = sorted(by_source[source], key=lambda p: p[0])
-        xs = [100 * x for x, _ in points]
-        for ax, key in zip(axes, ("d_bwt", "d_own"), strict=True):
-            ys = [s[key][0] for _, s in points]
-            errs = [s[key][1] or 0.0 for _, s in points]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=source)
-    titles = (f"ΔBWT (TRACE) vs {baseline}: higher = less forgetting", f"Δ own-task score vs {baseline}")
-    for ax, title in zip(axes, titles, strict=True):
+        for i, key in enumerate(("d_bwt", "d_own")):
+            xs = [100 * x for x, _, _ in points]
+            _line(axes[i], xs, [s[key] for _, _, s in points], source)
+            xs_all[i] += xs
+        paired = [(100 * q, s["vs_random"]["d_bwt"]) for _, q, s in points if s.get("vs_random")]
+        if paired:
+            _line(axes[2], [x for x, _ in paired], [d for _, d in paired], source)
+            xs_all[2] += [x for x, _ in paired]
+    titles = (
+        f"ΔBWT (TRACE) vs {baseline}: higher = less forgetting",
+        f"Δ own-task score vs {baseline}",
+        "ΔBWT (TRACE) vs random at the same q, paired by seed",
+    )
+    xlabels = ("share of the update's L1 mass removed (%)",) * 2 + ("q: share of each tensor protected (%)",)
+    for ax, title, xlabel, xs in zip(axes, titles, xlabels, xs_all, strict=True):
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("share of the update's L1 mass removed (%)")
+        if xs and max(xs) > 8 * min(xs):  # budgets over more than a decade: 2% and 5% stay apart
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _line(ax: plt.Axes, xs: list[float], stats: list[tuple[float, float | None]], label: str) -> None:
+    ax.errorbar(
+        xs, [m for m, _ in stats], yerr=[se or 0.0 for _, se in stats], marker="o", capsize=3, label=label
+    )
 
 
 def analyze_budget(comparisons: list[Path], baseline: str = "seqft", out: Path | None = None) -> dict:
