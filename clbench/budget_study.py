@@ -170,6 +170,12 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _by_budget(item: tuple) -> tuple[float, int]:
+    """Rows by q, then by source (SOURCES order): the sources side by side at each matched budget."""
+    (source, q), _ = item
+    return q, SOURCES.index(source) if source in SOURCES else len(SOURCES)
+
+
 def markdown(study: dict, baseline: str) -> str:
     b = study[("baseline", 0.0)]
     lines = [
@@ -180,7 +186,7 @@ def markdown(study: dict, baseline: str) -> str:
         "| Δ own-task | OP | seeds with random at q | ΔBWT vs random | Δ own-task vs random |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (source, q), s in study.items():
+    for (source, q), s in sorted(study.items(), key=_by_budget):
         if source == "baseline":
             continue
         cells = [source, f"{q:g}", str(s["n"]), _cell(s["removed"]), _cell(s["d_bwt"], True)]
@@ -188,7 +194,7 @@ def markdown(study: dict, baseline: str) -> str:
         vs = s.get("vs_random")
         cells += [str(vs["n"]), _cell(vs["d_bwt"], True), _cell(vs["d_own"], True)] if vs else ["–"] * 3
         lines.append(_row(cells))
-    cheaper = [(key, s["lrp_vs"]) for key, s in study.items() if s.get("lrp_vs")]
+    cheaper = [(key, s["lrp_vs"]) for key, s in sorted(study.items(), key=_by_budget) if s.get("lrp_vs")]
     if cheaper:
         lines += [
             "",

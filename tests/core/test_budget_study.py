@@ -83,6 +83,8 @@ def test_folders_are_read_together_and_each_source_is_paired_with_random_at_its_
     main(["budget", str(a), str(b), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "budget_study.md").read_text()
     assert "| lrp | 0.2 | 3 |" in table and "+0.025 ± 0.015" in table
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ") and "0." in line]
+    assert rows == [["| lrp", "0.2"], ["| random", "0.2"], ["| random", "0.5"]]  # by q, then source
     assert not (a / "budget_study.md").exists()
 
 
