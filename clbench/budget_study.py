@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from matplotlib import ticker
 
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
@@ -244,6 +245,9 @@ def plot(study: dict, path: Path, baseline: str) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         if xs and max(xs) > 8 * min(xs):  # budgets over more than a decade: 2% and 5% stay apart
             ax.set_xscale("log")
+            ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100) if min(xs) / 1.5 <= t <= max(xs) * 1.5])
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
