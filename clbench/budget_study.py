@@ -171,10 +171,15 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _source_rank(source: str) -> int:
+    """Sources in SOURCES order (others last), in the tables and the plot's legend."""
+    return SOURCES.index(source) if source in SOURCES else len(SOURCES)
+
+
 def _by_budget(item: tuple) -> tuple[float, int]:
-    """Rows by q, then by source (SOURCES order): the sources side by side at each matched budget."""
+    """Rows by q, then by source: the sources side by side at each matched budget."""
     (source, q), _ = item
-    return q, SOURCES.index(source) if source in SOURCES else len(SOURCES)
+    return q, _source_rank(source)
 
 
 def markdown(study: dict, baseline: str) -> str:
@@ -225,10 +230,10 @@ def plot(study: dict, path: Path, baseline: str) -> None:
         if source != "baseline":
             by_source[source].append((s["removed"][0] if s["removed"] else q, q, s))
     xs_all: list[list[float]] = [[], [], []]
-    for source in sorted(by_source, key=lambda x: SOURCES.index(x) if x in SOURCES else 99):
+    for source in sorted(by_source, key=_source_rank):
         points = sorted(by_source[source], key=lambda p: p[0])
+        xs = [100 * x for x, _, _ in points]
         for i, key in enumerate(("d_bwt", "d_own")):
-            xs = [100 * x for x, _, _ in points]
             _line(axes[i], xs, [s[key] for _, _, s in points], source)
             xs_all[i] += xs
         paired = [(100 * q, s["vs_random"]["d_bwt"]) for _, q, s in points if s.get("vs_random")]
