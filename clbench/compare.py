@@ -39,6 +39,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -494,6 +495,7 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     if args.finished_only:
         return tabulate_finished(args, passthrough, runs)
     with folder_lock(args.compare_dir), sigterm_raises():
+        STOPPING.clear()  # a stop of an earlier compare in this process
         changed = changed_runs(runs, args.rerun_changed)
         if args.jobs == 1:
             finished = [train_or_reuse(run, run.dir in changed) for run in runs]
@@ -512,11 +514,16 @@ def side_by_side(runs: list[Run], changed: set[Path], jobs: int, logs: Path) -> 
     other; Ctrl-C or SIGTERM stops them all."""
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     logs.mkdir(parents=True, exist_ok=True)
+
+    def attempt(run: Run) -> dict:
+        try:
+            return train_or_reuse(run, run.dir in changed, Console(logs / f"{run.dir.name}.log", threads))
+        except BaseException:
+            STOPPING.set()  # before this worker takes the next run: a failed fit starts no other
+            raise
+
     pool = ThreadPoolExecutor(jobs, thread_name_prefix="fit")
-    futures = [
-        pool.submit(train_or_reuse, run, run.dir in changed, Console(logs / f"{run.dir.name}.log", threads))
-        for run in runs
-    ]
+    futures = [pool.submit(attempt, run) for run in runs]
     try:
         pending: set[Future] = set(futures)
         while pending:
@@ -529,7 +536,11 @@ def side_by_side(runs: list[Run], changed: set[Path], jobs: int, logs: Path) -> 
                 raise failed[0].exception()
         return [f.result() for f in futures]
     except BaseException:
-        for child in list(LIVE):
+        pool.shutdown(wait=False, cancel_futures=True)
+        with LIVE_LOCK:
+            STOPPING.set()
+            running = list(LIVE)
+        for child in running:
             stop(child)
         raise
     finally:
@@ -594,6 +605,8 @@ def write_comparison(
 
 
 LIVE: set[subprocess.Popen] = set()  # fits in flight, all stopped when compare stops
+STOPPING = threading.Event()  # set when compare stops: no further fit starts (--jobs workers)
+LIVE_LOCK = threading.Lock()  # a fit starts, or compare stops, not both at once
 
 
 def run_fit(argv: list[str], console: Console | None = None) -> None:
@@ -605,16 +618,21 @@ def run_fit(argv: list[str], console: Console | None = None) -> None:
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     if console is not None:
         env["OMP_NUM_THREADS"] = console.threads
-        print(f"clbench compare: started {console.log.stem} ({console.threads} threads): {console.log}")
     with open(console.log, "a", encoding="utf-8") if console else contextlib.nullcontext() as out:
-        child = subprocess.Popen(
-            [sys.executable, "-c", FIT_MAIN, "fit", *argv],
-            env=env,
-            start_new_session=True,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-        )
-        LIVE.add(child)
+        with LIVE_LOCK:
+            if STOPPING.is_set():  # a --jobs worker whose slot a stopped fit just freed
+                raise ConfigError("clbench compare is stopping: no further fit starts")
+            if console is not None:
+                started = f"{console.log.stem} ({console.threads} threads): {console.log}"
+                print(f"clbench compare: started {started}")
+            child = subprocess.Popen(
+                [sys.executable, "-c", FIT_MAIN, "fit", *argv],
+                env=env,
+                start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+            LIVE.add(child)
         try:
             code = child.wait()
         finally:

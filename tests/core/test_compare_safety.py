@@ -120,8 +120,18 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_stopping_compare_stops_its_fits(trace_dir, tiny_model_dir, tmp_path, capsys, jobs):
+    """`jobs` fits run when compare is stopped and one more waits: the running ones stop, and the
+    waiting one never starts (not even in a slot a stopped fit just freed)."""
     cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir, epochs=200))
-    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", ",".join(["1", "2"][:jobs])]
+    argv = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--strategies",
+        "seqft",
+        "--seeds",
+        ",".join(["1", "2", "3"][: jobs + 1]),
+    ]
     argv += ["--run.checkpoints", "none", "--jobs", str(jobs)]
     with open(tmp_path / "compare.log", "w") as log:
         compare = subprocess.Popen([sys.executable, "-m", "clbench", *argv], stdout=log, stderr=log)
@@ -151,12 +161,36 @@ def test_stopping_compare_stops_its_fits(trace_dir, tiny_model_dir, tmp_path, ca
         assert not any(alive(fit) for fit in fits)
         log = (tmp_path / "compare.log").read_text()
         assert all(f"stopping clbench fit (process {fit})" in log for fit in fits)
+        assert f"started seqft-seed{jobs + 1}" not in log and not (runs / f"seqft-seed{jobs + 1}").exists()
         assert lock.read_text() == ""  # released on the way out
     finally:  # whatever failed above, leave no process behind
         compare.kill()
         for fit in fits:
             if alive(fit):
                 os.kill(fit, signal.SIGKILL)
+
+
+def test_a_failed_fit_under_jobs_lets_the_running_one_finish_and_starts_no_other(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    """`bad` fails at once, beside a seqft fit; the queued freeze run must not take the freed slot."""
+    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir))
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    write_config(
+        presets / "bad.yaml", {"strategy": {"class_path": "attribution", "init_args": {"budget": 1.5}}}
+    )
+    argv = ["compare", "--config", str(cfg), "--presets", str(presets), "--strategies", "bad,seqft,freeze"]
+    argv += ["--seeds", "1", "--run.checkpoints", "none", "--jobs", "2"]
+    assert main(argv) == 2
+    assert (
+        "attribution.budget must be in (0, 1]"
+        in (tmp_path / "runs" / "compare-toy" / "logs" / "bad-seed1.log").read_text()
+    )
+    runs = tmp_path / "runs" / "compare-toy" / "runs"
+    assert json.loads((runs / "seqft-seed1" / "results.json").read_text())["status"] == "complete"
+    assert not (runs / "freeze-seed1").exists()
+    assert "started freeze-seed1" not in capsys.readouterr().out
 
 
 def test_fits_do_not_import_modules_of_the_working_directory(
