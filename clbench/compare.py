@@ -536,7 +536,6 @@ def side_by_side(runs: list[Run], changed: set[Path], jobs: int, logs: Path) -> 
                 raise failed[0].exception()
         return [f.result() for f in futures]
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
         with LIVE_LOCK:
             STOPPING.set()
             running = list(LIVE)

@@ -123,15 +123,8 @@ def test_stopping_compare_stops_its_fits(trace_dir, tiny_model_dir, tmp_path, ca
     """`jobs` fits run when compare is stopped and one more waits: the running ones stop, and the
     waiting one never starts (not even in a slot a stopped fit just freed)."""
     cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir, epochs=200))
-    argv = [
-        "compare",
-        "--config",
-        str(cfg),
-        "--strategies",
-        "seqft",
-        "--seeds",
-        ",".join(["1", "2", "3"][: jobs + 1]),
-    ]
+    seeds = ",".join(str(seed) for seed in range(1, jobs + 2))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", seeds]
     argv += ["--run.checkpoints", "none", "--jobs", str(jobs)]
     with open(tmp_path / "compare.log", "w") as log:
         compare = subprocess.Popen([sys.executable, "-m", "clbench", *argv], stdout=log, stderr=log)
