@@ -31,6 +31,8 @@ def results_markdown(results: dict) -> str:
     out = [
         f"# {results['stream']} · {results['strategy']} · seed {results['seed']}",
         "",
+        f"Every score below is on the {results.get('score_split', 'test')} split of each task.",
+        "",
         "Scores are on [0, 1] for every metric (ROUGE-L, edit similarity and SARI divided by 100 where",
         "their usual scale is 0-100). BWT (TRACE) = (1/T)·Σ_{i≤T}(R[T][i] − R[i][i]);",
         "BWT (GEM) = (1/(T−1))·Σ_{i<T}(R[T][i] − R[i][i]); FWT = (1/(T−1))·Σ_{i≥2}(R[i−1][i] − R[0][i]).",
@@ -46,7 +48,7 @@ def results_markdown(results: dict) -> str:
         "",
         "## Per task",
         "",
-        "| task | metric | n test | start | after own task | final | ± s.e. | valid label share (final) "
+        "| task | metric | n scored | start | after own task | final | ± s.e. | valid label share (final) "
         "| majority baseline | train loss before → after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

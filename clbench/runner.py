@@ -455,6 +455,7 @@ class Runner:
             **state,
             **({"error": error} if error else {}),
             "stream": self.stream.name,
+            "score_split": self.stream.score_split,
             "strategy": self.strategy_name,
             "seed": self.seed,
             "world_size": dist.world_size(),

@@ -271,7 +271,7 @@ def load_stream(cfg: StreamConfig) -> TaskStream:
             if not task.eval:
                 raise ConfigError(f"stream.score_split: eval, but task {task.name} has no eval split")
             task.test = task.eval  # the matrix scores the eval split; the test split is not scored
-    return TaskStream(cfg.name, tasks)
+    return TaskStream(cfg.name, tasks, cfg.score_split)
 
 
 def fit_to_context(stream: TaskStream, context: int | None) -> list[str]:

@@ -53,6 +53,7 @@ class TaskStream:
 
     name: str
     tasks: list[Task]
+    score_split: str = "test"  # the split each task's `test` holds: "eval" when choosing settings
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from clbench.cli import main
+from clbench.reporting import results_markdown
 
 
 def toy_config(trace_dir: Path, model_dir: Path, out: Path, strategy: str = "seqft") -> dict:
@@ -60,6 +61,8 @@ def test_fit_three_tasks_end_to_end(trace_dir, tiny_model_dir, tmp_path):
     assert res["per_task"]["parity"]["valid_label_share"] is not None
     report = (run / "results.md").read_text()
     assert report.count("| parity |") >= 1 and "## Valid-label share of classification tasks" in report
+    assert res["score_split"] == "test" and "on the test split of each task" in report
+    assert "on the eval split of each task" in results_markdown({**res, "score_split": "eval"})
     assert (run / "heatmap.png").stat().st_size > 1000
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()

@@ -98,3 +98,4 @@ def test_score_split_eval_scores_the_eval_examples_and_never_the_test_ones(trace
     for a, b in zip(on_test, on_eval, strict=True):
         assert b.test == a.eval and b.eval == a.eval and b.train == a.train
         assert b.test != a.test
+    assert (on_test.score_split, on_eval.score_split) == ("test", "eval")  # results.md says which
