@@ -29,6 +29,7 @@ import yaml
 from matplotlib import ticker
 
 from clbench.errors import ConfigError
+from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
 from clbench.reporting import plt, save_figure
 
@@ -46,8 +47,6 @@ def read_run(folder: Path) -> dict | None:
     cfg = yaml.safe_load(config_path.read_text())
     strategy = cfg.get("strategy") or {}
     args = strategy.get("init_args") or {}
-    matrix = results["matrix"]
-    diagonal = [matrix[i + 1][i] for i in range(len(results["tasks"]))]
     gates = folder / "importance" / "gate.json"
     removed = []
     if gates.is_file():
@@ -67,7 +66,7 @@ def read_run(folder: Path) -> dict | None:
         "seed": cfg.get("seed_everything"),
         "bwt": results["summary"]["BWT_TRACE"],
         "op": results["summary"]["OP"],
-        "own": sum(diagonal) / len(diagonal),
+        "own": own_task_score(results["matrix"]),
         "removed": sum(removed) / len(removed) if removed else None,
     }
 

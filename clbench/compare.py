@@ -49,11 +49,13 @@ from typing import NamedTuple
 import yaml
 
 from clbench.errors import ConfigError
+from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
 from clbench.reporting import save_figure
 from strategies import class_path, name_for, placement_only
 
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
+OWN = "own-task score"  # mean of the matrix's diagonal: how well each task was learned
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
 Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
 PER_RUN = ("name", "output_dir")  # run fields that differ between the runs of one comparison
@@ -372,6 +374,7 @@ def run_columns(results: dict) -> dict[str, float | None]:
     """The numbers of one run that the comparison table shows, by column name."""
     summary, timings = results.get("summary") or {}, results.get("timings") or {}
     cols = {label: summary.get(key) for label, key in METRICS.items()}
+    cols[OWN] = own_task_score(results["matrix"]) if results.get("matrix") else None
     for task in results.get("tasks") or list(results.get("per_task", {})):
         cols[f"final {task}"] = results["per_task"][task].get("final")
     train, evaluate = timings.get("train_s"), timings.get("eval_s")
@@ -380,13 +383,13 @@ def run_columns(results: dict) -> dict[str, float | None]:
     return cols
 
 
-PAIRED = ("OP", "BWT (TRACE)")  # metrics also shown as paired differences to a baseline
+PAIRED = ("OP", "BWT (TRACE)", OWN)  # metrics also shown as paired differences to a baseline
 
 
 def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[dict]:
     """One row per strategy: strategy, seeds, n_seeds, and a (mean, std) Cell per column.
 
-    With a baseline, "ΔOP vs <baseline>" and "ΔBWT (TRACE) vs <baseline>" are the mean and std of
+    With a baseline, "ΔOP vs <baseline>" (and likewise BWT and the own-task score) is the mean and std of
     the per-seed differences on the seeds both ran (paired: seed-to-seed noise that both share,
     such as a hard data order, cancels); blank for the baseline itself.
     """
@@ -402,7 +405,7 @@ def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[
             pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, runs[s])]
             diffs = [a - b for a, b in pairs if s != baseline and a is not None and b is not None]
             paired[f"Δ{k} vs {baseline}"] = mean_std(diffs)
-        summary = {k: cells.pop(k) for k in METRICS if k in cells}
+        summary = {k: cells.pop(k) for k in (*METRICS, OWN) if k in cells}
         rows.append(row | summary | paired | cells)  # summary, paired differences, then the rest
     return rows
 
@@ -449,7 +452,7 @@ def plot_comparison(rows: list[dict], title: str, path: Path) -> None:
     """Grouped bars: one group per summary metric, one bar per strategy, std as error bars."""
     import matplotlib.pyplot as plt  # after clbench.reporting chose the Agg backend
 
-    metrics = [m for m in METRICS if any(r[m][0] is not None for r in rows)]
+    metrics = [m for m in (*METRICS, OWN) if any(r[m][0] is not None for r in rows)]
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(1.4 * len(metrics) + 0.3 * len(rows) + 2.5, 4.0))
     for k, r in enumerate(rows):
@@ -588,7 +591,8 @@ def write_comparison(
         "",
         f"Config `{args.config}`" + (f", overrides `{' '.join(passthrough)}`" if passthrough else "") + ".",
         "Mean ± sample standard deviation (ddof=1) over seeds; a blank std means one seed.",
-        "Scores are on [0, 1]; wall time = train + eval seconds.",
+        "Scores are on [0, 1]; own-task score = mean of R[i][i] (each task right after training on it);",
+        "wall time = train + eval seconds.",
         "",
     ]
     if baseline:

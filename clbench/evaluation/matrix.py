@@ -70,6 +70,14 @@ def fwt(R: Matrix) -> float | None:
     return _mean_or_none(arr[tasks - 1, tasks - 1] - arr[0, tasks - 1])
 
 
+def own_task_score(R: Matrix) -> float | None:
+    """(1/T) * sum_i R_{i,i}: each task's score right after training on it, the plasticity that
+    BWT alone hides (a strategy that learns nothing forgets nothing); None if any is missing."""
+    arr = _as_array(R)
+    tasks = np.arange(1, arr.shape[1] + 1)
+    return _mean_or_none(arr[tasks, tasks - 1])
+
+
 def summarize(R: Matrix) -> dict[str, float | None]:
     """All summary numbers at once; ``None`` where the matrix lacks what a number needs."""
     return {"OP": overall_performance(R), "BWT_TRACE": bwt_trace(R), "BWT_GEM": bwt_gem(R), "FWT": fwt(R)}

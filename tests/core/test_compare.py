@@ -55,12 +55,14 @@ def test_aggregate_and_tables():
     assert replay["OP"] == (0.9, None) and replay["n_seeds"] == 1
 
     md = markdown_table([seqft, replay]).splitlines()
-    assert md[0].startswith("| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | final a |")
+    assert md[0].startswith(
+        "| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | own-task score | final a |"
+    )
     assert md[2].startswith(
-        "| seqft | 2 | 0.600 ± 0.141 | -0.300 ± 0.141 | -0.100 |  | 0.600 ± 0.283 | 15 ± 4 |"
+        "| seqft | 2 | 0.600 ± 0.141 | -0.300 ± 0.141 | -0.100 |  |  | 0.600 ± 0.283 | 15 ± 4 |"
     )
     assert "[seed 2](runs/seqft-seed2/results.md)" in md[2]
-    assert md[3].startswith("| replay | 1 | 0.900 | 0.000 | 0.000 |  | 0.900 | 22 | 150 |")
+    assert md[3].startswith("| replay | 1 | 0.900 | 0.000 | 0.000 |  |  | 0.900 | 22 | 150 |")
 
     rows = list(csv.DictReader(csv_text([seqft, replay]).splitlines()))
     assert [r["strategy"] for r in rows] == ["seqft", "replay"]
@@ -191,9 +193,27 @@ def test_paired_differences_to_a_baseline_use_the_seeds_both_ran():
         (2.0 / 3, math.sqrt(((0.6 - 2 / 3) ** 2 + (0.5 - 2 / 3) ** 2 + (0.9 - 2 / 3) ** 2) / 2))
     )
     header = markdown_table([seqft, gate]).splitlines()[0]
-    assert header.startswith("| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | ΔOP vs seqft |")
-    assert "| +0.150 ± 0.071 | +0.200 ± 0.141 |" in markdown_table([seqft, gate])
+    assert header.startswith(
+        "| strategy | n seeds | OP | BWT (TRACE) | BWT (GEM) | FWT | own-task score | ΔOP vs seqft |"
+    )
+    assert "| +0.150 ± 0.071 | +0.200 ± 0.141 |  |" in markdown_table([seqft, gate])
     assert "Δ" not in markdown_table(aggregate(runs))  # no baseline, no paired columns
+
+
+def test_own_task_score_is_the_diagonal_mean_and_is_paired_like_op():
+    def with_matrix(seed, diagonal):
+        run = fake_run(seed, 0.5, -0.1, None, None, 0.4, 1, 1, 1)
+        run["matrix"] = [[0.0, 0.0], [diagonal[0], 0.1], [0.2, diagonal[1]]]  # row 2's first cell: not own
+        return run
+
+    runs = {
+        "seqft": [with_matrix(1, (0.8, 0.6)), with_matrix(2, (0.6, 0.6))],
+        "gate": [with_matrix(1, (0.6, 0.4)), with_matrix(2, (0.6, 0.5))],
+    }
+    seqft, gate = aggregate(runs, baseline="seqft")
+    assert seqft["own-task score"] == pytest.approx((0.65, math.sqrt(0.005)))  # 0.7 and 0.6
+    assert gate["own-task score"] == pytest.approx((0.525, math.sqrt(0.00125)))  # 0.5 and 0.55
+    assert gate["Δown-task score vs seqft"] == pytest.approx((-0.125, math.sqrt(0.01125)))  # -0.2, -0.05
 
 
 def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, monkeypatch):

@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from clbench.evaluation.matrix import bwt_gem, bwt_trace, fwt, overall_performance, summarize
+from clbench.evaluation.matrix import (
+    bwt_gem,
+    bwt_trace,
+    fwt,
+    overall_performance,
+    own_task_score,
+    summarize,
+)
 
 # T = 3 tasks. Row t = after training through task t (row 0 = starting model); column i-1 = task i.
 FULL = [
@@ -32,6 +39,7 @@ def test_individual_functions_and_numpy_input():
     assert bwt_trace(arr) == pytest.approx(-0.5 / 3)
     assert bwt_gem(arr) == pytest.approx(-0.25)
     assert fwt(arr) == pytest.approx(0.3)
+    assert own_task_score(arr) == pytest.approx((0.8 + 0.9 + 0.9) / 3)  # the diagonal, not row 0 or T
 
 
 def test_cells_no_formula_reads_do_not_matter():
@@ -54,6 +62,9 @@ def test_only_diagonal_and_last_row(missing):
     assert out["BWT_TRACE"] == pytest.approx(-0.5 / 3)
     assert out["BWT_GEM"] == pytest.approx(-0.25)
     assert out["FWT"] is None
+    assert own_task_score(partial) == pytest.approx((0.8 + 0.9 + 0.9) / 3)
+    partial[2][1] = m
+    assert own_task_score(partial) is None  # a missing diagonal cell is not skipped
 
 
 def test_fwt_needs_row_zero_even_with_superdiagonal():
