@@ -198,7 +198,8 @@ def test_sigterm_leaves_an_interrupted_run(trace_dir, tiny_model_dir, tmp_path):
     for t in cfg["stream"]["tasks"]:
         t["epochs"] = 200  # long enough to be killed while training
     path = write_config(tmp_path / "c.yaml", cfg)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a run that does not end after SIGTERM prints every thread's stack on SIGABRT
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     log = (tmp_path / "fit.log").open("w")  # a file, not a pipe: a full pipe would stall the run
     cmd = [sys.executable, "-m", "clbench", "fit", "--config", str(path)]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
@@ -211,7 +212,12 @@ def test_sigterm_leaves_an_interrupted_run(trace_dir, tiny_model_dir, tmp_path):
     running = strict_json(results)
     assert running["status"] == "running" and running["pid"] == proc.pid and running["heartbeat"]
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=60)
+        pytest.fail(f"no exit 120 s after SIGTERM; the stacks: {(tmp_path / 'fit.log').read_text()[-6000:]}")
     assert proc.returncode != 0
     assert strict_json(results)["status"] == "interrupted", (tmp_path / "fit.log").read_text()[-2000:]
 
