@@ -476,12 +476,23 @@ def plot_pareto(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for r in rows:
+    markers = "osD^vP*X"
+    for i, r in enumerate(rows):
         (op, op_std), (bwt, bwt_std) = r["OP"], r["BWT (TRACE)"]
         if op is None or bwt is None:
             continue
-        ax.errorbar(bwt, op, xerr=bwt_std or 0.0, yerr=op_std or 0.0, marker="o", capsize=3, ls="none")
-        ax.annotate(r["strategy"], (bwt, op), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.errorbar(
+            bwt,
+            op,
+            xerr=bwt_std or 0.0,
+            yerr=op_std or 0.0,
+            marker=markers[i % len(markers)],
+            capsize=3,
+            ls="none",
+            label=r["strategy"],
+        )
+    # a legend, not labels at the points: strategies near seqft sit on top of each other
+    ax.legend(fontsize="small")
     ax.axvline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("BWT (TRACE): higher = less forgetting")
     ax.set_ylabel("OP (mean final score)")
