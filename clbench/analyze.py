@@ -37,6 +37,24 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def check_folder(folder: Path, kind: str) -> None:
+    """A folder analyze reads exists and is of the kind the analysis needs: a run folder (with
+    results.json) or a comparison folder (with runs/); a one-line ConfigError says which it is."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder")
+    is_run, is_comparison = (folder / "results.json").is_file(), (folder / "runs").is_dir()
+    if kind == "run" and not is_run:
+        other = (
+            "a comparison folder; give one of its runs/<run> folders" if is_comparison else "no run folder"
+        )
+        raise ConfigError(f"{folder}: holds no results.json: {other}")
+    if kind == "comparison" and not is_comparison:
+        other = (
+            "a run folder; give the comparison folder that holds runs/" if is_run else "no comparison folder"
+        )
+        raise ConfigError(f"{folder}: holds no runs/ folder: {other} (clbench compare makes them)")
+
+
 def layer_of(name: str) -> str:
     """'layer 3' for a decoder block's parameter, else 'embed', 'head' or 'other'."""
     index = layer_index(name)
@@ -184,6 +202,11 @@ def main(argv: list[str]) -> None:
     sel.add_argument("comparison", type=Path, nargs="+")
     sel.add_argument("--by", default="OP", help="OP (default), BWT or own: the mean over seeds to maximise")
     args = p.parse_args(argv)
+    if args.analysis == "importance":
+        check_folder(args.run_dir, "run")
+    else:
+        for folder in args.comparison:
+            check_folder(folder, "comparison")
     if args.analysis == "select":
         for strategy, preset in select(args.comparison, args.by).items():
             print(f"clbench analyze: {strategy}: {preset}")

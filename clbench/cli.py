@@ -8,6 +8,7 @@ continual-learning strategy, `--stream.*` the tasks, `--run.*` the output folder
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -21,9 +22,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
+from clbench.arguments import explain, from_jsonargparse
 from clbench.console import run_log, say
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, Diverged, safe_name
+from clbench.identity import differences, run_identity, sha256_text
 from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
 from clbench.runner import RunConfig, Runner, prepare_run_dir
@@ -57,6 +60,20 @@ class CLBenchCLI(LightningCLI):
         cfg = self.config
         self.stream = load_stream(StreamConfig(**_plain(cfg.stream)))
         cfg.run.name = agreed_run_name(cfg, self.stream.name)
+        self.config_text = self.parser.dump(cfg, skip_none=False, skip_validation=True)
+        self.identity = None  # written by rank 0 alone, which alone hashes data, model and code
+        if dist.rank() == 0:
+            strategy_class = _import(cfg.strategy.class_path)
+            self.identity = run_identity(
+                self.config_text, self.stream, cfg.model.model, cfg.trainer.precision, strategy_class
+            )
+            if _resuming is not None:
+                self.identity = check_resumable(_resuming, self.config_text, self.identity)
+
+
+def _import(path: str) -> type:
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def agreed_run_name(cfg: Namespace, stream: str) -> str:
@@ -117,12 +134,12 @@ def resolve_strategy_args(argv: list[str]) -> list[str]:
         if arg.startswith("--trainer.strategy="):
             name = arg.split("=", 1)[1]
             arg = "--trainer.strategy=" + TRAINER_STRATEGY_ALIASES.get(name, name)
-        if arg == "--strategy" and i + 1 < len(argv) and not argv[i + 1].lstrip().startswith(("{", "-")):
-            out += [arg, class_path(argv[i + 1])]
+        if arg == "--strategy" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out += [arg, _resolve_strategy_value(argv[i + 1])]
             i += 2
             continue
-        if arg.startswith("--strategy=") and not arg.split("=", 1)[1].lstrip().startswith("{"):
-            out.append("--strategy=" + class_path(arg.split("=", 1)[1]))
+        if arg.startswith("--strategy="):
+            out.append("--strategy=" + _resolve_strategy_value(arg.split("=", 1)[1]))
         elif arg == "--config" and i + 1 < len(argv):
             out += [arg, _resolve_config_strategy(argv[i + 1])]
             i += 2
@@ -131,6 +148,19 @@ def resolve_strategy_args(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
+
+
+def _resolve_strategy_value(value: str) -> str:
+    """A `--strategy` value with its registry name resolved: a name, or a JSON/YAML {class_path, ...}."""
+    if not value.lstrip().startswith("{"):
+        return class_path(value)
+    try:
+        node = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--strategy: not valid JSON or YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(node, dict) and isinstance(node.get("class_path"), str):
+        node["class_path"] = class_path(node["class_path"])
+    return json.dumps(node)
 
 
 def read_yaml(path: str) -> object:
@@ -193,18 +223,27 @@ _resuming: Path | None = None  # the run folder `fit --resume` goes on with, whi
 
 
 def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
-    """`--resume RUN_DIR` as the run's own config, name and folder, before any other argument (which
-    must then leave the config as it was); the run folder itself when resuming."""
+    """`--resume RUN_DIR` as the run's own config, name and folder; the run folder itself when
+    resuming. It takes no other argument: a resumed run goes on exactly as it started."""
     flags = [i for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")]
     if not flags:
         return argv, None
     i = flags[0]
+    if argv[i] == "--resume" and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+        raise ConfigError("--resume: expects the run folder to go on with: clbench fit --resume RUN_DIR")
     value, rest = (
         (argv[i + 1], argv[:i] + argv[i + 2 :])
         if argv[i] == "--resume"
         else (argv[i].split("=", 1)[1], argv[:i] + argv[i + 1 :])
     )
+    if rest:
+        raise ConfigError(
+            f"--resume: takes no other argument (got {' '.join(rest)[:200]}); a resumed run goes on with "
+            "its own config.yaml, unchanged"
+        )
     run_dir = Path(value)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume: {run_dir}: no such folder")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: {run_dir} holds no config.yaml; it is not a clbench run folder")
     status = _status(run_dir)
@@ -213,7 +252,7 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     if status.get("status") == "running" and _alive(status.get("pid")):
         raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
     own = ["--config", str(run_dir / "config.yaml"), "--run.output_dir", str(run_dir.parent)]
-    return [*own, "--run.name", run_dir.name, *rest], run_dir
+    return [*own, "--run.name", run_dir.name], run_dir
 
 
 def _status(run_dir: Path) -> dict:
@@ -246,6 +285,28 @@ def config_differences(saved: str, current: str) -> list[str]:
     a, b = flat(yaml.safe_load(saved) or {}), flat(yaml.safe_load(current) or {})
     ignored = {"run.name", "run.output_dir"}
     return sorted(k for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k))
+
+
+def check_resumable(run_dir: Path, config_text: str, identity: dict) -> dict:
+    """The run's recorded identity when it may go on with this config, data, model and code; a
+    ConfigError naming what changed otherwise (the stored config.yaml too, against its hash)."""
+    stored = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    saved = _status(run_dir).get("identity")
+    if saved and saved.get("config_sha256") != sha256_text(stored):
+        raise ConfigError(
+            f"--resume: {run_dir / 'config.yaml'} was edited after the run started (its SHA-256 is not "
+            "the one results.json recorded); restore it, or start a new run with the new config"
+        )
+    changed = config_differences(stored, config_text)
+    if changed:
+        raise ConfigError(f"--resume: {run_dir} ran with another config; differing: {', '.join(changed)}")
+    differ = differences(saved, identity)
+    if differ:
+        raise ConfigError(
+            f"--resume: {run_dir} started with other inputs; changed since: {'; '.join(differ)}. Its "
+            "finished tasks would not match the rest: start a new run"
+        )
+    return saved
 
 
 def fit(argv: list[str]) -> dict:
@@ -282,17 +343,11 @@ def fit(argv: list[str]) -> dict:
         eval_batch_size=cfg.stream.eval_batch_size,
         seed=cfg.seed_everything,
         strategy_name=name_of(strategy),
+        identity=cli.identity,
     )
-    config_text = cli.parser.dump(cfg, skip_none=False, skip_validation=True)
-    if resume_dir is not None:
-        changed = config_differences((resume_dir / "config.yaml").read_text(encoding="utf-8"), config_text)
-        if changed:
-            raise ConfigError(
-                f"--resume: {resume_dir} ran with another config; differing: {', '.join(changed)}"
-            )
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        results = runner.run(config_text, resume=resume_dir is not None)
+        results = runner.run(cli.config_text, resume=resume_dir is not None)
     finally:
         os.environ.pop(RUN_NAME_ENV, None)
         signal.signal(signal.SIGTERM, previous)
@@ -332,14 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentError as e:  # a config key or value jsonargparse refused
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
-        files = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"]
-        where = f"{', '.join(files)}: " if files else ""
-        print(f"clbench {command}: error: {where}{_one_line(e)}", file=sys.stderr)
+        print(f"clbench {command}: error: {_one_line(explain(rest, str(e)))}", file=sys.stderr)
         return 2
     except (ConfigError, ValueError, OSError) as e:  # bad input, or a file or model that cannot be read
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
-        print(f"clbench {command}: error: {_one_line(e)}", file=sys.stderr)
+        message = str(e)
+        if command == "fit" and not isinstance(e, ConfigError) and from_jsonargparse(message):
+            message = explain(rest, message)  # a strategy's own check, raised through jsonargparse
+        print(f"clbench {command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except Diverged as e:
         if os.environ.get("CLBENCH_TRACEBACK"):

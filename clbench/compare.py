@@ -6,10 +6,12 @@ Every (strategy, seed) is an ordinary `clbench fit` run in <comparison>/runs/<st
 all with the same config and pass-through overrides; per-strategy hyper-parameters and variants
 come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. What compare guarantees:
 
-- The table holds only runs of this invocation's config: a finished run is reused when its
-  config.yaml is the config this invocation would give it (run.name and run.output_dir aside), and
-  refused before anything trains when it is not (naming the fields that differ);
-  `--rerun_changed` moves such runs aside and reruns them.
+- The table holds only runs of this invocation's inputs: a finished run is reused when its
+  config.yaml is the config this invocation would give it (run.name and run.output_dir aside) and
+  its recorded identity (data as used, model, code, precision, library versions;
+  clbench/identity.py) is the one this invocation's run would have, and refused before anything
+  trains when not (naming what differs); `--rerun_changed` moves such runs to
+  <comparison>/superseded/ and reruns them.
 - An interrupted run with the same config goes on from its last finished task (`fit --resume`);
   nothing is deleted: other unfinished runs and changed ones are moved aside with a timestamp
   suffix and run again.
@@ -23,7 +25,7 @@ come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. W
 - A fit imports clbench as installed, never a module of the same name in the working directory.
 
 `--finished_only` trains nothing and moves nothing: it rewrites the comparison from the runs that
-have finished, noting (not refusing) those whose config differs from this invocation's.
+have finished, noting (not refusing) those whose config or inputs differ from this invocation's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import yaml
 from clbench.errors import ConfigError
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
+from clbench.identity import differences, run_identity
 from clbench.reporting import save_figure
 from strategies import class_path, name_for, placement_only
 
@@ -60,6 +63,7 @@ RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")
 Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
 PER_RUN = ("name", "output_dir")  # run fields that differ between the runs of one comparison
 LOCK = "compare.lock"
+SUPERSEDED = "superseded"  # runs moved aside to be rerun: beside runs/, never read by the table
 STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before SIGKILL
 # `python -m clbench` puts the working directory first on the import path, where a stray
 # strategies.py would shadow clbench's own. This runs clbench/__main__.py as -m does, so Lightning
@@ -116,13 +120,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--finished_only",
         action="store_true",
         help="train nothing: (re)write the comparison from the finished runs among strategies x seeds, "
-        "listing the missing ones and those whose config differs; run folders are left as they are "
+        "listing the missing ones and those whose config or inputs differ; run folders are left as they are "
         "(safe while runs are in progress)",
     )
     p.add_argument(
         "--rerun_changed",
         action="store_true",
-        help="move finished runs whose config differs from this invocation's aside and rerun them "
+        help="move finished runs whose config or inputs (data, model, code) differ from this invocation's "
+        "to <comparison>/superseded/ and rerun them "
         "(without it, compare refuses them)",
     )
     p.add_argument(
@@ -254,34 +259,61 @@ def changed_fields(old: dict, new: dict) -> list[str]:
     return fields
 
 
-def config_change(run: Run) -> str | None:
-    """How a finished run's config.yaml differs from the config this invocation would give it, or
-    None when it is the same; the expected config is resolved only when there is one to compare."""
+def run_change(run: Run) -> str | None:
+    """How a finished run differs from the run this invocation would make, or None when it is the
+    same: its config.yaml field by field, then its identity (data as used, model, code, precision,
+    library versions; clbench/identity.py). The expected config is resolved only when needed."""
     try:
         ran = yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return "no readable config.yaml"
-    return ", ".join(changed_fields(_comparable(ran), resolved_config(run.argv))) or None
+    expected = resolved_config(run.argv)
+    fields = changed_fields(_comparable(ran), expected)
+    if fields:
+        return ", ".join(fields)
+    try:
+        saved = json.loads((run.dir / "results.json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    return "; ".join(differences(saved, expected_identity(expected))) or None
+
+
+def expected_identity(cfg: dict) -> dict:
+    """The identity a fit of this resolved config would record (its config hash aside)."""
+    from clbench.cli import _import, _plain
+    from clbench.data.loaders import StreamConfig, load_stream
+
+    stream = load_stream(StreamConfig(**_plain(cfg.get("stream") or {})))
+    strategy = cfg.get("strategy") or {}
+    cls = (
+        _import(strategy["class_path"]) if isinstance(strategy, dict) and strategy.get("class_path") else None
+    )
+    precision = (cfg.get("trainer") or {}).get("precision")
+    return run_identity("", stream, (cfg.get("model") or {}).get("model"), precision, cls)
 
 
 def changed_runs(runs: list[Run], rerun_changed: bool) -> set[Path]:
-    """The finished runs whose config differs; refused, before anything trains, without --rerun_changed."""
-    changed = {r.dir: c for r in runs if read_finished(r.dir) is not None and (c := config_change(r))}
+    """The finished runs whose config or inputs differ; refused, before anything trains, without
+    --rerun_changed."""
+    changed = {r.dir: c for r in runs if read_finished(r.dir) is not None and (c := run_change(r))}
     if changed and not rerun_changed:
         (first, fields), *rest = changed.items()
         also = f" (and {len(rest)} more: {', '.join(d.name for d, _ in rest)})" if rest else ""
         raise ConfigError(
-            f"{first}: finished with another config than this invocation gives it, differing in {fields}"
-            f"{also}; --rerun_changed moves such runs aside and reruns them"
+            f"{first}: finished with other inputs than this invocation gives it, differing in {fields}"
+            f"{also}; --rerun_changed moves such runs to superseded/ and reruns them"
         )
     return set(changed)
 
 
 def move_aside(run_dir: Path, why: str) -> None:
-    """Keeps a run that will be rerun (never deleted) under <name>.<why>-<time>."""
-    aside = run_dir.with_name(f"{run_dir.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Keeps a run that will be rerun (never deleted) as <comparison>/superseded/<name>.<why>-<time>,
+    outside runs/, so that the table and `clbench analyze` never see two runs of one seed."""
+    superseded = run_dir.parent.parent / SUPERSEDED
+    superseded.mkdir(exist_ok=True)
+    aside = superseded / f"{run_dir.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.rename(aside)
-    print(f"clbench compare: moved {run_dir} ({why}) to {aside.name}, rerunning it")
+    print(f"clbench compare: moved {run_dir} ({why}) to {aside}, rerunning it")
 
 
 def resumable(run_dir: Path) -> bool:
@@ -299,7 +331,7 @@ def train_or_reuse(run: Run, changed: bool, console: Console | None = None) -> d
     if results is not None and not changed:
         print(f"clbench compare: reusing finished run {run.dir}")
         return results
-    if not changed and resumable(run.dir) and config_change(run) is None:
+    if not changed and resumable(run.dir) and run_change(run) is None:
         print(f"clbench compare: resuming interrupted run {run.dir}")
         run_fit(["--resume", str(run.dir)], console)
         return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
@@ -564,7 +596,7 @@ def tabulate_finished(
     args: argparse.Namespace, passthrough: list[str], runs: list[Run]
 ) -> dict[str, list[dict]]:
     """`--finished_only`: the comparison of the runs that finished, touching no run folder; a run
-    whose config differs from this invocation's is tabulated as it ran and named in the report."""
+    whose config or inputs differ from this invocation's is tabulated as it ran and named in the report."""
     results: dict[str, list[dict]] = {}
     missing, notes = [], []
     for run in runs:
@@ -572,8 +604,8 @@ def tabulate_finished(
         if finished is None:
             missing.append(run.dir.name)
             continue
-        if change := config_change(run):
-            print(f"clbench compare: {run.dir}: its config differs from this invocation's ({change})")
+        if change := run_change(run):
+            print(f"clbench compare: {run.dir}: it differs from this invocation's run ({change})")
             notes.append(f"{run.dir.name} ({change})")
         results.setdefault(short_name(run.strategy), []).append(finished)
     if not results:
@@ -583,7 +615,7 @@ def tabulate_finished(
         f"ran. Not finished or not run: {', '.join(missing) or 'none'}."
     )
     if notes:
-        note += f" Config differs from this invocation's: {'; '.join(notes)}."
+        note += f" Config or inputs differ from this invocation's: {'; '.join(notes)}."
     write_comparison(args, passthrough, results, [note, ""])
     return results
 

@@ -14,8 +14,11 @@ class Diverged(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the task and the step."""
 
 
-# A name that becomes a file or folder name: no separators, no "..", no leading dot.
+# A name that becomes a file or folder name: no separators, no "..", no leading dot. At most
+# MAX_NAME characters, so that the longest file made from it ("task12-<name>.jsonl", a run folder
+# moved aside with a time stamp) stays under the 255 bytes a file name may have.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+MAX_NAME = 100
 
 
 def safe_name(name: str, field: str) -> str:
@@ -25,6 +28,8 @@ def safe_name(name: str, field: str) -> str:
             f"{field}: {name!r} names files, so it may hold only letters, digits, '.', '_' and '-' "
             "(no separators, no '..', no leading dot)"
         )
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{field}: {name[:20]!r}... is {len(name)} characters long; at most {MAX_NAME}")
     return name
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +67,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     kwargs = _source_kwargs(name, trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(kwargs.pop("path"), **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(kwargs.pop("path"), **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.model: cannot load the tokenizer of '{name}': {_first_line(e)}") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -106,8 +111,13 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(
                 kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
             )
+    except pickle.UnpicklingError:  # torch's weights-only loader refused what the pickle would run
+        raise ConfigError(
+            f"model.model: '{name}': torch's safe loader refused its pickled weights (they would run "
+            "code from the file); convert them to safetensors from a source you trust"
+        ) from None
     except OSError as e:
-        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if not allow_pickle and _pickles_only(name):
             first = "it has pickled weights only (*.bin); set model.allow_pickle true to load them"
         raise ConfigError(f"model.model: cannot load '{name}': {first}") from None
@@ -120,6 +130,10 @@ def load_causal_lm(
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _pickles_only(name: str) -> bool:
     """A local model folder with pickled weights and no safetensors."""
     folder = Path(name)
@@ -130,7 +144,36 @@ def _source_kwargs(name: str, trust_remote_code: bool) -> dict:
     if name in BUNDLED:
         folder, filename = bundled_gguf(name)
         return {"path": str(folder), "gguf_file": filename}
+    check_source(name)
     return {"path": name, "trust_remote_code": trust_remote_code}
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local folder rather than a hub id ("org/model" has exactly one slash)."""
+    return name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_source(name: str) -> None:
+    """A model name that cannot load is a one-line ConfigError naming `model.model` and what to do,
+    before transformers turns it into a message about repo ids or connections."""
+    if Path(name).expanduser().exists():
+        if not Path(name).expanduser().is_dir():
+            raise ConfigError(f"model.model: {name} is a file; give the folder that holds config.json")
+        return
+    if looks_like_path(name):
+        raise ConfigError(f"model.model: {name}: no such folder")
+    if offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ConfigError(
+                f"model.model: '{name}' is neither a local folder nor in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set: download it once with network access, or give a local folder"
+            )
 
 
 def add_lora(model: torch.nn.Module, lora: LoRA) -> torch.nn.Module:

@@ -16,6 +16,13 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _stderr(per_task: dict) -> str:
+    """The final score's standard error; "n/a" where one scored example has none."""
+    if per_task["final_stderr"] is None and per_task["final"] is not None and per_task["n_test"] < 2:
+        return "n/a"
+    return _fmt(per_task["final_stderr"])
+
+
 def matrix_table(tasks: list[str], matrix: list[list[float | None]]) -> str:
     """Markdown table of R: one row per point of the stream, one column per task."""
     lines = ["| after \\ task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -56,7 +63,7 @@ def results_markdown(results: dict) -> str:
         d = results["per_task"][name]
         out.append(
             f"| {name} | {d['metric']} | {d['n_test']} | {_fmt(d['start'])} | {_fmt(d['after_own_task'])} "
-            f"| {_fmt(d['final'])} | {_fmt(d['final_stderr'])} | {_fmt(d['valid_label_share'], 2)} "
+            f"| {_fmt(d['final'])} | {_stderr(d)} | {_fmt(d['valid_label_share'], 2)} "
             f"| {_fmt(d['majority_baseline'])} | {_fmt(d['loss_before'])} → {_fmt(d['loss_after'])} |"
         )
     out += _label_share_table(results)

@@ -7,7 +7,8 @@ renamed into place, with a `complete` marker written last, so a kill during the 
 previous state usable. `clbench fit --resume RUN_DIR` reloads it and trains the next task; a task
 killed midway is trained again from its start, which gives the same numbers as an uninterrupted run
 (training order, dropout and everything else random are restored or seeded per task).
-Not yet: sharded (FSDP2) runs, and mid-task checkpoints.
+state.json records each file's SHA-256: a damaged file is named at --resume, never loaded.
+Not yet: sharded (FSDP2) runs (results.json's "resumable" says so), and mid-task checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from clbench import distributed as dist
 from clbench.errors import ConfigError
+from clbench.identity import file_sha256
 
 FOLDER, MARKER = "resume", "complete"
 
@@ -40,8 +42,12 @@ class ResumeState:
     rng: dict
 
 
+TENSOR_FILES = ("model", "optimizer", "strategy", "rng")
+
+
 def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: dict, done: int) -> None:
-    """Write the state after `done` finished tasks (rank 0 only; unsharded models only)."""
+    """Write the state after `done` finished tasks (rank 0 only; unsharded models only). state.json
+    holds each tensor file's SHA-256, so a damaged file is named at --resume, never loaded."""
     tmp = run_dir / f"{FOLDER}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -50,7 +56,9 @@ def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: d
     save_file(_contiguous(moments), str(tmp / "optimizer.safetensors"))
     save_file(_contiguous(strategy_state), str(tmp / "strategy.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"done": done, "runner": runner, "rng": _host_rng()}))
+    hashes = {f"{n}.safetensors": file_sha256(tmp / f"{n}.safetensors") for n in TENSOR_FILES}
+    state = {"done": done, "runner": runner, "rng": _host_rng(), "sha256": hashes}
+    (tmp / "state.json").write_text(json.dumps(state))
     (tmp / MARKER).write_text("")
     final, old = run_dir / FOLDER, run_dir / f"{FOLDER}.old"
     if final.exists():
@@ -62,23 +70,67 @@ def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: d
 
 def load(run_dir: Path) -> ResumeState:
     """The last complete state of a run folder (the previous one when a save was cut short)."""
-    folder = next((f for f in (run_dir / FOLDER, run_dir / f"{FOLDER}.old") if (f / MARKER).is_file()), None)
-    if folder is None:
-        raise ConfigError(f"--resume: {run_dir} holds no finished task to resume from; start it again")
-    doc = json.loads((folder / "state.json").read_text())
+    complete = [f for f in (run_dir / FOLDER, run_dir / f"{FOLDER}.old") if (f / MARKER).is_file()]
+    if not complete:
+        raise ConfigError(f"--resume: {run_dir}: {_why_no_state(run_dir)}")
+    try:
+        return _read(complete[0])
+    except _Damaged as e:
+        earlier = complete[1:] and _done(complete[1])
+        fallback = (
+            f"{complete[1]} holds the state after task {earlier}: move {complete[0].name} aside "
+            f"(mv {complete[0]} {complete[0]}.damaged) to resume from there"
+            if earlier
+            else "no earlier state is kept: start the run again"
+        )
+        raise ConfigError(f"--resume: {e}; {fallback}") from None
+
+
+class _Damaged(Exception):
+    """A resume file that is missing, unreadable or not what was written."""
+
+
+def _why_no_state(run_dir: Path) -> str:
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = {}
+    reason = str(results.get("resumable", ""))
+    if reason.startswith("no:"):
+        return f"cannot be resumed ({reason[3:].strip()})"
+    return "holds no finished task to resume from (stopped during its first task); start it again"
+
+
+def _done(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "state.json").read_text())["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read(folder: Path) -> ResumeState:
+    try:
+        doc = json.loads((folder / "state.json").read_text())
+        hashes = doc["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _Damaged(f"{folder / 'state.json'} is unreadable ({type(e).__name__})") from None
+    tensors = {}
+    for name in TENSOR_FILES:
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise _Damaged(f"{path} is missing")
+        if file_sha256(path) != hashes.get(path.name):
+            raise _Damaged(f"{path} is damaged (its SHA-256 is not the one saved in state.json)")
+        try:
+            tensors[name] = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise _Damaged(f"{path} is unreadable ({str(e).splitlines()[0][:120]})") from None
     moments: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+    for key, value in tensors["optimizer"].items():
         name, field = key.rsplit("::", 1)
         moments.setdefault(name, {})[field] = value
-    rng = {**doc["rng"], "torch": load_file(str(folder / "rng.safetensors"))["torch"]}
-    return ResumeState(
-        doc["done"],
-        doc["runner"],
-        load_file(str(folder / "model.safetensors")),
-        moments,
-        load_file(str(folder / "strategy.safetensors")),
-        rng,
-    )
+    rng = {**doc["rng"], "torch": tensors["rng"]["torch"]}
+    return ResumeState(doc["done"], doc["runner"], tensors["model"], moments, tensors["strategy"], rng)
 
 
 def restore(state: ResumeState, module: torch.nn.Module) -> None:

@@ -126,11 +126,12 @@ class Runner:
         eval_batch_size: int = 16,
         seed: int = 0,
         strategy_name: str | None = None,
+        identity: dict | None = None,
     ) -> None:
         self.module, self.stream, self.strategy = module, stream, strategy
         self.trainer_factory, self.run_cfg = trainer_factory, run or RunConfig()
         self.prompt_format, self.batch_size, self.eval_batch_size = prompt_format, batch_size, eval_batch_size
-        self.seed = seed
+        self.seed, self.identity = seed, identity
         self.strategy_name = strategy_name or type(strategy).__name__.lower()
         self.run_dir = Path(self.run_cfg.output_dir) / (
             self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
@@ -304,9 +305,17 @@ class Runner:
             self._save_resume_state(t + 1, last)
             self._write_results("complete" if last else "running")
 
+    def _resumable(self) -> str:
+        """Whether `fit --resume` can go on with this run, and if not, why (results.json says it)."""
+        if not self.run_cfg.resumable:
+            return "no: run.resumable is false"
+        if dist.is_fully_sharded(self.module.model):
+            return "no: sharded (FSDP2) runs keep no resume state yet; start such a run again"
+        return "yes"
+
     def _save_resume_state(self, done: int, last: bool) -> None:
         """The state after `done` tasks, for --resume; removed once the run is complete."""
-        if not self.writes or not self.run_cfg.resumable or dist.is_fully_sharded(self.module.model):
+        if not self.writes or self._resumable() != "yes":
             return
         if last:
             shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
@@ -465,6 +474,8 @@ class Runner:
             "per_task": per_task,
             "timings": self.timings,
             "versions": package_versions(),
+            "identity": self.identity,
+            "resumable": self._resumable(),
         }
 
     def _write_results(self, status: str, error: str | None = None) -> None:

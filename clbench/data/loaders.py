@@ -96,8 +96,11 @@ class StreamConfig:
     score_split: Literal["test", "eval"] = "test"
 
 
-def parse_examples(rows: object, where: str) -> list[Example]:
-    """Validate a decoded JSON value as a non-empty list of {prompt, answer} string objects."""
+def parse_examples(rows: object, where: str, places: list[str] | None = None) -> list[Example]:
+    """Validate a decoded JSON value as a non-empty list of {prompt, answer} string objects.
+
+    Errors name each row by `places[i]` (a JSONL file's "line 7") or else as "item i" counted
+    from 1, as a person counts."""
     if not isinstance(rows, list):
         raise ConfigError(
             f"{where}: expected a JSON list of {{prompt, answer}} objects, got {type(rows).__name__}"
@@ -106,13 +109,14 @@ def parse_examples(rows: object, where: str) -> list[Example]:
         raise ConfigError(f"{where}: the split is empty")
     examples = []
     for i, row in enumerate(rows):
+        place = places[i] if places else f"item {i + 1}"
         if not isinstance(row, dict):
-            raise ConfigError(f"{where}: item {i} is {type(row).__name__}, not an object")
+            raise ConfigError(f"{where}: {place} is {type(row).__name__}, not an object")
         for key in ("prompt", "answer"):
             if not isinstance(row.get(key), str):
-                raise ConfigError(f"{where}: item {i}: field '{key}' is missing or not a string")
+                raise ConfigError(f"{where}: {place}: field '{key}' is missing or not a string")
         if not row["answer"].strip():  # an empty answer would score an empty prediction as correct
-            raise ConfigError(f"{where}: item {i}: field 'answer' is empty")
+            raise ConfigError(f"{where}: {place}: field 'answer' is empty")
         examples.append(Example(row["prompt"], row["answer"]))
     return examples
 
@@ -135,15 +139,19 @@ def _read_json(path: Path) -> object:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def _read_jsonl(path: Path, cfg: TaskConfig) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path, cfg: TaskConfig) -> tuple[list[object], list[str]]:
+    """The rows of a JSONL file mapped to {prompt, answer}, and each one's "line N" (blank lines
+    skipped but counted, so the number is the one an editor shows)."""
+    rows, places = [], []
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-    return [_map_fields(r, cfg, f"{path}: line {i + 1}") for i, r in enumerate(rows)]
+            rows.append(_map_fields(row, cfg, f"{path}: line {n}"))
+            places.append(f"line {n}")
+    return rows, places
 
 
 def _map_fields(row: object, cfg: TaskConfig, where: str) -> object:
@@ -176,7 +184,7 @@ def _load_hf_split(cfg: TaskConfig, root: Path, split: str) -> list[dict] | None
         if split == "eval":
             return None
         raise ConfigError(f"{source}: split '{name}' ({split}): {e}") from None
-    return [_map_fields(r, cfg, f"{source}[{name}] row {i}") for i, r in enumerate(ds)]
+    return [_map_fields(r, cfg, f"{source}[{name}] row {i + 1}") for i, r in enumerate(ds)]
 
 
 def _load_split(cfg: TaskConfig, root: Path, split: str) -> tuple[list[Example], str]:
@@ -188,7 +196,8 @@ def _load_split(cfg: TaskConfig, root: Path, split: str) -> tuple[list[Example],
         path = folder / f"{split}.jsonl"
         if split == "eval" and not path.exists():
             return [], str(path)
-        return parse_examples(_read_jsonl(path, cfg), str(path)), str(path)
+        rows, places = _read_jsonl(path, cfg)
+        return parse_examples(rows, str(path), places), str(path)
     rows = _load_hf_split(cfg, root, split)
     if rows is None:
         return [], cfg.path
@@ -233,6 +242,11 @@ def load_task(cfg: TaskConfig, root: Path, seed: int) -> Task:
             held = f"{source} holds {len(examples)}"
             say(f"clbench: warning: stream.tasks[{cfg.name}].n_{split}: {n} asked, {held}; using all")
         splits[split] = subsample(examples, n, seed, f"{cfg.name}:{split}")
+    if len(splits["test"]) == 1:
+        say(
+            f"clbench: warning: stream.tasks[{cfg.name}]: its test split holds one example: its score "
+            "is 0 or 1 and has no standard error (n/a)"
+        )
     labels = sorted({ex.answer.strip() for ex in splits["train"]}) if cfg.classification else None
     return Task(
         name=cfg.name,
@@ -265,13 +279,50 @@ def load_stream(cfg: StreamConfig) -> TaskStream:
     if cfg.score_split not in ("test", "eval"):
         raise ConfigError(f"stream.score_split: must be test or eval, got {cfg.score_split!r}")
     root = Path(cfg.data_root)
+    refuse_shared_sources(cfg.tasks, root)
     tasks = [load_task(t, root, cfg.seed) for t in cfg.tasks]
+    refuse_shared_examples(tasks)
     if cfg.score_split == "eval":
         for task in tasks:
             if not task.eval:
                 raise ConfigError(f"stream.score_split: eval, but task {task.name} has no eval split")
             task.test = task.eval  # the matrix scores the eval split; the test split is not scored
     return TaskStream(cfg.name, tasks, cfg.score_split)
+
+
+def _source_key(cfg: TaskConfig, root: Path) -> tuple:
+    """What decides the rows a task reads: its resolved files and how rows become examples."""
+    local = root / cfg.path
+    where = str(local.resolve()) if local.exists() else cfg.path
+    fields = (cfg.prompt_field, cfg.answer_field, cfg.prompt_template)
+    return (cfg.loader, where, cfg.hf_config, tuple(sorted(cfg.hf_splits.items())), fields)
+
+
+def refuse_shared_sources(tasks: list[TaskConfig], root: Path) -> None:
+    """Two tasks reading the same files would train and be scored as two tasks of one stream: the
+    matrix would count one task twice (a config slip, such as a copied task entry)."""
+    seen: dict[tuple, str] = {}
+    for t in tasks:
+        key = _source_key(t, root)
+        if key in seen:
+            raise ConfigError(
+                f"stream.tasks[{t.name}].path: reads the same data as task {seen[key]} ({key[1]}); "
+                "each task of a stream needs its own data"
+            )
+        seen[key] = t.name
+
+
+def refuse_shared_examples(tasks: list[Task]) -> None:
+    """Two tasks whose examples are the same (copied files under two names) are refused too."""
+    seen: dict[tuple, str] = {}
+    for t in tasks:
+        key = (tuple(t.train), tuple(t.test))
+        if key in seen:
+            raise ConfigError(
+                f"stream.tasks[{t.name}]: its train and test examples are those of task {seen[key]}; "
+                "each task of a stream needs its own data"
+            )
+        seen[key] = t.name
 
 
 def fit_to_context(stream: TaskStream, context: int | None) -> list[str]:

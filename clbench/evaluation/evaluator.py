@@ -30,14 +30,14 @@ class TaskScore:
     """One task's score at one point of the stream, with what the reports need beside it.
 
     `stderr` is the standard error of the mean over test examples (sample std / sqrt(n)), so a
-    reader can tell forgetting from noise.
+    reader can tell forgetting from noise; None for a single example, which has no sample std.
     """
 
     task: str
     metric: str
     score: float
     n: int
-    stderr: float
+    stderr: float | None
     valid_label_share: float | None = None
     majority_baseline: float | None = None
 
@@ -54,11 +54,10 @@ def score_task(task: Task, raw_predictions: list[str], out_file: Path | None = N
             for ex, raw, pred, s in zip(task.test, raw_predictions, preds, scores, strict=True):
                 row = {"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "raw": raw, "score": s}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    mean = sum(scores) / len(scores)
-    var = sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1)
-    return TaskScore(
-        task.name, task.metric, mean, len(scores), (var / len(scores)) ** 0.5, valid, task.majority_baseline()
-    )
+    n = len(scores)
+    mean = sum(scores) / n
+    stderr = (sum((x - mean) ** 2 for x in scores) / (n - 1) / n) ** 0.5 if n > 1 else None
+    return TaskScore(task.name, task.metric, mean, n, stderr, valid, task.majority_baseline())
 
 
 class Evaluator:

@@ -46,7 +46,7 @@ CASES = {
     # data files
     "empty answer": (
         lambda c, d: write(d / "parity" / "train.json", '[{"prompt": "a", "answer": ""}]'),
-        "item 0: field 'answer' is empty",
+        "item 1: field 'answer' is empty",
     ),
     "blank answer": (
         lambda c, d: write(d / "reverse" / "test.json", '[{"prompt": "a", "answer": "  "}]'),
@@ -57,7 +57,7 @@ CASES = {
         "field 'answer' is missing or not a string",
     ),
     "missing prompt": (lambda c, d: write(d / "upper" / "train.json", '[{"answer": "x"}]'), "field 'prompt'"),
-    "item not an object": (lambda c, d: write(d / "upper" / "train.json", '["x"]'), "item 0 is str"),
+    "item not an object": (lambda c, d: write(d / "upper" / "train.json", '["x"]'), "item 1 is str"),
     "not JSON": (lambda c, d: write(d / "parity" / "eval.json", "[{"), "not valid JSON"),
     "not UTF-8": (
         lambda c, d: write(d / "parity" / "train.json", b'[{"prompt": "\xff\xfe", "answer": "x"}]'),
@@ -85,6 +85,14 @@ CASES = {
     "batch_size 0": (lambda c, d: c["stream"].update(batch_size=0), "stream.batch_size: must be a positive"),
     "eval_batch_size 0": (lambda c, d: c["stream"].update(eval_batch_size=0), "stream.eval_batch_size"),
     "negative lr": (lambda c, d: c["model"].update(lr=-1.0), "model.lr must be positive"),
+    "strategy option of the wrong type": (
+        lambda c, d: c.update(strategy={"class_path": "ewc", "init_args": {"ewc_lambda": "abc"}}),
+        "bad.yaml: strategy.ewc_lambda: expected float, got 'abc'",
+    ),
+    "unknown strategy option": (
+        lambda c, d: c.update(strategy={"class_path": "ewc", "init_args": {"nosuch": 1}}),
+        "bad.yaml: strategy.nosuch: not an option of ewc; its options: ewc_lambda, gamma",
+    ),
     "bad strategy option": (
         lambda c, d: c.update(strategy={"class_path": "ewc", "init_args": {"ewc_lambda": -1}}),
         "ewc_lambda must be >= 0",
@@ -96,6 +104,14 @@ CASES = {
     "task name escapes": (lambda c, d: task(c, 0).update(name="../../x"), "stream.tasks.name: '../../x'"),
     "stream name with a separator": (lambda c, d: c["stream"].update(name="x/y"), "stream.name: 'x/y'"),
     "repeated task names": (lambda c, d: task(c, 1).update(name="parity"), "task names repeat"),
+    "over-long task name": (
+        lambda c, d: task(c, 0).update(name="t" * 300),
+        "300 characters long; at most 100",
+    ),
+    "two tasks on the same files": (
+        lambda c, d: task(c, 1).update(path="parity"),
+        "stream.tasks[reverse].path: reads the same data as task parity",
+    ),
     "unwritable output folder": (
         lambda c, d: (write(d / "file", "x"), c["run"].update(output_dir=str(d / "file" / "runs"))),
         "run.output_dir: cannot create",
@@ -107,7 +123,18 @@ CASES = {
     "unknown strategy": (lambda c, d: c.update(strategy="nosuch"), "unknown strategy 'nosuch'"),
     "bad precision": (lambda c, d: c["trainer"].update(precision="fp7"), "precision"),
     # models
-    "missing model folder": (lambda c, d: c["model"].update(model=str(d / "no-model")), "model"),
+    "missing model folder": (
+        lambda c, d: c["model"].update(model=str(d / "no-model")),
+        "no-model: no such folder",
+    ),
+    "missing model folder (relative)": (
+        lambda c, d: c["model"].update(model="./models/no-model"),
+        "model.model: ./models/no-model: no such folder",
+    ),
+    "hub id not cached, offline": (
+        lambda c, d: c["model"].update(model="nosuch-org/nosuch-model"),
+        "model.model: 'nosuch-org/nosuch-model' is neither a local folder nor in the Hugging Face cache",
+    ),
     "pickled weights only": (pickle_only_model, "pickled weights only"),
 }
 
@@ -234,3 +261,54 @@ def test_pickled_weights_load_only_when_allowed(trace_dir, tiny_model_dir, tmp_p
     reference = CLModule(model=str(tiny_model_dir))
     for (name, p), q in zip(loaded.model.named_parameters(), reference.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_a_mistake_on_the_command_line_is_not_blamed_on_the_config(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs", strategy="ewc")
+    path = str(write_config(tmp_path / "c.yaml", cfg))
+    for extra, expected in (
+        (["--strategy.ewc_lambda", "abc"], "command line: strategy.ewc_lambda: expected float, got 'abc'"),
+        (["--strategy.ewc_lambda", "-1"], "command line: strategy: ewc.ewc_lambda must be >= 0"),
+        (["--model.lr", "fast"], "command line: model.lr: expected float, got fast"),
+        (["--stream.batchsize", "3"], "command line: --stream.batchsize: not an option of clbench fit"),
+    ):
+        assert main(["fit", "--config", path, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and "c.yaml" not in err, err
+        assert "Namespace" not in err and "<class" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_blocked_pickle_is_one_line_and_runs_nothing(trace_dir, tiny_model_dir, tmp_path, capsys):
+    import pickle
+
+    evil = tmp_path / "evil-model"
+    evil.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (evil / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    cfg = toy_config(trace_dir, evil, tmp_path / "runs")
+    cfg["model"]["allow_pickle"] = True
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torch's safe loader refused its pickled weights" in err, err
+    assert not marker.exists()
+
+
+def test_one_test_example_reports_no_standard_error(trace_dir, tiny_model_dir, tmp_path):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["stream"]["tasks"] = cfg["stream"]["tasks"][:1]
+    cfg["stream"]["tasks"][0].update(epochs=1, n_test=1)
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    run = tmp_path / "runs" / "run"
+    assert strict_json(run / "results.json")["per_task"]["parity"]["final_stderr"] is None
+    assert re.search(r"\| parity \| exact_match \| 1 \| .* \| n/a \|", (run / "results.md").read_text())

@@ -80,6 +80,9 @@ def test_train_or_reuse_moves_unfinished_and_changed_runs_aside(tmp_path, monkey
 
     fits: list[str] = []
     monkeypatch.setattr(compare, "run_fit", fake_fit)
+    runs = tmp_path / "runs"  # a comparison's runs/ folder
+    runs.mkdir()
+    tmp_path = runs
     for name, status in (("done", "complete"), ("crashed", "running"), ("changed", "complete")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"status": status, "seed": 1}))
@@ -94,9 +97,10 @@ def test_train_or_reuse_moves_unfinished_and_changed_runs_aside(tmp_path, monkey
     assert run("empty")["seed"] == 2 and not list(tmp_path.glob("empty.*"))  # nothing to keep
     assert run("missing")["seed"] == 2 and fits == ["crashed", "changed", "empty", "missing"]
     for name in ("crashed.incomplete-*", "changed.changed-*"):
-        (aside,) = tmp_path.glob(name)  # moved, never deleted
+        (aside,) = (runs.parent / "superseded").glob(name)  # moved out of runs/, never deleted
         assert json.loads((aside / "results.json").read_text())["seed"] == 1
-    assert "(incomplete) to crashed.incomplete-" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["changed", "crashed", "done", "empty", "missing"]
+    assert "(incomplete) to " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -218,23 +222,24 @@ def test_own_task_score_is_the_diagonal_mean_and_is_paired_like_op():
 
 def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, monkeypatch):
     calls: list[list[str]] = []
+    runs = tmp_path / "runs"
 
     def fake_fit(argv, console=None):  # a resumed fit finishes the run in place
         calls.append(argv)
-        (tmp_path / "killed").mkdir(exist_ok=True)
-        (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
+        (runs / "killed").mkdir(exist_ok=True)
+        (runs / "killed" / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
 
     monkeypatch.setattr(compare, "run_fit", fake_fit)
-    monkeypatch.setattr(compare, "config_change", lambda run: None)  # its config.yaml is this invocation's
-    (tmp_path / "killed" / "resume").mkdir(parents=True)
-    (tmp_path / "killed" / "resume" / "complete").write_text("")
-    (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
-    assert train_or_reuse(Run("seqft", tmp_path / "killed", ["fresh"]), False)["status"] == "complete"
-    assert calls == [["--resume", str(tmp_path / "killed")]] and not list(tmp_path.glob("killed.*"))
-    monkeypatch.setattr(compare, "config_change", lambda run: "model.lr")  # another config: rerun it
-    (tmp_path / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
-    train_or_reuse(Run("seqft", tmp_path / "killed", ["killed"]), False)
-    assert calls[-1] == ["killed"] and list(tmp_path.glob("killed.incomplete-*"))
+    monkeypatch.setattr(compare, "run_change", lambda run: None)  # its config.yaml is this invocation's
+    (runs / "killed" / "resume").mkdir(parents=True)
+    (runs / "killed" / "resume" / "complete").write_text("")
+    (runs / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
+    assert train_or_reuse(Run("seqft", runs / "killed", ["fresh"]), False)["status"] == "complete"
+    assert calls == [["--resume", str(runs / "killed")]] and not list(runs.glob("killed.*"))
+    monkeypatch.setattr(compare, "run_change", lambda run: "model.lr")  # another config: rerun it
+    (runs / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
+    train_or_reuse(Run("seqft", runs / "killed", ["killed"]), False)
+    assert calls[-1] == ["killed"] and list((tmp_path / "superseded").glob("killed.incomplete-*"))
 
 
 def test_jobs_train_side_by_side_with_the_numbers_of_one_at_a_time(

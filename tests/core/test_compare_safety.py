@@ -17,7 +17,16 @@ from test_compare import fake_run
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
-from clbench.compare import LOCK, _comparable, changed_fields, folder_lock, parse_args, plan, resolved_config
+from clbench.compare import (
+    LOCK,
+    _comparable,
+    changed_fields,
+    expected_identity,
+    folder_lock,
+    parse_args,
+    plan,
+    resolved_config,
+)
 
 
 def toy(tmp_path: Path, trace_dir: Path, model_dir: Path, epochs: int = 1) -> dict:
@@ -34,21 +43,26 @@ def one_line_error(capsys) -> str:
     return err
 
 
-def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
-    trace_dir, tiny_model_dir, tmp_path, capsys
-):
-    cfg = toy(tmp_path, trace_dir, tiny_model_dir)
+def one_finished_run(tmp_path: Path, trace_dir: Path, model_dir: Path) -> tuple[dict, Path, list[str], Path]:
+    """A comparison of one seqft run, finished: its config, config file, compare argv and run folder."""
+    cfg = toy(tmp_path, trace_dir, model_dir)
     path = write_config(tmp_path / "toy.yaml", cfg)
     argv = ["compare", "--config", str(path), "--strategies", "seqft", "--seeds", "1"]
     argv += ["--run.checkpoints", "none", "--run.evaluate", "needed"]
     assert main(argv) == 0
-    run = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1"
+    return cfg, path, argv, tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1"
+
+
+def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    cfg, path, argv, run = one_finished_run(tmp_path, trace_dir, tiny_model_dir)
     stamp = (run / "results.json").stat().st_mtime_ns
 
     capsys.readouterr()
     assert main([*argv, "--model.lr", "0.01"]) == 2  # another pass-through override
     err = one_line_error(capsys)
-    assert f"{run}: finished with another config" in err and "differing in model.lr;" in err
+    assert f"{run}: finished with other inputs" in err and "differing in model.lr;" in err
     cfg["stream"]["tasks"][0]["max_new_tokens"] = 3  # and another config file
     write_config(path, cfg)
     assert main([*argv, "--model.lr", "0.01"]) == 2
@@ -59,11 +73,12 @@ def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
     # --finished_only tabulates it as it ran, names the difference, and refuses nothing.
     assert main([*argv, "--model.lr", "0.01", "--finished_only"]) == 0
     md = (run.parent.parent / "comparison.md").read_text()
-    assert "Config differs from this invocation's: seqft-seed1 (model.lr, stream.tasks)." in md
+    assert "Config or inputs differ from this invocation's: seqft-seed1 (model.lr, stream.tasks)." in md
     assert (run / "results.json").stat().st_mtime_ns == stamp
 
     assert main([*argv, "--model.lr", "0.01", "--rerun_changed"]) == 0
-    (aside,) = run.parent.glob("seqft-seed1.changed-*")  # kept, never deleted
+    (aside,) = (run.parent.parent / "superseded").glob("seqft-seed1.changed-*")  # kept, never deleted
+    assert sorted(p.name for p in run.parent.iterdir()) == ["seqft-seed1"]  # analyze sees one run
     assert json.loads((aside / "results.json").read_text())["status"] == "complete"
     rerun = yaml.safe_load((run / "config.yaml").read_text())
     assert rerun["model"]["lr"] == 0.01 and rerun["stream"]["tasks"][0]["max_new_tokens"] == 3
@@ -74,6 +89,28 @@ def test_a_finished_run_of_another_config_is_refused_until_rerun_changed(
     capsys.readouterr()
     assert main([*argv, "--model.lr", "0.01"]) == 0  # the same invocation again: reused, not refused
     assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_a_finished_run_on_changed_data_is_refused_then_really_retrained(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    _, _, argv, run = one_finished_run(tmp_path, trace_dir, tiny_model_dir)
+    first = json.loads((run / "results.json").read_text())
+    test_file = trace_dir / "parity" / "test.json"
+    rows = json.loads(test_file.read_text())
+    test_file.write_text(json.dumps(rows[:-1]))  # the test data changed; the config did not
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert f"{run}: finished with other inputs" in err and "the data of task parity (test)" in err
+    assert json.loads((run / "results.json").read_text()) == first  # not reused, not touched
+    assert main([*argv, "--rerun_changed"]) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["per_task"]["parity"]["n_test"] == len(rows) - 1  # really retrained on the new data
+    assert again["identity"]["data"]["parity"]["test"] != first["identity"]["data"]["parity"]["test"]
+    assert [p.name for p in run.parent.iterdir()] == ["seqft-seed1"]
+    (aside,) = (run.parent.parent / "superseded").iterdir()
+    assert json.loads((aside / "results.json").read_text()) == first
 
 
 def test_placement_only_arguments_do_not_make_a_run_another_config():
@@ -89,13 +126,15 @@ def test_placement_only_arguments_do_not_make_a_run_another_config():
     assert changed_fields(_comparable(cfg()), _comparable(cfg(budget=0.5))) == ["strategy.init_args"]
 
 
-def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):
-    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, tmp_path / "TRACE", tmp_path / "model"))
+def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir))
     argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
-    (run,) = plan(*parse_args(argv[1:]))  # a finished run of this very config: nothing to train
+    (run,) = plan(*parse_args(argv[1:]))  # a finished run of this very config and inputs: nothing to train
     run.dir.mkdir(parents=True)
-    (run.dir / "results.json").write_text(json.dumps(fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100)))
-    (run.dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(run.argv)))
+    resolved = resolved_config(run.argv)
+    finished = fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100) | {"identity": expected_identity(resolved)}
+    (run.dir / "results.json").write_text(json.dumps(finished))
+    (run.dir / "config.yaml").write_text(yaml.safe_dump(resolved))
     lock = run.dir.parent.parent / LOCK
 
     with folder_lock(lock.parent):  # another compare holds the folder

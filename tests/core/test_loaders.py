@@ -67,7 +67,7 @@ def test_hf_datasets_local_files(tmp_path):
     "content, message",
     [
         ('{"prompt": "x", "answer": "y"}', "expected a JSON list"),
-        ('[["x", "y"]]', "item 0 is list, not an object"),
+        ('[["x", "y"]]', "item 1 is list, not an object"),
         ('[{"prompt": "x", "answer": 3}]', "field 'answer' is missing or not a string"),
         ("[]", "the split is empty"),
         ("[{", "not valid JSON"),
@@ -99,3 +99,40 @@ def test_score_split_eval_scores_the_eval_examples_and_never_the_test_ones(trace
         assert b.test == a.eval and b.eval == a.eval and b.train == a.train
         assert b.test != a.test
     assert (on_test.score_split, on_eval.score_split) == ("test", "eval")  # results.md says which
+
+
+def test_jsonl_errors_name_the_line_an_editor_shows(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n')
+    (folder / "test.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(ConfigError, match=r"train.jsonl: line 3: field 'answer' is missing"):
+        load_task(TaskConfig(name="t", path="t", loader="jsonl"), tmp_path, seed=0)
+
+
+def test_two_tasks_reading_the_same_data_are_refused(trace_dir, tmp_path):
+    same_files = [TaskConfig("a", "parity"), TaskConfig("b", "./parity/")]
+    with pytest.raises(ConfigError, match=r"stream.tasks\[b\].path: reads the same data as task a"):
+        load_stream(StreamConfig(tasks=same_files, data_root=str(trace_dir)))
+    import shutil
+
+    shutil.copytree(trace_dir / "parity", trace_dir / "parity-copy")
+    copied = [TaskConfig("a", "parity"), TaskConfig("b", "parity-copy")]
+    with pytest.raises(
+        ConfigError, match=r"stream.tasks\[b\]: its train and test examples are those of task a"
+    ):
+        load_stream(StreamConfig(tasks=copied, data_root=str(trace_dir)))
+    other_subsets = [TaskConfig("a", "parity", n_train=4, n_test=4), TaskConfig("b", "upper")]
+    assert len(load_stream(StreamConfig(tasks=other_subsets, data_root=str(trace_dir)))) == 2
+
+
+def test_a_single_test_example_has_no_standard_error(trace_dir, capsys):
+    from clbench.evaluation.evaluator import score_task
+
+    task = load_task(TaskConfig("parity", "parity", n_test=1), trace_dir, seed=0)
+    assert "its test split holds one example" in capsys.readouterr().out
+    one = score_task(task, [task.test[0].answer])
+    assert one.score == 1.0 and one.n == 1 and one.stderr is None
+    two = load_task(TaskConfig("parity", "parity", n_test=2), trace_dir, seed=0)
+    both = score_task(two, [two.test[0].answer, "wrong"])
+    assert both.stderr == pytest.approx(0.5)  # sample std 0.707 / sqrt(2)

@@ -16,6 +16,8 @@ import pytest
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
+from clbench.errors import ConfigError
+from clbench.strategy import CLStrategy
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STRATEGIES = {
@@ -47,6 +49,8 @@ def slow(*args, **kwargs):
     time.sleep(0.3)
 r.save_file = slow
 from clbench.cli import main
+from clbench.errors import ConfigError
+from clbench.strategy import CLStrategy
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -118,7 +122,26 @@ def test_killed_runs_resume_to_the_uninterrupted_matrix(strategy, trace_dir, tin
         assert not (run / "resume").exists()  # removed once complete
 
 
-def test_resume_refuses_another_config_and_finished_runs(trace_dir, tiny_model_dir, tmp_path, capsys):
+def interrupted_after_one_task(trace_dir: Path, model_dir: Path, tmp_path: Path) -> Path:
+    """A run that stopped after its first task, as a kill leaves it: its state after task 1 saved
+    (a strategy stops it at the start of task 2 with SystemExit, as SIGTERM does)."""
+    cfg = config(trace_dir, model_dir, tmp_path / "runs", "test_resume.StopAtTask2")
+    for t in cfg["stream"]["tasks"]:
+        t["epochs"] = 1
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    run = tmp_path / "runs" / "run"
+    assert results(run)["status"] == "interrupted" and (run / "resume" / "complete").is_file()
+    return run
+
+
+class StopAtTask2(CLStrategy):
+    def on_task_start(self, ctx) -> None:
+        if ctx.task_index == 1 and not os.environ.get("CLBENCH_TEST_GO_ON"):
+            raise SystemExit(143)
+
+
+def test_resume_refuses_finished_runs_and_other_arguments(trace_dir, tiny_model_dir, tmp_path, capsys):
     cfg = config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft")
     for t in cfg["stream"]["tasks"]:
         t["epochs"] = 1
@@ -130,7 +153,61 @@ def test_resume_refuses_another_config_and_finished_runs(trace_dir, tiny_model_d
     state["status"] = "interrupted"
     (run / "results.json").write_text(json.dumps(state))
     shutil.copy(run / "results.json", tmp_path / "before.json")
-    assert main(["fit", "--resume", str(run), "--model.lr", "0.5", "--stream.batch_size", "4"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "differing: model.lr, stream.batch_size" in err
+    for extra in (["--model.lr", "0.5"], ["--run.name", "other"]):
+        assert main(["fit", "--resume", str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"takes no other argument (got {' '.join(extra)})" in err
+    assert main(["fit", "--resume"]) == 2
+    assert "expects the run folder" in capsys.readouterr().err
     assert (run / "results.json").read_text() == (tmp_path / "before.json").read_text()
+    assert not (tmp_path / "runs" / "other").exists()
+
+
+def test_resume_refuses_changed_data_an_edited_config_and_damaged_state(
+    trace_dir, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    run = interrupted_after_one_task(trace_dir, tiny_model_dir, tmp_path)
+    monkeypatch.setenv("CLBENCH_TEST_GO_ON", "1")
+    before = results(run)
+
+    def refused(expected: str) -> str:
+        capsys.readouterr()
+        assert main(["fit", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert results(run) == before  # nothing trained, nothing rewritten
+        return err
+
+    train = trace_dir / "reverse" / "train.json"
+    original = train.read_text()
+    rows = json.loads(original)
+    rows[0]["answer"] += "x"
+    train.write_text(json.dumps(rows))  # a task not yet trained: its rows would mix with the old ones
+    refused("changed since: the data of task reverse (train)")
+    train.write_text(original)
+
+    config_file = run / "config.yaml"
+    text = config_file.read_text()
+    config_file.write_text(text.replace("lr: 0.003", "lr: 0.03"))
+    refused("config.yaml was edited after the run started")
+    config_file.write_text(text)
+
+    model = run / "resume" / "model.safetensors"
+    good = model.read_bytes()
+    model.write_bytes(good[: len(good) // 2])  # truncated, as a full disk leaves it
+    assert "no earlier state is kept: start the run again" in refused(f"{model} is damaged")
+    model.write_bytes(good)
+
+    assert main(["fit", "--resume", str(run)]) == 0  # all restored: it goes on
+    assert results(run)["status"] == "complete"
+
+
+def test_a_sharded_run_says_it_cannot_resume(tmp_path, capsys):
+    from clbench import resume
+
+    run = tmp_path / "run"
+    run.mkdir()
+    reason = "no: sharded (FSDP2) runs keep no resume state yet; start such a run again"
+    (run / "results.json").write_text(json.dumps({"status": "interrupted", "resumable": reason}))
+    with pytest.raises(ConfigError, match=r"cannot be resumed \(sharded \(FSDP2\) runs keep no resume state"):
+        resume.load(run)
