@@ -64,6 +64,7 @@ Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
 PER_RUN = ("name", "output_dir")  # run fields that differ between the runs of one comparison
 LOCK = "compare.lock"
 SUPERSEDED = "superseded"  # runs moved aside to be rerun: beside runs/, never read by the table
+DIVERGED_EXIT = 3  # `clbench fit`'s exit status for a run stopped as diverged
 STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before SIGKILL
 # `python -m clbench` puts the working directory first on the import path, where a stray
 # strategies.py would shadow clbench's own. This runs clbench/__main__.py as -m does, so Lightning
@@ -191,13 +192,16 @@ def short_name(strategy: str) -> str:
     return name_for(strategy) if "." in strategy else strategy
 
 
+FINISHED = ("complete", "diverged")  # a collapsed run is an outcome too: the same inputs collapse again
+
+
 def read_finished(run_dir: Path) -> dict | None:
-    """A finished run's results, else None; touches nothing."""
+    """A finished run's results (complete, or stopped as diverged), else None; touches nothing."""
     try:
         results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return results if isinstance(results, dict) and results.get("status") == "complete" else None
+    return results if isinstance(results, dict) and results.get("status") in FINISHED else None
 
 
 def plan(args: argparse.Namespace, passthrough: list[str]) -> list[Run]:
@@ -419,31 +423,36 @@ PAIRED = ("OP", "BWT (TRACE)", OWN)  # metrics also shown as paired differences 
 
 
 def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[dict]:
-    """One row per strategy: strategy, seeds, n_seeds, and a (mean, std) Cell per column.
+    """One row per strategy: strategy, seeds, n_seeds, diverged, and a (mean, std) Cell per column.
 
-    With a baseline, "ΔOP vs <baseline>" (and likewise BWT and the own-task score) is the mean and std of
-    the per-seed differences on the seeds both ran (paired: seed-to-seed noise that both share,
-    such as a hard data order, cancels); blank for the baseline itself.
+    Runs that stopped as diverged (collapsed training) count in no mean: their seeds are listed in
+    "diverged" and the table marks them. With a baseline, "ΔOP vs <baseline>" (and likewise BWT and
+    the own-task score) is the mean and std of the per-seed differences on the seeds both completed
+    (paired: seed-to-seed noise that both share, such as a hard data order, cancels); blank for the
+    baseline itself.
     """
-    per_run = {s: [run_columns(r) for r in results] for s, results in runs.items()}
+    complete = {s: [r for r in rs if r.get("status", "complete") == "complete"] for s, rs in runs.items()}
+    per_run = {s: [run_columns(r) for r in results] for s, results in complete.items()}
     columns = list(dict.fromkeys(k for cols in per_run.values() for c in cols for k in c))
-    base = {r.get("seed"): c for r, c in zip(runs.get(baseline, []), per_run.get(baseline, []))}
+    base = {r.get("seed"): c for r, c in zip(complete.get(baseline, []), per_run.get(baseline, []))}
     rows = []
     for s, cols in per_run.items():
-        row: dict = {"strategy": s, "seeds": [r.get("seed") for r in runs[s]], "n_seeds": len(cols)}
+        diverged = [r.get("seed") for r in runs[s] if r.get("status") == "diverged"]
+        row: dict = {"strategy": s, "seeds": [r.get("seed") for r in complete[s]], "n_seeds": len(cols)}
+        row["diverged"] = diverged
         cells = {k: mean_std([c.get(k) for c in cols]) for k in columns}
         paired = {}
         for k in PAIRED if baseline else ():
-            pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, runs[s])]
+            pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, complete[s])]
             diffs = [a - b for a, b in pairs if s != baseline and a is not None and b is not None]
             paired[f"Δ{k} vs {baseline}"] = mean_std(diffs)
-        summary = {k: cells.pop(k) for k in (*METRICS, OWN) if k in cells}
+        summary = {k: cells.pop(k, (None, None)) for k in (*METRICS, OWN)}
         rows.append(row | summary | paired | cells)  # summary, paired differences, then the rest
     return rows
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    return [k for k in rows[0] if k not in ("strategy", "seeds", "n_seeds")] if rows else []
+    return [k for k in rows[0] if k not in ("strategy", "seeds", "n_seeds", "diverged")] if rows else []
 
 
 def _cell(cell: Cell, column: str) -> str:
@@ -457,13 +466,17 @@ def _cell(cell: Cell, column: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Mean ± std per strategy, with links to each seed's run report."""
+    """Mean ± std per strategy, with links to each seed's run report; diverged runs marked."""
     cols = _columns(rows)
     lines = ["| strategy | n seeds | " + " | ".join(cols) + " | runs |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
-        links = ", ".join(f"[seed {s}](runs/{r['strategy']}-seed{s}/results.md)" for s in r["seeds"])
+        links = [f"[seed {s}](runs/{r['strategy']}-seed{s}/results.md)" for s in r["seeds"]]
+        links += [
+            f"**diverged** [seed {s}](runs/{r['strategy']}-seed{s}/results.json)" for s in r["diverged"]
+        ]
         cells = " | ".join(_cell(r[c], c) for c in cols)
-        lines.append(f"| {r['strategy']} | {r['n_seeds']} | {cells} | {links} |")
+        name = f"{r['strategy']} (**{len(r['diverged'])} diverged**)" if r["diverged"] else r["strategy"]
+        lines.append(f"| {name} | {r['n_seeds']} | {cells} | {', '.join(links)} |")
     return "\n".join(lines)
 
 
@@ -472,11 +485,13 @@ def csv_text(rows: list[dict]) -> str:
     cols = _columns(rows)
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["strategy", "n_seeds", *(f"{c} {x}" for c in cols for x in ("mean", "std")), "runs"])
+    stats = (f"{c} {x}" for c in cols for x in ("mean", "std"))
+    out.writerow(["strategy", "n_seeds", *stats, "runs", "diverged runs"])
     for r in rows:
         nums = ["" if x is None else repr(x) for c in cols for x in r[c]]
         runs = " ".join(f"runs/{r['strategy']}-seed{s}" for s in r["seeds"])
-        out.writerow([r["strategy"], r["n_seeds"], *nums, runs])
+        diverged = " ".join(f"runs/{r['strategy']}-seed{s}" for s in r["diverged"])
+        out.writerow([r["strategy"], r["n_seeds"], *nums, runs, diverged])
     return buf.getvalue()
 
 
@@ -685,10 +700,21 @@ def run_fit(argv: list[str], console: Console | None = None) -> None:
             stop(child)
             LIVE.discard(child)
     where = "above" if console is None else f"in {console.log}"
+    if code == DIVERGED_EXIT and read_finished(run_dir_of(argv)) is not None:
+        print(f"clbench compare: {run_dir_of(argv)} diverged (collapsed training); marked in the table")
+        return
     if code != 0:
         raise ConfigError(f"clbench fit {' '.join(argv)} failed (exit {code}); its error is {where}")
     if console is not None:
         print(f"clbench compare: finished {console.log.stem}")
+
+
+def run_dir_of(fit_argv: list[str]) -> Path:
+    """The run folder a `fit` argv trains: --resume's, or run.output_dir / run.name (compare sets both)."""
+    values = {a: fit_argv[i + 1] for i, a in enumerate(fit_argv[:-1]) if a.startswith("--")}
+    if "--resume" in values:
+        return Path(values["--resume"])
+    return Path(values.get("--run.output_dir", ".")) / values.get("--run.name", "")
 
 
 def stop(child: subprocess.Popen) -> None:

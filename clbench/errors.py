@@ -11,7 +11,8 @@ class ConfigError(ValueError):
 
 
 class Diverged(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the task and the step."""
+    """Training collapsed (a NaN or infinite loss, or a uniform or blown-up loss with exploded
+    weights: clbench.runner.LossRecorder); the message names the task and the step."""
 
 
 # A name that becomes a file or folder name: no separators, no "..", no leading dot. At most

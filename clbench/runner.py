@@ -145,6 +145,7 @@ class Runner:
         self.scores: dict[int, dict[str, TaskScore]] = {}
         self.losses: dict[str, tuple[float | None, float | None]] = {}
         self.train_loss: dict[str, list[float]] = {}
+        self.weight_growth: dict[str, float | None] = {}
         self.timings = {"train_s": 0.0, "eval_s": 0.0, "per_task_train_s": {}, "steps": {}}
 
     @property
@@ -257,7 +258,7 @@ class Runner:
 
         results.json exists from the start and always says where the run stands: "running" (with
         the process id and a heartbeat time, renewed after every task and evaluation row),
-        "complete", "diverged" (a NaN or infinite loss stopped it), "failed" (with the error) or
+        "complete", "diverged" (collapsed training stopped it: LossRecorder), "failed" (with the error) or
         "interrupted" (Ctrl-C, SIGTERM). `resume`: go on from the last finished task of this run
         folder (clbench/resume.py)."""
         state = resume_state.load(self.run_dir) if resume else None
@@ -329,6 +330,7 @@ class Runner:
             "scores": scores,
             "losses": self.losses,
             "train_loss": self.train_loss,
+            "weight_growth": self.weight_growth,
             "timings": self.timings,
         }
 
@@ -339,6 +341,7 @@ class Runner:
         }
         self.losses = {n: tuple(v) for n, v in saved["losses"].items()}
         self.train_loss, self.timings = saved["train_loss"], saved["timings"]
+        self.weight_growth = saved.get("weight_growth", {})
 
     def _connect(self) -> None:
         """Start the other ranks (Lightning's launcher re-runs the command for them), join the process
@@ -354,7 +357,7 @@ class Runner:
         say(f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples")
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
-        recorder = LossRecorder(task.name)
+        recorder = LossRecorder(task.name, before, self._vocab_size())
         trainer = self.trainer_factory(
             max_epochs=task.epochs,
             max_steps=task.max_steps,
@@ -370,10 +373,16 @@ class Runner:
         self.strategy.on_task_end(ctx)
         self.losses[task.name] = (before, self._mean_loss(probe))
         self.train_loss[task.name] = recorder.losses
+        self.weight_growth[task.name] = recorder.weight_growth
         self.timings["steps"][task.name] = trainer.global_step
         elapsed = time.perf_counter() - start
         self.timings["per_task_train_s"][task.name] = elapsed
         self.timings["train_s"] += elapsed
+
+    def _vocab_size(self) -> int | None:
+        """The output vocabulary: the loss of uniform predictions is ln of it."""
+        out = self.module.model.get_output_embeddings()
+        return getattr(out, "out_features", None) or getattr(self.module.model.config, "vocab_size", None)
 
     def _loss_probe(self, task: Task) -> DataLoader:
         """The task's eval split (or first 64 training examples): loss before vs after its training.
@@ -454,6 +463,7 @@ class Runner:
                 "loss_before": before,
                 "loss_after": after,
                 "train_loss": self.train_loss.get(task.name, []),
+                "weight_growth": self.weight_growth.get(task.name),
                 "valid_label_share_by_row": {
                     r: s[task.name].valid_label_share for r, s in self.scores.items() if task.name in s
                 },
@@ -492,18 +502,63 @@ class Runner:
             logger.finalize("success")
 
 
+# Collapse: training that has stopped learning anything while its weights blew up. Chosen from
+# measurements (README, "When a run diverges"): on a tiny random Llama, lr 1e6 grows the largest
+# trainable weight 1.7e6-fold in two steps with the loss pinned at ln(V), lr 10 and lr 1 grow it
+# 100-fold and 10-fold with the loss 7-400x its start; working learning rates (3e-3, and 3e-2)
+# grow it at most 1.04x and 1.3x over a whole task, the bundled model at lr 5e-5 far less.
+WEIGHT_GROWTH = 10.0  # max |theta| over max(1, max |theta| at the task's start)
+PINNED = 0.01  # |loss - ln V| <= PINNED * ln V: the loss of uniform predictions
+BLOWN = 2.0  # loss > BLOWN x the task's starting loss (its eval-split probe before training)
+
+
+def max_abs_weight(params: list[torch.Tensor]) -> float:
+    """The largest |theta| among the parameters, the same on every rank (sharded ones reduced)."""
+    local = [dist.local(p.detach()).abs().max() for p in params if dist.local(p).numel()]
+    device = params[0].device if params else torch.device("cpu")
+    peak = torch.stack(local).max().float() if local else torch.zeros((), device=device)
+    return float(dist.all_reduce_(peak.reshape(1), "max")[0])
+
+
 class LossRecorder(pl.Callback):
     """The training loss of every batch, as logged (averaged over ranks, so every rank sees the same
-    value), for results.json; a NaN or infinite loss stops the run at once (Diverged)."""
+    value), for results.json; a run whose training collapsed stops at once (Diverged): a NaN or
+    infinite loss, or a loss at the uniform-prediction level ln(V) or above BLOWN x the task's
+    starting loss while the largest weight has grown WEIGHT_GROWTH-fold. `weight_growth` is that
+    growth at the task's end (results.json keeps it: how far a run was from the rule)."""
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, start_loss: float | None = None, vocab_size: int | None = None) -> None:
         self.task, self.losses = task, []
+        self.start_loss, self.uniform = start_loss, math.log(vocab_size) if vocab_size else None
+        self.start_weight, self.weight_growth = 1.0, None
+
+    def _params(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        return [p for p in pl_module.parameters() if p.requires_grad]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_weight = max(1.0, max_abs_weight(self._params(pl_module)))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weight_growth = max_abs_weight(self._params(pl_module)) / self.start_weight
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         loss = float(trainer.callback_metrics["train/loss"])
         self.losses.append(loss)
+        where = f"task {self.task}: the training loss is {loss:.6g} at step {trainer.global_step} "
+        where += f"(batch {len(self.losses)})"
         if not math.isfinite(loss):
-            raise Diverged(
-                f"task {self.task}: the training loss is {loss} at step {trainer.global_step} "
-                f"(batch {len(self.losses)}); lower model.lr or check the data"
-            )
+            raise Diverged(f"{where}; lower model.lr or check the data")
+        pinned = self.uniform is not None and abs(loss - self.uniform) <= PINNED * self.uniform
+        blown = self.start_loss is not None and loss > BLOWN * self.start_loss
+        if pinned or blown:  # every rank sees the same loss, so all take part in the reduction
+            growth = max_abs_weight(self._params(pl_module)) / self.start_weight
+            if growth > WEIGHT_GROWTH:
+                level = (
+                    f"ln(V) = {self.uniform:.3f}, uniform predictions"
+                    if pinned
+                    else (f"over {BLOWN:g}x the task's starting loss {self.start_loss:.3f}")
+                )
+                raise Diverged(
+                    f"{where}, {level}, and the largest weight grew {growth:.3g}-fold: training collapsed; "
+                    "lower model.lr"
+                )

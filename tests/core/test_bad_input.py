@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -201,6 +202,29 @@ def test_a_nan_loss_stops_the_run_as_diverged(trace_dir, tiny_model_dir, tmp_pat
     assert res["status"] == "diverged" and "task parity" in res["error"]
     assert res["matrix"][1] == [None, None, None]  # nothing scored after the diverged task
     assert all(x is None or x == x for x in res["per_task"]["parity"]["train_loss"])
+
+
+def test_a_collapsed_run_stops_as_diverged_and_a_working_one_does_not(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["model"]["lr"] = 1e6  # no NaN: the weights reach ~1e6 and the loss sits at ln(V)
+    code = main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1, err
+    assert re.search(r"diverged: task parity: the training loss is [\d.]+ at step \d+ .* ln\(V\)", err), err
+    assert "training collapsed" in err
+    res = strict_json(tmp_path / "runs" / "run" / "results.json")
+    assert res["status"] == "diverged" and res["summary"] is None and res["matrix"][1] == [None] * 3
+    losses = res["per_task"]["parity"]["train_loss"]
+    assert all(math.isfinite(x) for x in losses)  # caught although no loss was NaN
+
+    cfg["model"]["lr"] = 3e-3  # the toy runs' working rate, 10x-grown weights never seen
+    cfg["run"]["name"] = "working"
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    res = strict_json(tmp_path / "runs" / "working" / "results.json")
+    assert res["status"] == "complete"
+    assert all(0.5 < d["weight_growth"] < 2.0 for d in res["per_task"].values())  # far from 10x
 
 
 class Boom(CLStrategy):

@@ -243,3 +243,29 @@ def test_fits_do_not_import_modules_of_the_working_directory(
     assert main([*argv, "--run.checkpoints", "none", "--run.evaluate", "needed"]) == 0
     results = tmp_path / "runs" / "compare-toy" / "runs" / "seqft-seed1" / "results.json"
     assert json.loads(results.read_text())["status"] == "complete"
+
+
+def test_a_collapsed_run_is_marked_not_averaged_and_compare_goes_on(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    write_config(presets / "hot.yaml", {"strategy": "seqft", "model": {"lr": 1e6}})  # collapses at once
+    path = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir))
+    argv = ["compare", "--config", str(path), "--strategies", "seqft,hot", "--seeds", "1", "--presets"]
+    argv += [str(presets), "--baseline", "seqft", "--run.checkpoints", "none", "--run.evaluate", "needed"]
+    assert main(argv) == 0
+    folder = tmp_path / "runs" / "compare-toy"
+    hot = json.loads((folder / "runs" / "hot-seed1" / "results.json").read_text())
+    assert hot["status"] == "diverged" and "training collapsed" in hot["error"]
+    md = (folder / "comparison.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| hot")]
+    assert row.startswith("| hot (**1 diverged**) | 0 |") and "**diverged** [seed 1]" in row
+    assert "| seqft | 1 | " in md
+    csv_row = [
+        line for line in (folder / "comparison.csv").read_text().splitlines() if line.startswith("hot")
+    ]
+    assert csv_row[0].endswith(",,runs/hot-seed1")  # no completed run, one diverged run
+    capsys.readouterr()
+    assert main(argv) == 0  # the same inputs: the collapsed run is reused as it is, not retrained
+    assert f"reusing finished run {folder / 'runs' / 'hot-seed1'}" in capsys.readouterr().out
