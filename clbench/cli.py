@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ from clbench.identity import differences, run_identity, sha256_text
 from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
 from clbench.runner import RunConfig, Runner, prepare_run_dir
+from clbench.stopping import StopWatch, sigterm_stops
 from clbench.strategy import CLStrategy
 from strategies import class_path, name_for, name_of
 
@@ -251,6 +251,8 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
         raise ConfigError(f"--resume: {run_dir} is complete; nothing to resume")
     if status.get("status") == "running" and _alive(status.get("pid")):
         raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
+    if str(status.get("resumable", "")).startswith("no:"):  # before the model loads
+        raise ConfigError(f"--resume: {run_dir} cannot be resumed ({status['resumable'][3:].strip()})")
     own = ["--config", str(run_dir / "config.yaml"), "--run.output_dir", str(run_dir.parent)]
     return [*own, "--run.name", run_dir.name], run_dir
 
@@ -310,7 +312,17 @@ def check_resumable(run_dir: Path, config_text: str, identity: dict) -> dict:
 
 
 def fit(argv: list[str]) -> dict:
-    """`clbench fit`: one strategy through one stream; returns the results."""
+    """`clbench fit`: one strategy through one stream; returns the results. SIGTERM (a scheduler's
+    kill, `kill PID`) stops it within seconds in any phase, with results.json saying "interrupted"
+    (clbench/stopping.py)."""
+    try:
+        with sigterm_stops() as watch:
+            return _fit(argv, watch)
+    finally:
+        os.environ.pop(RUN_NAME_ENV, None)
+
+
+def _fit(argv: list[str], watch: StopWatch) -> dict:
     global _resuming
     argv, resume_dir = resume_args(argv)
     _resuming = resume_dir
@@ -345,12 +357,8 @@ def fit(argv: list[str]) -> dict:
         strategy_name=name_of(strategy),
         identity=cli.identity,
     )
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        results = runner.run(cli.config_text, resume=resume_dir is not None)
-    finally:
-        os.environ.pop(RUN_NAME_ENV, None)
-        signal.signal(signal.SIGTERM, previous)
+    watch.run_dir = runner.run_dir if runner.writes else None
+    results = runner.run(cli.config_text, resume=resume_dir is not None)
     if not runner.writes:
         return results
     summary = ", ".join(f"{k} {v:.3f}" for k, v in results["summary"].items() if v is not None)
@@ -358,12 +366,6 @@ def fit(argv: list[str]) -> dict:
     report = runner.run_dir / "results.md"
     print(f"clbench: report {report} (heatmap.png, predictions/, tensorboard/ next to it)")
     return results
-
-
-def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler's kill, `kill PID`) ends the run through Python, so results.json says
-    "interrupted" instead of staying "running"."""
-    raise SystemExit(128 + signum)
 
 
 def _one_line(message: str) -> str:

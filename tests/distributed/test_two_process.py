@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,11 +97,30 @@ def test_fsdp2_equals_one_process(toy_setup, case):
     two = fit(toy_setup, f"{case}/two", 2, "--trainer.strategy", "fsdp", *CASES[case])
     assert_same_run(one, two)
     assert_one_writer(toy_setup, f"{case}/two")
+    assert json.loads((one / "results.json").read_text())["resumable"] == "yes"
+    assert_resume_refused_as_sharded(two)
     if case.startswith("attribution"):
         gates = json.loads((two / "importance" / "gate.json").read_text())
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
         assert gates["reverse"]["mean"] > 0  # a real gate, not zeros
         assert not (two / "offload").exists()  # offloaded shards are removed after the last prior
+
+
+def assert_resume_refused_as_sharded(run: Path) -> None:
+    """A sharded run keeps no resume state: --resume says so (not "no finished task"), before any load."""
+    from clbench.cli import main, resume_args
+    from clbench.errors import ConfigError
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumable"].startswith("no: sharded (FSDP2) runs keep no resume state")
+    killed = run.parent / "killed"
+    shutil.copytree(run, killed)
+    (killed / "results.json").write_text(json.dumps(results | {"status": "interrupted"}))
+    with pytest.raises(
+        ConfigError, match=r"killed cannot be resumed \(sharded \(FSDP2\) runs keep no resume"
+    ):
+        resume_args(["--resume", str(killed)])
+    assert main(["fit", "--resume", str(killed)]) == 2
 
 
 def _close(gates: dict, one: Path) -> bool:
