@@ -23,8 +23,24 @@ def test_overlap_and_spearman_on_known_maps():
 
 
 def test_analyze_needs_an_attribution_run(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")  # a run folder, of another strategy
     assert main(["analyze", "importance", str(tmp_path)]) == 2
     assert "used.json not found" in capsys.readouterr().err
+
+
+def test_analyze_names_a_missing_or_wrong_kind_of_folder(tmp_path, capsys):
+    run = tmp_path / "cmp" / "runs" / "seqft-seed1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    for argv, expected in (
+        (["importance", str(tmp_path / "gone")], f"{tmp_path / 'gone'}: no such folder"),
+        (["importance", str(tmp_path / "cmp")], "holds no results.json: a comparison folder; give one of its"),
+        (["select", str(run)], "holds no runs/ folder: a run folder; give the comparison folder"),
+        (["budget", str(tmp_path / "gone")], "no such folder"),
+    ):
+        assert main(["analyze", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
 
 
 def test_attribution_run_then_analyze_writes_table_and_plot(trace_dir, tiny_model_dir, tmp_path):
