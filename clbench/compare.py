@@ -53,7 +53,7 @@ import yaml
 from clbench.errors import ConfigError
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
-from clbench.identity import differences, run_identity
+from clbench.identity import differences, run_identity, sha256_text
 from clbench.reporting import save_figure
 from strategies import class_path, name_for, placement_only
 
@@ -268,7 +268,8 @@ def run_change(run: Run) -> str | None:
     same: its config.yaml field by field, then its identity (data as used, model, code, precision,
     library versions; clbench/identity.py). The expected config is resolved only when needed."""
     try:
-        ran = yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8"))
+        text = (run.dir / "config.yaml").read_text(encoding="utf-8")
+        ran = yaml.safe_load(text)
     except (OSError, yaml.YAMLError):
         return "no readable config.yaml"
     expected = resolved_config(run.argv)
@@ -279,6 +280,8 @@ def run_change(run: Run) -> str | None:
         saved = json.loads((run.dir / "results.json").read_text(encoding="utf-8")).get("identity")
     except (OSError, ValueError, AttributeError):
         saved = None
+    if saved and saved.get("config_sha256") != sha256_text(text):
+        return "its config.yaml was edited after it ran"
     return "; ".join(differences(saved, expected_identity(expected))) or None
 
 

@@ -34,7 +34,10 @@ def test_analyze_names_a_missing_or_wrong_kind_of_folder(tmp_path, capsys):
     (run / "results.json").write_text("{}")
     for argv, expected in (
         (["importance", str(tmp_path / "gone")], f"{tmp_path / 'gone'}: no such folder"),
-        (["importance", str(tmp_path / "cmp")], "holds no results.json: a comparison folder; give one of its"),
+        (
+            ["importance", str(tmp_path / "cmp")],
+            "holds no results.json: a comparison folder; give one of its",
+        ),
         (["select", str(run)], "holds no runs/ folder: a run folder; give the comparison folder"),
         (["budget", str(tmp_path / "gone")], "no such folder"),
     ):

@@ -104,13 +104,19 @@ def test_a_finished_run_on_changed_data_is_refused_then_really_retrained(
     err = one_line_error(capsys)
     assert f"{run}: finished with other inputs" in err and "the data of task parity (test)" in err
     assert json.loads((run / "results.json").read_text()) == first  # not reused, not touched
+    test_file.write_text(json.dumps(rows))
+    config = run / "config.yaml"
+    config.write_text(config.read_text() + "# edited\n")  # the same fields, but not the file it ran with
+    assert main(argv) == 2
+    assert "its config.yaml was edited after it ran" in one_line_error(capsys)
+    test_file.write_text(json.dumps(rows[:-1]))
     assert main([*argv, "--rerun_changed"]) == 0
     again = json.loads((run / "results.json").read_text())
     assert again["per_task"]["parity"]["n_test"] == len(rows) - 1  # really retrained on the new data
     assert again["identity"]["data"]["parity"]["test"] != first["identity"]["data"]["parity"]["test"]
     assert [p.name for p in run.parent.iterdir()] == ["seqft-seed1"]
     (aside,) = (run.parent.parent / "superseded").iterdir()
-    assert json.loads((aside / "results.json").read_text()) == first
+    assert json.loads((aside / "results.json").read_text()) == first  # kept as it was
 
 
 def test_placement_only_arguments_do_not_make_a_run_another_config():
