@@ -209,6 +209,13 @@ class Runner:
     def frozen_copy(self) -> torch.nn.Module:
         return self.module.frozen_copy()
 
+    def generate_text(
+        self, prompts: list[str], max_new_tokens: int, model: torch.nn.Module | None = None
+    ) -> list[str]:
+        """Greedy free text from raw prompts, in the evaluation's batch size and precision."""
+        with self._quiet_trainer().precision_plugin.forward_context():
+            return self.module.generate_text(prompts, max_new_tokens, model, self.eval_batch_size)
+
     # -- data ---------------------------------------------------------------------------------
     def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:
         task = task or self.stream.tasks[self._task_index]
@@ -284,6 +291,7 @@ class Runner:
         return self.results()
 
     def _loop(self, state: resume_state.ResumeState | None) -> None:
+        self.strategy.prepare_model(self._ctx(0))  # structure first: sharding and a restore follow it
         self._connect()
         self.strategy.setup(self._ctx(0))  # before a restore: setup may snapshot the starting weights
         start = 0

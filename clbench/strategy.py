@@ -1,7 +1,8 @@
 """The continual-learning strategy interface (not Lightning's `trainer.strategy`) and its context.
 
-A strategy overrides two or three of these hooks. The runner and `CLModule` call them in
-this order for each task t of the stream:
+A strategy overrides two or three of these hooks. Once per run the runner calls
+`prepare_model(ctx)` (before the model is sharded or sent to other ranks) and `setup(ctx)`;
+then, in this order for each task t of the stream:
 
     on_task_start(ctx)
     training_examples(ctx, examples)          -> what this task trains on
@@ -71,6 +72,9 @@ class Services(Protocol):
     and the task's epochs, no strategy hooks and without the continual optimizer state.
     `training_settings(task)` is what such a fit depends on. `frozen_copy()` is an evaluation-mode
     copy of the model that trains nothing (sharded like the model under FSDP2).
+    `generate_text(prompts, max_new_tokens, model)` is greedy free text from raw prompts (no prompt
+    format, no post-processing) by `model` (a frozen copy, say; default the model being trained),
+    under the run's precision, the same list on every rank (CLModule.generate_text).
     """
 
     def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader: ...
@@ -84,6 +88,10 @@ class Services(Protocol):
     def training_settings(self, task: Task) -> TrainingSettings: ...
 
     def frozen_copy(self) -> torch.nn.Module: ...
+
+    def generate_text(
+        self, prompts: list[str], max_new_tokens: int, model: torch.nn.Module | None = None
+    ) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,12 @@ class CLStrategy:
     only in them as the same run."""
 
     placement_only: tuple[str, ...] = ()
+
+    def prepare_model(self, ctx: StrategyContext) -> None:
+        """Once per run (and again on a resume), first of all: change the model's structure here, e.g.
+        add LoRA adapters (`ctx.module.add_adapter`). The model is not yet sharded nor sent to the other
+        ranks, and a resume restores the weights afterwards, into the same structure. The processes
+        are not yet connected: no collective, no service but `ctx.module`."""
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""

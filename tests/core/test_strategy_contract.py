@@ -21,6 +21,9 @@ CALLS: list[tuple] = []
 class RecordingStrategy(CLStrategy):
     """Records every hook call with the task index it saw."""
 
+    def prepare_model(self, ctx):
+        CALLS.append(("prepare_model", ctx.task_index))
+
     def setup(self, ctx):
         CALLS.append(("setup", ctx.task_index))
 
@@ -66,14 +69,14 @@ def test_outside_strategy_by_class_path_sees_every_hook(trace_dir, tiny_model_di
     )
     assert main(["fit", "--config", str(cfg), "--strategy", "test_strategy_contract.RecordingStrategy"]) == 0
     for t in (0, 1):
-        names = [name for name, task in CALLS if task == t and name != "setup"]
+        names = [name for name, task in CALLS if task == t and name not in ("prepare_model", "setup")]
         # 24 examples, batch 8: 3 batches, 3 accumulated -> 1 optimizer step per task
         assert names.count("training_penalty") == 3
         steps = ("on_before_optimizer_step", "update_gate", "on_after_optimizer_step")
         assert [names.count(hook) for hook in steps] == [1, 1, 1]
         assert [n for n in names if n in steps] == list(steps)  # in this order, once per step
         assert names[:2] == ["on_task_start", "training_examples"] and names[-1] == "on_task_end"
-    assert CALLS[0] == ("setup", 0)
+    assert CALLS[:2] == [("prepare_model", 0), ("setup", 0)]
     res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
     assert res["strategy"] == "recordingstrategy"
 
