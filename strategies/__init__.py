@@ -15,6 +15,7 @@ from strategies.ewc import EWC
 from strategies.freeze import Freeze
 from strategies.lwf import LwF
 from strategies.multitask import Multitask
+from strategies.o_lora import OLoRA
 from strategies.replay import Replay
 from strategies.seqft import SeqFT
 
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[CLStrategy]] = {
     "multitask": Multitask,
     "lwf": LwF,
     "attribution": Attribution,
+    "o_lora": OLoRA,
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

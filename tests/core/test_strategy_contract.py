@@ -92,6 +92,8 @@ def test_registered_strategy_runs_two_tasks_and_round_trips(name, trace_dir, tin
     cfg = _two_task_config(trace_dir, tiny_model_dir, tmp_path / "runs", name)
     if name == "freeze":
         cfg["strategy"] = {"class_path": name, "init_args": {"lower_layers": 1}}
+    if name == "o_lora":  # an adapter per task beside model.lora's
+        cfg["model"]["lora"] = {"r": 4}
     assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
     run = tmp_path / "runs" / "run"
     res = json.loads((run / "results.json").read_text())
