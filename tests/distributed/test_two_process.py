@@ -35,6 +35,16 @@ CASES = {
         "0",
         *ATTRIBUTION,
     ),
+    "o_lora": (
+        "--strategy",
+        "o_lora",
+        "--model.lora.r",
+        "4",
+        "--model.lora.dropout",
+        "0",
+        "--strategy.lambda_2",
+        "0.01",
+    ),
 }
 
 
@@ -48,8 +58,12 @@ def final_parameters(run: Path) -> dict[str, torch.Tensor]:
         state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
         dcp.load(state, checkpoint_id=folder / "model")
         return state
-    adapter = folder / "adapter_model.safetensors"  # LoRA: the adapters, whatever the layout
-    return load_file(str(adapter if adapter.is_file() else folder / "model.safetensors"))
+    adapters = sorted(folder.rglob("adapter_model.safetensors"))  # LoRA, whatever the layout; O-LoRA
+    if adapters:  # keeps each later task's adapter in a subfolder
+        return {
+            f"{a.parent.relative_to(folder)}/{k}": v for a in adapters for k, v in load_file(str(a)).items()
+        }
+    return load_file(str(folder / "model.safetensors"))
 
 
 def assert_same_run(one: Path, two: Path) -> None:
@@ -108,7 +122,7 @@ def _close(gates: dict, one: Path) -> bool:
     return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
 
 
-@pytest.mark.parametrize("case", ["seqft", "attribution-grad"])
+@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora"])
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
     two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])
