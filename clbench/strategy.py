@@ -22,6 +22,7 @@ after `backward()` (under FSDP2 autograd.grad returns None for sharded parameter
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -152,6 +153,17 @@ class StrategyContext:
         if self.services is None:
             raise ValueError("this strategy needs the runner's services (loader, predict, side fit)")
         return self.services
+
+
+def json_tensor(doc: Any) -> torch.Tensor:
+    """A JSON document as a uint8 tensor of its UTF-8 bytes: text state (replay's buffer, SSR's
+    synthetic examples) in a strategy's flat name -> tensor state, which safetensors writes."""
+    return torch.frombuffer(bytearray(json.dumps(doc).encode()), dtype=torch.uint8)
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    """The JSON document `json_tensor` packed."""
+    return json.loads(t.cpu().numpy().tobytes().decode())
 
 
 class CLStrategy:
