@@ -18,6 +18,7 @@ from strategies.multitask import Multitask
 from strategies.o_lora import OLoRA
 from strategies.replay import Replay
 from strategies.seqft import SeqFT
+from strategies.ssr import SSR
 
 REGISTRY: dict[str, type[CLStrategy]] = {
     "seqft": SeqFT,
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[CLStrategy]] = {
     "lwf": LwF,
     "attribution": Attribution,
     "o_lora": OLoRA,
+    "ssr": SSR,
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

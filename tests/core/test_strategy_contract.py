@@ -99,8 +99,8 @@ def test_registered_strategy_runs_two_tasks_and_round_trips(name, trace_dir, tin
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "complete" and res["strategy"] == name
     steps = res["timings"]["steps"]
-    # 24 examples, batch 8, 3 accumulated: 1 step; replay and multitask add earlier examples
-    assert steps["parity"] == 1 and steps["reverse"] == (2 if name in ("multitask", "replay") else 1)
+    # 24 examples, batch 8, 3 accumulated: 1 step; replay, multitask and ssr add earlier examples
+    assert steps["parity"] == 1 and steps["reverse"] == (2 if name in ("multitask", "replay", "ssr") else 1)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     cls = strategies.REGISTRY[name]
     fresh = cls(**resolved["strategy"].get("init_args", {}))
