@@ -282,30 +282,39 @@ class CLModule(pl.LightningModule):
         max_new_tokens: int,
         model: torch.nn.Module | None = None,
         batch_size: int = 16,
+        temperature: float = 0.0,
+        seed: int = 0,
     ) -> list[str]:
-        """Greedy continuations of raw text prompts by `model` (default: the model being trained),
-        in order: no prompt format, no post-processing, special tokens dropped.
+        """Continuations of raw text prompts by `model` (default: the model being trained), in order:
+        no prompt format, no post-processing, special tokens dropped. Greedy at temperature 0, else
+        sampled from a generator seeded with `seed` (the global one is left as it was).
 
         For strategies that prompt a model freely, such as SSR's in-context generation with a frozen
-        copy of the starting model (`frozen_copy`). Every rank generates every prompt, so each holds
-        the same list (a sharded model needs every rank in every forward anyway). A prompt longer
-        than the model's context minus `max_new_tokens` keeps its last tokens."""
+        copy of the starting model (`frozen_copy`). Every rank generates every prompt in the same
+        batches from the same seed, so each holds the same list (a sharded model needs every rank in
+        every forward anyway). A prompt longer than the model's context minus `max_new_tokens` keeps
+        its last tokens."""
         model = self.model if model is None else model
         device = dist.local(next(model.parameters())).device
         context = getattr(dist.fsdp_root(model).config, "max_position_embeddings", None)
         keep = max(1, context - max_new_tokens) if context else None
         config, was_training, texts = self._greedy(max_new_tokens), model.training, []
+        if temperature > 0:  # plain sampling: no top-k or top-p cut
+            config.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
+        forked = [device] if device.type == "cuda" else []
         model.eval()
         try:
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                ids = [self.tokenizer(p)["input_ids"][-keep if keep else 0 :] for p in chunk]
-                batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left-padded
-                out = model.generate(
-                    **batch, generation_config=config, synced_gpus=dist.is_fully_sharded(model)
-                )
-                width = batch["input_ids"].shape[1]
-                texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            with torch.random.fork_rng(devices=forked):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), batch_size):
+                    chunk = prompts[start : start + batch_size]
+                    ids = [self.tokenizer(p)["input_ids"][-keep if keep else 0 :] for p in chunk]
+                    batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left
+                    out = model.generate(
+                        **batch, generation_config=config, synced_gpus=dist.is_fully_sharded(model)
+                    )
+                    width = batch["input_ids"].shape[1]
+                    texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         finally:
             model.train(was_training)
         return texts

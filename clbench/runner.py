@@ -210,11 +210,19 @@ class Runner:
         return self.module.frozen_copy()
 
     def generate_text(
-        self, prompts: list[str], max_new_tokens: int, model: torch.nn.Module | None = None
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        model: torch.nn.Module | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
     ) -> list[str]:
-        """Greedy free text from raw prompts, in the evaluation's batch size and precision."""
+        """Free text from raw prompts (CLModule.generate_text), in the evaluation's batch size and
+        precision."""
         with self._quiet_trainer().precision_plugin.forward_context():
-            return self.module.generate_text(prompts, max_new_tokens, model, self.eval_batch_size)
+            return self.module.generate_text(
+                prompts, max_new_tokens, model, self.eval_batch_size, temperature, seed
+            )
 
     # -- data ---------------------------------------------------------------------------------
     def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:

@@ -73,9 +73,10 @@ class Services(Protocol):
     and the task's epochs, no strategy hooks and without the continual optimizer state.
     `training_settings(task)` is what such a fit depends on. `frozen_copy()` is an evaluation-mode
     copy of the model that trains nothing (sharded like the model under FSDP2).
-    `generate_text(prompts, max_new_tokens, model)` is greedy free text from raw prompts (no prompt
-    format, no post-processing) by `model` (a frozen copy, say; default the model being trained),
-    under the run's precision, the same list on every rank (CLModule.generate_text).
+    `generate_text(prompts, max_new_tokens, model, temperature, seed)` is free text from raw prompts
+    (no prompt format, no post-processing) by `model` (a frozen copy, say; default the model being
+    trained), greedy at temperature 0 or sampled from `seed`, under the run's precision, the same list
+    on every rank (CLModule.generate_text).
     """
 
     def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader: ...
@@ -91,7 +92,12 @@ class Services(Protocol):
     def frozen_copy(self) -> torch.nn.Module: ...
 
     def generate_text(
-        self, prompts: list[str], max_new_tokens: int, model: torch.nn.Module | None = None
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        model: torch.nn.Module | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
     ) -> list[str]: ...
 
 

@@ -98,3 +98,17 @@ def test_added_adapters_act_and_train_only_when_named(tiny_model_dir):
         module.set_adapters(["default"], trainable=["second"])
     with pytest.raises(ValueError, match="model.lora"):
         CLModule(model=str(tiny_model_dir)).add_adapter("x")
+
+
+def test_sampled_text_depends_on_the_seed_only_and_leaves_the_global_generator(tiny_model_dir):
+    import torch
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    prompts = ["Upper cat:"] * 4 + ["Is 12 even? Answer:"] * 4
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    one = module.generate_text(prompts, 6, temperature=1.0, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert module.generate_text(prompts, 6, temperature=1.0, seed=3) == one
+    assert module.generate_text(prompts, 6, temperature=1.0, seed=4) != one
+    assert len(set(one[:4])) > 1  # sampled: the same prompt, other continuations
