@@ -7,9 +7,11 @@ Rehearsal" (ACL 2024, arXiv 2403.01244). After task t:
 1. Demonstrations: `demonstrations` examples of task t's training split (a seeded draw), the only
    real data SSR reads.
 2. Synthetic inputs: `candidates` in-context prompts, each `shots` demonstrations' prompts (a seeded
-   draw per prompt, in drawn order) each followed by SEPARATOR. The STARTING model (a frozen copy of
-   the weights the run began with, taken in `setup`) continues each prompt greedily; the text before
-   the next separator is a new input. Empty and repeated inputs are dropped.
+   draw per prompt, in drawn order) after HEADER and followed by SEPARATOR, ending in HEADER. The
+   STARTING model (a frozen copy of the weights the run began with, taken in `setup`) continues each
+   prompt, sampling at `temperature` from a generator seeded by the run's seed and t (every rank
+   draws the same tokens); the text before the next separator is a new input. Empty and repeated
+   inputs are dropped.
 3. Selection: k-means with k = `synthetic` (k-means++ seeding from a generator seeded by the run's
    seed and t) on the starting model's mean last hidden state of each input, normalised to unit
    length; per cluster the input nearest its centre is kept (every input when there are no more
@@ -21,11 +23,11 @@ Rehearsal" (ACL 2024, arXiv 2403.01244). After task t:
 Later tasks train on their own examples plus every kept synthetic example of the earlier tasks,
 mixed in once per task (as replay mixes its buffer by default).
 
-Differences from the paper: it samples the synthetic inputs and embeds them with a separate sentence
-encoder; here decoding is greedy (diversity comes from which demonstrations each prompt shows and in
-what order, so every rank writes the same inputs without sharing a sampling generator) and the
-starting model embeds. The paper's inputs carry an instruction; these imitate the task's prompts as
-they are. A demonstration that itself contains SEPARATOR cuts the inputs written after it short.
+Differences from the paper: it embeds the synthetic inputs with a separate sentence encoder, here
+the starting model embeds; its instances carry an instruction, these inputs imitate the task's
+prompts as they are. A demonstration that itself contains "###" cuts the inputs written after it
+short. Temperature 0 writes greedily (diversity then comes only from which demonstrations each
+prompt shows, in what order).
 
 State: the kept examples and the per-task counts (demonstrations, prompts, distinct inputs, kept) as
 the UTF-8 bytes of one JSON document, as replay keeps its buffer; RUN_DIR/ssr/synthetic.json shows
@@ -45,12 +47,13 @@ from clbench.distributed import broadcast_object, local
 from clbench.files import write_json
 from clbench.strategy import CLStrategy, StrategyContext, json_tensor, tensor_json
 
-SEPARATOR = "\n###\n"
+HEADER, SEPARATOR = "Input:", "\n###\n"
 
 
 def icl_prompt(demos: list[Example]) -> str:
-    """The demonstrations' prompts, each closed by SEPARATOR: the model's continuation is a new one."""
-    return "".join(demo.prompt + SEPARATOR for demo in demos)
+    """The demonstrations' prompts, each after HEADER and closed by SEPARATOR, then HEADER: the model's
+    continuation is a new input."""
+    return "".join(f"{HEADER} {demo.prompt}{SEPARATOR}" for demo in demos) + HEADER
 
 
 def first_input(generated: str) -> str:
@@ -115,6 +118,8 @@ class SSR(CLStrategy):
         synthetic: Synthetic examples kept per task (k of the k-means selection).
         max_input_tokens: Longest synthetic input generated, in tokens; an input is also kept no longer
             than the longest demonstration's prompt (plus the separator's few tokens).
+        temperature: Sampling temperature of the starting model's inputs (0: greedy; 0.7 is a common
+            choice, not taken from the paper).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class SSR(CLStrategy):
         candidates: int = 60,
         synthetic: int = 20,
         max_input_tokens: int = 128,
+        temperature: float = 0.7,
     ) -> None:
         for option, value in (("demonstrations", demonstrations), ("shots", shots), ("synthetic", synthetic)):
             if value < 1:
@@ -134,8 +140,10 @@ class SSR(CLStrategy):
             raise ValueError(f"ssr.candidates ({candidates}) must be at least ssr.synthetic ({synthetic})")
         if max_input_tokens < 1:
             raise ValueError(f"ssr.max_input_tokens must be positive, got {max_input_tokens}")
+        if temperature < 0:
+            raise ValueError(f"ssr.temperature must be >= 0, got {temperature}")
         self.demonstrations, self.shots, self.candidates = demonstrations, shots, candidates
-        self.synthetic, self.max_input_tokens = synthetic, max_input_tokens
+        self.synthetic, self.max_input_tokens, self.temperature = synthetic, max_input_tokens, temperature
         self.examples: list[tuple[int, Example]] = []  # (task index, synthetic example)
         self.counts: dict[str, dict[str, int]] = {}  # per task name
         self.starting: torch.nn.Module | None = None
@@ -152,12 +160,16 @@ class SSR(CLStrategy):
         demos = rng.sample(ctx.task.train, min(self.demonstrations, len(ctx.task.train)))
         shots = min(self.shots, len(demos))
         prompts = [icl_prompt(rng.sample(demos, shots)) for _ in range(self.candidates)]
-        texts = services.generate_text(prompts, self._input_tokens(ctx, demos), self.starting)
-        inputs = list(dict.fromkeys(x for x in map(first_input, texts) if x))  # distinct, in order
-        kept = self._diverse(ctx, inputs, t)
+        seed = ctx.seed * 1000 + t
+        texts = services.generate_text(
+            prompts, self._input_tokens(ctx, demos), self.starting, self.temperature, seed
+        )
+        # the same on every rank already; rank 0's lists make sure that every rank embeds, selects and
+        # trains on the same texts, whatever an accelerator's kernels do to the last bits
+        inputs = broadcast_object(list(dict.fromkeys(x for x in map(first_input, texts) if x)))
+        kept = broadcast_object(self._diverse(ctx, inputs, seed))
         answers = services.predict(ctx.task, [Example(x, "") for x in kept]) if kept else []
-        # identical on every rank already; rank 0's list makes sure every rank trains on the same data
-        new = broadcast_object([Example(x, a) for x, a in zip(kept, answers, strict=True)])
+        new = [Example(x, a) for x, a in zip(kept, answers, strict=True)]
         self.examples += [(t, ex) for ex in new]
         self.counts[ctx.task.name] = {
             "demonstrations": len(demos),
@@ -172,12 +184,12 @@ class SSR(CLStrategy):
         longest = max(len(ctx.module.tokenizer(d.prompt)["input_ids"]) for d in demos)
         return min(self.max_input_tokens, longest + 4)
 
-    def _diverse(self, ctx: StrategyContext, inputs: list[str], t: int) -> list[str]:
+    def _diverse(self, ctx: StrategyContext, inputs: list[str], seed: int) -> list[str]:
         if len(inputs) <= self.synthetic:
             return inputs
         embeddings = mean_hidden_states(self.starting, ctx.module.tokenizer, inputs, batch_size=16)
         embeddings = torch.nn.functional.normalize(embeddings, dim=1)
-        generator = torch.Generator().manual_seed(ctx.seed * 1000 + t)
+        generator = torch.Generator().manual_seed(seed)
         return [inputs[i] for i in kmeans_representatives(embeddings, self.synthetic, generator)]
 
     def _write(self, ctx: StrategyContext) -> None:

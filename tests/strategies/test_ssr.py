@@ -8,7 +8,7 @@ import torch
 
 from clbench.data.tasks import Example
 from clbench.module import CLModule
-from strategies.ssr import SEPARATOR, SSR, first_input, icl_prompt, kmeans_representatives
+from strategies.ssr import HEADER, SEPARATOR, SSR, first_input, icl_prompt, kmeans_representatives
 
 
 @pytest.fixture
@@ -23,13 +23,13 @@ def make_module(tiny_model_dir):
     return make
 
 
-def recording(ctx) -> list[tuple[list[str], int, torch.nn.Module | None]]:
+def recording(ctx) -> list[tuple[list[str], int, torch.nn.Module | None, float, int]]:
     """Every generate_text call the strategy makes through this context's services."""
     calls, real = [], ctx.services.generate_text
 
-    def generate_text(prompts, max_new_tokens, model=None):
-        calls.append((list(prompts), max_new_tokens, model))
-        return real(prompts, max_new_tokens, model)
+    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0):
+        calls.append((list(prompts), max_new_tokens, model, temperature, seed))
+        return real(prompts, max_new_tokens, model, temperature, seed)
 
     ctx.services.generate_text = generate_text
     return calls
@@ -45,11 +45,13 @@ def test_inputs_come_from_the_starting_model_shown_the_demonstrations(
     calls = recording(ctx)
     fit_task(module, ssr, ctx, steps=4)
 
-    (prompts, max_new_tokens, model), *more = calls
-    assert not more and model is ssr.starting and len(prompts) == 12
+    (prompts, max_new_tokens, model, temperature, seed), *more = calls
+    assert not more and model is ssr.starting and len(prompts) == 12 and temperature == 0.7
     train = {ex.prompt for ex in ctx.task.train}
-    shown = [p.split(SEPARATOR)[:-1] for p in prompts]
-    assert all(p.endswith(SEPARATOR) and len(demos) == 2 for p, demos in zip(prompts, shown, strict=True))
+    shown = [[d.removeprefix(f"{HEADER} ") for d in p.split(SEPARATOR)[:-1]] for p in prompts]
+    assert all(
+        p.endswith(SEPARATOR + HEADER) and len(demos) == 2 for p, demos in zip(prompts, shown, strict=True)
+    )
     assert {d for demos in shown for d in demos} <= train and len({d for ds in shown for d in ds}) <= 4
 
     starting = make_module()  # the same seed: the weights the run began with
@@ -57,8 +59,9 @@ def test_inputs_come_from_the_starting_model_shown_the_demonstrations(
     initial = dict(starting.model.named_parameters())
     assert all(torch.equal(p, initial[n]) for n, p in ssr.starting.named_parameters())
     assert not all(torch.equal(p, trained[n]) for n, p in ssr.starting.named_parameters())  # training moved
-    written = {first_input(x) for x in module.generate_text(prompts, max_new_tokens, model=starting.model)}
-    by_trained = {first_input(x) for x in module.generate_text(prompts, max_new_tokens)}
+    again = {"batch_size": 4, "temperature": temperature, "seed": seed}  # the toy services' batches
+    written = {first_input(x) for x in module.generate_text(prompts, max_new_tokens, starting.model, **again)}
+    by_trained = {first_input(x) for x in module.generate_text(prompts, max_new_tokens, **again)}
     kept = [ex.prompt for _, ex in ssr.examples]
     assert set(kept) <= written and not set(kept) <= by_trained  # the starting model wrote them
 
@@ -112,7 +115,7 @@ def test_kmeans_keeps_one_input_per_cluster():
 def test_prompt_and_cut():
     demos = [Example("first input", "a"), Example("second\ninput", "b")]
     prompt = icl_prompt(demos)
-    assert prompt == "first input\n###\nsecond\ninput\n###\n"
+    assert prompt == "Input: first input\n###\nInput: second\ninput\n###\nInput:"
     assert first_input(" third\ninput\n###\nfourth") == "third\ninput"
     assert first_input("\n###\n") == ""
 
@@ -136,6 +139,7 @@ def test_state_round_trip():
         ({"shots": 9, "demonstrations": 8}, "shots"),
         ({"candidates": 10, "synthetic": 20}, "candidates"),
         ({"max_input_tokens": 0}, "max_input_tokens"),
+        ({"temperature": -0.1}, "temperature"),
     ],
 )
 def test_invalid_options_name_themselves(kwargs, option):
