@@ -45,6 +45,8 @@ CASES = {
         "--strategy.lambda_2",
         "0.01",
     ),
+    # generation by the starting model's sharded copy, answers by the evaluator, k-means of 8 into 4
+    "ssr": ("--strategy", "ssr", *("--strategy.candidates", "8", "--strategy.synthetic", "4")),
 }
 
 
@@ -95,6 +97,13 @@ def reference(root: Path, case: str) -> Path:
     return run if (run / "results.json").is_file() else fit(root, f"{case}/one", 1, *CASES[case])
 
 
+def assert_same_synthetic_examples(one: Path, two: Path) -> None:
+    """SSR: every rank wrote, selected and answered the same inputs as one process, 4 per task."""
+    written = json.loads((two / "ssr" / "synthetic.json").read_text())
+    assert written == json.loads((one / "ssr" / "synthetic.json").read_text())
+    assert [c["kept"] for c in written["counts"].values()] == [4, 4, 4]
+
+
 def assert_one_writer(root: Path, out: str) -> None:
     """One run folder, and every TensorBoard file from one process (the writer, rank 0)."""
     runs = sorted(p.name for p in (root / out).iterdir() if p.name != "priors")
@@ -110,6 +119,8 @@ def test_fsdp2_equals_one_process(toy_setup, case):
     two = fit(toy_setup, f"{case}/two", 2, "--trainer.strategy", "fsdp", *CASES[case])
     assert_same_run(one, two)
     assert_one_writer(toy_setup, f"{case}/two")
+    if case == "ssr":
+        assert_same_synthetic_examples(one, two)
     if case.startswith("attribution"):
         gates = json.loads((two / "importance" / "gate.json").read_text())
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
@@ -122,12 +133,14 @@ def _close(gates: dict, one: Path) -> bool:
     return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
 
 
-@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora"])
+@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora", "ssr"])
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
     two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])
     assert_same_run(one, two)
     assert_one_writer(toy_setup, f"{case}/ddp")
+    if case == "ssr":
+        assert_same_synthetic_examples(one, two)
 
 
 def test_sharded_checkpoint_exports_to_a_plain_hugging_face_folder(toy_setup):
