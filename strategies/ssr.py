@@ -23,11 +23,11 @@ Rehearsal" (ACL 2024, arXiv 2403.01244). After task t:
 Later tasks train on their own examples plus every kept synthetic example of the earlier tasks,
 mixed in once per task (as replay mixes its buffer by default).
 
-Differences from the paper: it embeds the synthetic inputs with a separate sentence encoder, here
-the starting model embeds; its instances carry an instruction, these inputs imitate the task's
-prompts as they are. A demonstration that itself contains "###" cuts the inputs written after it
-short. Temperature 0 writes greedily (diversity then comes only from which demonstrations each
-prompt shows, in what order).
+Not the paper's setup: its encoder for the selection is not reproduced (the starting model embeds)
+and its SuperNI prompts carry the task's instruction, while these inputs imitate the task's prompts
+as they are. A demonstration that itself contains "###" cuts the inputs written after it short.
+Temperature 0 writes greedily (diversity then comes only from which demonstrations each prompt shows,
+in what order).
 
 State: the kept examples and the per-task counts (demonstrations, prompts, distinct inputs, kept) as
 the UTF-8 bytes of one JSON document, as replay keeps its buffer; RUN_DIR/ssr/synthetic.json shows
