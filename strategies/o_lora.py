@@ -89,12 +89,16 @@ class OLoRA(CLStrategy):
 
     def prepare_model(self, ctx: StrategyContext) -> None:
         names = ctx.module.adapter_names()
+        wanted = names[:1] + [f"o_lora_task{t}" for t in range(1, len(ctx.stream))]
+        if names and names == wanted:  # a module another O-LoRA instance prepared
+            self.adapters = wanted
+            return
         if len(names) != 1:
             raise ValueError(
                 f"o_lora trains one LoRA adapter per task beside model.lora's: set model.lora "
                 f"(e.g. --model.lora.r 8); the model has adapters {names}"
             )
-        self.adapters = names + [f"o_lora_task{t}" for t in range(1, len(ctx.stream))]
+        self.adapters = wanted
         for name in self.adapters[1:]:
             ctx.module.add_adapter(name)
 
