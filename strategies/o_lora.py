@@ -53,12 +53,15 @@ def down_projections(named: dict[str, torch.Tensor], adapter: str) -> dict[str, 
 
 
 def orthogonality(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum over modules m of ||old_m new_m^T||_F^2, in fp32: old_m stacks earlier adapters' A rows
-    ((sum r_i) x d_in), new_m is A_t or some of its rows."""
-    total = torch.zeros((), device=next(iter(new.values())).device)
-    for module, a_new in new.items():
-        if module in old:
-            total = total + (a_new.float() @ old[module].float().T).square().sum()  # (rows_t, sum r_i)
+    """sum over modules m of ||old_m new_m^T||_F^2, in fp32 (autocast off): old_m stacks earlier
+    adapters' A rows ((sum r_i) x d_in), new_m is A_t or some of its rows."""
+    device = next(iter(new.values())).device
+    total = torch.zeros((), device=device)
+    with torch.autocast(device.type, enabled=False):  # bf16-mixed would run the matmul in bf16
+        for module, a_new in new.items():
+            if module in old:
+                a_old = old[module].to(device, torch.float32)
+                total = total + (a_new.float() @ a_old.T).square().sum()  # (rows_t, sum r_i)
     return total
 
 

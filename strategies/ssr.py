@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,6 +47,9 @@ from clbench.data.tasks import Example
 from clbench.distributed import broadcast_object, local
 from clbench.files import write_json
 from clbench.strategy import CLStrategy, StrategyContext, json_tensor, tensor_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HEADER, SEPARATOR = "Input:", "\n###\n"
 
@@ -88,7 +92,9 @@ def kmeans_representatives(
 
 
 @torch.no_grad()
-def mean_hidden_states(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+def mean_hidden_states(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int
+) -> torch.Tensor:
     """(len(texts), d) fp32: each text's last-layer hidden states averaged over its tokens. Every rank
     runs every batch (a sharded model needs every rank in every forward)."""
     device = local(next(model.parameters())).device
