@@ -275,6 +275,9 @@ class Runner:
         "interrupted" (Ctrl-C, SIGTERM). `resume`: go on from the last finished task of this run
         folder (clbench/resume.py)."""
         state = resume_state.load(self.run_dir) if resume else None
+        # the model's structure first (sharding and a restore follow it); a strategy that refuses this
+        # model stops here, before anything is written
+        self.strategy.prepare_model(self._ctx(0))
         if state is not None:
             self._restore_bookkeeping(state.runner)
         elif self.writes:
@@ -299,7 +302,6 @@ class Runner:
         return self.results()
 
     def _loop(self, state: resume_state.ResumeState | None) -> None:
-        self.strategy.prepare_model(self._ctx(0))  # structure first: sharding and a restore follow it
         self._connect()
         self.strategy.setup(self._ctx(0))  # before a restore: setup may snapshot the starting weights
         start = 0

@@ -186,7 +186,8 @@ class CLStrategy:
         """Once per run (and again on a resume), first of all: change the model's structure here, e.g.
         add LoRA adapters (`ctx.module.add_adapter`). The model is not yet sharded nor sent to the other
         ranks, and a resume restores the weights afterwards, into the same structure. The processes
-        are not yet connected: no collective, no service but `ctx.module`."""
+        are not yet connected (no collective, no service but `ctx.module`) and the run folder may not
+        exist yet: a ValueError here stops the run before anything is written."""
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""
