@@ -21,7 +21,8 @@ Rehearsal" (ACL 2024, arXiv 2403.01244). After task t:
    rehearse (the paper's refinement by the latest model).
 
 Later tasks train on their own examples plus every kept synthetic example of the earlier tasks,
-mixed in once per task (as replay mixes its buffer by default).
+mixed in once per task (as replay mixes its buffer by default). After the last task nothing is
+written. The starting model's copy costs a whole model's memory for the run.
 
 Not the paper's setup: its encoder for the selection is not reproduced (the starting model embeds)
 and its SuperNI prompts carry the task's instruction, while these inputs imitate the task's prompts
@@ -162,6 +163,8 @@ class SSR(CLStrategy):
 
     def on_task_end(self, ctx: StrategyContext) -> None:
         t, services = ctx.task_index, ctx.service()
+        if t == len(ctx.stream) - 1:  # no later task would rehearse them
+            return
         rng = random.Random(f"ssr-{ctx.seed}-{t}")
         demos = rng.sample(ctx.task.train, min(self.demonstrations, len(ctx.task.train)))
         shots = min(self.shots, len(demos))

@@ -90,6 +90,8 @@ def test_later_tasks_rehearse_every_earlier_task_s_synthetic_examples(
     ctx2 = make_ctx(module, stream, 2)
     mixed = ssr.training_examples(ctx2, ctx2.task.train)
     assert mixed == ctx2.task.train + [ex for _, ex in ssr.examples]
+    fit_task(module, ssr, ctx2, steps=1)
+    assert len(ssr.examples) == 6 and "gamma" not in ssr.counts  # nothing after the last task
     written = json.loads((ctx2.run_dir / "ssr" / "synthetic.json").read_text())
     assert written["counts"] == ssr.counts
     assert [(r["task"], r["prompt"], r["answer"]) for r in written["examples"]] == [
