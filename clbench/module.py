@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -255,23 +255,69 @@ class CLModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict) -> list[str]:
         """Greedy continuations of left-padded prompts, KV cache on, special tokens dropped."""
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=batch["max_new_tokens"],
-            use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
         out = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            generation_config=config,
+            generation_config=self._greedy(batch["max_new_tokens"]),
             synced_gpus=dist.is_fully_sharded(self.model),  # every rank joins every sharded forward
         )
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
+    def _greedy(self, max_new_tokens: int) -> GenerationConfig:
+        return GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         return self.generate(batch)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        model: torch.nn.Module | None = None,
+        batch_size: int = 16,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Continuations of raw text prompts by `model` (default: the model being trained), in order:
+        no prompt format, no post-processing, special tokens dropped. Greedy at temperature 0, else
+        sampled from a generator seeded with `seed` (the global one is left as it was).
+
+        For strategies that prompt a model freely, such as SSR's in-context generation with a frozen
+        copy of the starting model (`frozen_copy`). Every rank generates every prompt in the same
+        batches from the same seed, so each holds the same list (a sharded model needs every rank in
+        every forward anyway). A prompt longer than the model's context minus `max_new_tokens` keeps
+        its last tokens."""
+        model = self.model if model is None else model
+        device = dist.local(next(model.parameters())).device
+        context = getattr(dist.fsdp_root(model).config, "max_position_embeddings", None)
+        keep = max(1, context - max_new_tokens) if context else None
+        config, was_training, texts = self._greedy(max_new_tokens), model.training, []
+        if temperature > 0:  # plain sampling: no top-k or top-p cut
+            config.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
+        forked = [device] if device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=forked):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), batch_size):
+                    chunk = prompts[start : start + batch_size]
+                    ids = [self.tokenizer(p)["input_ids"][-keep if keep else 0 :] for p in chunk]
+                    batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left
+                    out = model.generate(
+                        **batch, generation_config=config, synced_gpus=dist.is_fully_sharded(model)
+                    )
+                    width = batch["input_ids"].shape[1]
+                    texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        finally:
+            model.train(was_training)
+        return texts
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -359,6 +405,49 @@ class CLModule(pl.LightningModule):
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (LoRA adapters only, when LoRA is on)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def adapter_names(self) -> list[str]:
+        """The model's LoRA adapters in the order they were added ("default" first, from model.lora);
+        empty without LoRA."""
+        return list(getattr(self.model, "peft_config", None) or {})
+
+    def add_adapter(self, name: str) -> None:
+        """One more LoRA adapter `name`, with the settings of model.lora: freshly initialised (B = 0, so
+        the model computes what it did), frozen and inactive until `set_adapters` names it.
+
+        The model's structure changes, so only before it is sharded or its weights go to the other
+        ranks: in `CLStrategy.prepare_model`. Its initial weights come from the global generator, as
+        model.lora's own adapter's do (rank 0's reach the other ranks with the model)."""
+        if not self.adapter_names():
+            raise ValueError("model.lora is not set: a LoRA adapter can only be added beside model.lora's")
+        if name in self.adapter_names():
+            raise ValueError(f"LoRA adapter {name!r} exists already")
+        if dist.is_fully_sharded(self.model):
+            raise RuntimeError("add_adapter on a sharded model: call it from CLStrategy.prepare_model")
+        config = copy.deepcopy(self.model.peft_config[self.adapter_names()[0]])
+        self.model.add_adapter(name, config)  # peft leaves it frozen and inactive, the others as they were
+
+    def set_adapters(self, active: Sequence[str], trainable: Sequence[str] = ()) -> None:
+        """The LoRA adapters that act in every forward (training, evaluation, generation; their updates
+        add up) and those of them that train. Every tensor of an adapter not in `trainable` is frozen
+        (requires_grad False), so the next task's optimizer never holds it and it stays bit-identical.
+        Between tasks only (each task's Trainer builds its optimizer from the trainable tensors)."""
+        known = set(self.adapter_names())
+        if not known:
+            raise ValueError("model.lora is not set: the model has no LoRA adapters")
+        if not active or not set(active) <= known or not set(trainable) <= set(active):
+            raise ValueError(
+                f"set_adapters: active {list(active)} and trainable {list(trainable)} must be non-empty, "
+                f"trainable within active, all among {sorted(known)}"
+            )
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.model.base_model.set_adapter(list(active))  # peft makes every active adapter trainable
+        for layer in self.model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                for attribute in layer.adapter_layer_names:
+                    for adapter, part in getattr(layer, attribute).items():
+                        part.requires_grad_(adapter in trainable)
 
 
 def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:

@@ -211,6 +211,21 @@ class Runner:
     def frozen_copy(self) -> torch.nn.Module:
         return self.module.frozen_copy()
 
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        model: torch.nn.Module | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Free text from raw prompts (CLModule.generate_text), in the evaluation's batch size and
+        precision."""
+        with self._quiet_trainer().precision_plugin.forward_context():
+            return self.module.generate_text(
+                prompts, max_new_tokens, model, self.eval_batch_size, temperature, seed
+            )
+
     # -- data ---------------------------------------------------------------------------------
     def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:
         task = task or self.stream.tasks[self._task_index]
@@ -262,6 +277,9 @@ class Runner:
         "interrupted" (Ctrl-C, SIGTERM). `resume`: go on from the last finished task of this run
         folder (clbench/resume.py)."""
         state = resume_state.load(self.run_dir) if resume else None
+        # the model's structure first (sharding and a restore follow it); a strategy that refuses this
+        # model stops here, before anything is written
+        self.strategy.prepare_model(self._ctx(0))
         if state is not None:
             self._restore_bookkeeping(state.runner)
         elif self.writes:

@@ -1,7 +1,8 @@
 """The continual-learning strategy interface (not Lightning's `trainer.strategy`) and its context.
 
-A strategy overrides two or three of these hooks. The runner and `CLModule` call them in
-this order for each task t of the stream:
+A strategy overrides two or three of these hooks. Once per run the runner calls
+`prepare_model(ctx)` (before the model is sharded or sent to other ranks) and `setup(ctx)`;
+then, in this order for each task t of the stream:
 
     on_task_start(ctx)
     training_examples(ctx, examples)          -> what this task trains on
@@ -21,6 +22,7 @@ after `backward()` (under FSDP2 autograd.grad returns None for sharded parameter
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -71,6 +73,10 @@ class Services(Protocol):
     and the task's epochs, no strategy hooks and without the continual optimizer state.
     `training_settings(task)` is what such a fit depends on. `frozen_copy()` is an evaluation-mode
     copy of the model that trains nothing (sharded like the model under FSDP2).
+    `generate_text(prompts, max_new_tokens, model, temperature, seed)` is free text from raw prompts
+    (no prompt format, no post-processing) by `model` (a frozen copy, say; default the model being
+    trained), greedy at temperature 0 or sampled from `seed`, under the run's precision, the same list
+    on every rank (CLModule.generate_text).
     """
 
     def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader: ...
@@ -84,6 +90,15 @@ class Services(Protocol):
     def training_settings(self, task: Task) -> TrainingSettings: ...
 
     def frozen_copy(self) -> torch.nn.Module: ...
+
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        model: torch.nn.Module | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,17 @@ class StrategyContext:
         return self.services
 
 
+def json_tensor(doc: Any) -> torch.Tensor:
+    """A JSON document as a uint8 tensor of its UTF-8 bytes: text state (replay's buffer, SSR's
+    synthetic examples) in a strategy's flat name -> tensor state, which safetensors writes."""
+    return torch.frombuffer(bytearray(json.dumps(doc).encode()), dtype=torch.uint8)
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    """The JSON document `json_tensor` packed."""
+    return json.loads(t.cpu().numpy().tobytes().decode())
+
+
 class CLStrategy:
     """Base class of continual-learning strategies: every hook is a no-op by default,
     which is exactly naive sequential fine-tuning.
@@ -155,6 +181,13 @@ class CLStrategy:
     only in them as the same run."""
 
     placement_only: tuple[str, ...] = ()
+
+    def prepare_model(self, ctx: StrategyContext) -> None:
+        """Once per run (and again on a resume), first of all: change the model's structure here, e.g.
+        add LoRA adapters (`ctx.module.add_adapter`). The model is not yet sharded nor sent to the other
+        ranks, and a resume restores the weights afterwards, into the same structure. The processes
+        are not yet connected (no collective, no service but `ctx.module`) and the run folder may not
+        exist yet: a ValueError here stops the run before anything is written."""
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""

@@ -15,8 +15,10 @@ from strategies.ewc import EWC
 from strategies.freeze import Freeze
 from strategies.lwf import LwF
 from strategies.multitask import Multitask
+from strategies.o_lora import OLoRA
 from strategies.replay import Replay
 from strategies.seqft import SeqFT
+from strategies.ssr import SSR
 
 REGISTRY: dict[str, type[CLStrategy]] = {
     "seqft": SeqFT,
@@ -26,6 +28,8 @@ REGISTRY: dict[str, type[CLStrategy]] = {
     "multitask": Multitask,
     "lwf": LwF,
     "attribution": Attribution,
+    "o_lora": OLoRA,
+    "ssr": SSR,
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

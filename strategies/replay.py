@@ -12,14 +12,13 @@ finished task's own training split (never from replayed examples).
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Literal
 
 import torch
 
 from clbench.data.tasks import Example
-from clbench.strategy import CLStrategy, StrategyContext
+from clbench.strategy import CLStrategy, StrategyContext, json_tensor, tensor_json
 
 Entry = tuple[int, Example]
 Rng = random.Random
@@ -122,9 +121,9 @@ class Replay(CLStrategy):
     def state_dict(self) -> dict[str, torch.Tensor]:
         # Examples are strings: the buffer travels as the UTF-8 bytes of one JSON document.
         doc = {"seen": self.seen, "buffer": [[t, ex.prompt, ex.answer] for t, ex in self.buffer]}
-        return {"buffer": torch.frombuffer(bytearray(json.dumps(doc).encode()), dtype=torch.uint8)}
+        return {"buffer": json_tensor(doc)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        doc = json.loads(state["buffer"].numpy().tobytes().decode())
+        doc = tensor_json(state["buffer"])
         self.seen = doc["seen"]
         self.buffer = [(t, Example(prompt, answer)) for t, prompt, answer in doc["buffer"]]

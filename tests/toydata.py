@@ -162,3 +162,6 @@ class ToyServices:
 
     def frozen_copy(self):
         return self.module.frozen_copy()
+
+    def generate_text(self, prompts, max_new_tokens, model=None, temperature=0.0, seed=0):
+        return self.module.generate_text(prompts, max_new_tokens, model, self.batch_size, temperature, seed)

@@ -122,6 +122,7 @@ CASES = {
     "unknown key": (lambda c, d: c["stream"].update(batchsize=3), "does not accept"),
     "unknown metric": (lambda c, d: task(c, 0).update(metric="bleu"), "unknown metric 'bleu'"),
     "unknown strategy": (lambda c, d: c.update(strategy="nosuch"), "unknown strategy 'nosuch'"),
+    "o_lora without lora": (lambda c, d: c.update(strategy="o_lora"), "set model.lora"),
     "bad precision": (lambda c, d: c["trainer"].update(precision="fp7"), "precision"),
     # models
     "missing model folder": (

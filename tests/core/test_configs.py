@@ -10,6 +10,7 @@ import yaml
 from toydata import write_trace_folder
 
 from clbench.cli import main
+from strategies import name_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE_ORDER = [
@@ -49,7 +50,7 @@ def test_strategy_preset_parses_over_its_stream(preset, capsys):
     printed = _print_config(capsys, stream_config, preset)
     given = yaml.safe_load(preset.read_text())
     wanted = given["strategy"]
-    assert printed["strategy"]["class_path"].rsplit(".", 1)[-1].lower() == wanted["class_path"]
+    assert name_for(printed["strategy"]["class_path"]) == wanted["class_path"]  # its registry name
     for key, value in wanted.get("init_args", {}).items():
         assert printed["strategy"]["init_args"][key] == value
     for key, value in given.get("model", {}).items():  # e.g. the LoRA presets' rank and lr

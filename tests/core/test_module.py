@@ -57,3 +57,58 @@ def test_a_finished_fit_keeps_one_copy_of_the_moments(tiny_model_dir):
     moments = {id(v) for st in optimizers[0].state.values() for v in st.values()}
     saved = {id(v) for st in module._saved_optimizer_state.values() for v in st.values()}
     assert saved == moments and len(saved) == 3 * len(module.trainable_parameters())
+
+
+def test_generate_text_is_greedy_generation_of_raw_prompts_by_the_given_model(tiny_model_dir):
+    """The same continuations as the evaluation's generate on the same tokens, by whichever model is
+    given: a frozen copy keeps answering as the model did when it was copied."""
+    import torch
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    prompts = ["Upper cat:", "Reverse a much longer prompt than the first one:"]
+    tokens = module.tokenizer(prompts, padding=True, return_tensors="pt")
+    expected = module.generate({**tokens, "max_new_tokens": 5})
+    assert module.generate_text(prompts, 5, batch_size=1) == expected
+    frozen = module.frozen_copy()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert module.generate_text(prompts, 5, model=frozen) == expected
+    assert module.generate_text(prompts, 5) != expected
+
+
+def test_added_adapters_act_and_train_only_when_named(tiny_model_dir):
+    from clbench.models import LoRA
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3, lora=LoRA(r=2))
+    module.add_adapter("second")
+    assert module.adapter_names() == ["default", "second"]
+    with pytest.raises(ValueError, match="exists already"):
+        module.add_adapter("second")
+
+    def training() -> set[str]:
+        return {n.split(".lora_")[1].split(".")[1] for n in module.trainable_parameters()}
+
+    assert training() == {"default"}  # the new one starts frozen and inactive
+    module.set_adapters(["default", "second"], trainable=["second"])
+    assert module.model.base_model.active_adapters == ["default", "second"] and training() == {"second"}
+    module.set_adapters(["default"])
+    assert training() == set()
+    with pytest.raises(ValueError, match="trainable within active"):
+        module.set_adapters(["default"], trainable=["second"])
+    with pytest.raises(ValueError, match="model.lora"):
+        CLModule(model=str(tiny_model_dir)).add_adapter("x")
+
+
+def test_sampled_text_depends_on_the_seed_only_and_leaves_the_global_generator(tiny_model_dir):
+    import torch
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    prompts = ["Upper cat:"] * 4 + ["Is 12 even? Answer:"] * 4
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    one = module.generate_text(prompts, 6, temperature=1.0, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert module.generate_text(prompts, 6, temperature=1.0, seed=3) == one
+    assert module.generate_text(prompts, 6, temperature=1.0, seed=4) != one
+    assert len(set(one[:4])) > 1  # sampled: the same prompt, other continuations

@@ -21,6 +21,9 @@ CALLS: list[tuple] = []
 class RecordingStrategy(CLStrategy):
     """Records every hook call with the task index it saw."""
 
+    def prepare_model(self, ctx):
+        CALLS.append(("prepare_model", ctx.task_index))
+
     def setup(self, ctx):
         CALLS.append(("setup", ctx.task_index))
 
@@ -66,14 +69,14 @@ def test_outside_strategy_by_class_path_sees_every_hook(trace_dir, tiny_model_di
     )
     assert main(["fit", "--config", str(cfg), "--strategy", "test_strategy_contract.RecordingStrategy"]) == 0
     for t in (0, 1):
-        names = [name for name, task in CALLS if task == t and name != "setup"]
+        names = [name for name, task in CALLS if task == t and name not in ("prepare_model", "setup")]
         # 24 examples, batch 8: 3 batches, 3 accumulated -> 1 optimizer step per task
         assert names.count("training_penalty") == 3
         steps = ("on_before_optimizer_step", "update_gate", "on_after_optimizer_step")
         assert [names.count(hook) for hook in steps] == [1, 1, 1]
         assert [n for n in names if n in steps] == list(steps)  # in this order, once per step
         assert names[:2] == ["on_task_start", "training_examples"] and names[-1] == "on_task_end"
-    assert CALLS[0] == ("setup", 0)
+    assert CALLS[:2] == [("prepare_model", 0), ("setup", 0)]
     res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
     assert res["strategy"] == "recordingstrategy"
 
@@ -89,13 +92,15 @@ def test_registered_strategy_runs_two_tasks_and_round_trips(name, trace_dir, tin
     cfg = _two_task_config(trace_dir, tiny_model_dir, tmp_path / "runs", name)
     if name == "freeze":
         cfg["strategy"] = {"class_path": name, "init_args": {"lower_layers": 1}}
+    if name == "o_lora":  # an adapter per task beside model.lora's
+        cfg["model"]["lora"] = {"r": 4}
     assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
     run = tmp_path / "runs" / "run"
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "complete" and res["strategy"] == name
     steps = res["timings"]["steps"]
-    # 24 examples, batch 8, 3 accumulated: 1 step; replay and multitask add earlier examples
-    assert steps["parity"] == 1 and steps["reverse"] == (2 if name in ("multitask", "replay") else 1)
+    # 24 examples, batch 8, 3 accumulated: 1 step; replay, multitask and ssr add earlier examples
+    assert steps["parity"] == 1 and steps["reverse"] == (2 if name in ("multitask", "replay", "ssr") else 1)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     cls = strategies.REGISTRY[name]
     fresh = cls(**resolved["strategy"].get("init_args", {}))

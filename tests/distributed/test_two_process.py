@@ -36,6 +36,18 @@ CASES = {
         "0",
         *ATTRIBUTION,
     ),
+    "o_lora": (
+        "--strategy",
+        "o_lora",
+        "--model.lora.r",
+        "4",
+        "--model.lora.dropout",
+        "0",
+        "--strategy.lambda_2",
+        "0.01",
+    ),
+    # generation by the starting model's sharded copy, answers by the evaluator, k-means of 8 into 4
+    "ssr": ("--strategy", "ssr", *("--strategy.candidates", "8", "--strategy.synthetic", "4")),
 }
 
 
@@ -49,8 +61,12 @@ def final_parameters(run: Path) -> dict[str, torch.Tensor]:
         state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
         dcp.load(state, checkpoint_id=folder / "model")
         return state
-    adapter = folder / "adapter_model.safetensors"  # LoRA: the adapters, whatever the layout
-    return load_file(str(adapter if adapter.is_file() else folder / "model.safetensors"))
+    adapters = sorted(folder.rglob("adapter_model.safetensors"))  # LoRA, whatever the layout; O-LoRA
+    if adapters:  # keeps each later task's adapter in a subfolder
+        return {
+            f"{a.parent.relative_to(folder)}/{k}": v for a in adapters for k, v in load_file(str(a)).items()
+        }
+    return load_file(str(folder / "model.safetensors"))
 
 
 def assert_same_run(one: Path, two: Path) -> None:
@@ -82,6 +98,14 @@ def reference(root: Path, case: str) -> Path:
     return run if (run / "results.json").is_file() else fit(root, f"{case}/one", 1, *CASES[case])
 
 
+def assert_same_synthetic_examples(one: Path, two: Path) -> None:
+    """SSR: every rank wrote, selected and answered the same inputs as one process, 4 per task (none
+    after the last)."""
+    written = json.loads((two / "ssr" / "synthetic.json").read_text())
+    assert written == json.loads((one / "ssr" / "synthetic.json").read_text())
+    assert {t: c["kept"] for t, c in written["counts"].items()} == {"parity": 4, "reverse": 4}
+
+
 def assert_one_writer(root: Path, out: str) -> None:
     """One run folder, and every TensorBoard file from one process (the writer, rank 0)."""
     runs = sorted(p.name for p in (root / out).iterdir() if p.name != "priors")
@@ -99,6 +123,8 @@ def test_fsdp2_equals_one_process(toy_setup, case):
     assert_one_writer(toy_setup, f"{case}/two")
     assert json.loads((one / "results.json").read_text())["resumable"] == "yes"
     assert_resume_refused_as_sharded(two)
+    if case == "ssr":
+        assert_same_synthetic_examples(one, two)
     if case.startswith("attribution"):
         gates = json.loads((two / "importance" / "gate.json").read_text())
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
@@ -128,12 +154,14 @@ def _close(gates: dict, one: Path) -> bool:
     return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
 
 
-@pytest.mark.parametrize("case", ["seqft", "attribution-grad"])
+@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora", "ssr"])
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
     two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])
     assert_same_run(one, two)
     assert_one_writer(toy_setup, f"{case}/ddp")
+    if case == "ssr":
+        assert_same_synthetic_examples(one, two)
 
 
 def test_sharded_checkpoint_exports_to_a_plain_hugging_face_folder(toy_setup):

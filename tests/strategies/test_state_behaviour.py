@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from clbench.models import LoRA
 from strategies import REGISTRY
 
 OPTIONS = {
@@ -15,8 +16,11 @@ OPTIONS = {
     "ewc": {"fisher_batches": 2},
     "freeze": {"lower_layers": 1},
     "replay": {"past_task_ratio": 0.5},
+    "ssr": {"demonstrations": 4, "shots": 2, "candidates": 8, "synthetic": 4},
 }
-STATEFUL = {"attribution", "ewc", "replay"}  # the others keep nothing between tasks
+MODULE = {"o_lora": {"lora": LoRA(r=4, dropout=0.0)}}  # an adapter per task beside model.lora's
+STATEFUL = {"attribution", "ewc", "replay", "ssr"}  # the others keep nothing between tasks (o_lora's
+# adapters are model weights)
 
 
 def build(name: str, tmp_path) -> object:
@@ -63,9 +67,10 @@ def same(a: dict, b: dict) -> bool:
 def test_restored_strategy_behaves_like_the_original(
     name, make_module, make_ctx, stream_of, fit_task, tmp_path
 ):
-    module, stream = make_module(), stream_of(8, 8, 8)
+    module, stream = make_module(**MODULE.get(name, {})), stream_of(8, 8, 8)
     original = build(name, tmp_path)
     ctx0 = make_ctx(module, stream, 0)
+    original.prepare_model(ctx0)
     original.setup(ctx0)
     fit_task(module, original, ctx0, steps=2)
     with torch.no_grad():  # the next task's weights differ from the anchor, so penalties are not zero
@@ -76,8 +81,9 @@ def test_restored_strategy_behaves_like_the_original(
         save_file(state, str(tmp_path / "strategy.safetensors"))
         state = load_file(str(tmp_path / "strategy.safetensors"))
     restored, untouched = build(name, tmp_path), build(name, tmp_path)
-    restored.setup(ctx0)
-    untouched.setup(ctx0)
+    for fresh in (restored, untouched):  # as a resumed run starts: structure, setup, then the state
+        fresh.prepare_model(ctx0)
+        fresh.setup(ctx0)
     restored.load_state_dict(state)
     ctx1 = make_ctx(module, stream, 1)
     expected = behaviour(original, module, ctx1)

@@ -1,0 +1,61 @@
+"""`clbench fit --resume` for strategies whose state is more than tensors by name: o_lora adds an
+adapter per task to the model, ssr keeps text. A run stopped after two tasks goes on to the
+uninterrupted run's matrix, training losses and strategy records (in process, so it takes seconds;
+tests/core/test_resume.py kills real processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_fit import toy_config, write_config
+
+import strategies
+from clbench.cli import main
+
+RECORDS = {"o_lora": "o_lora/overlap.json", "ssr": "ssr/synthetic.json"}
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_a_stopped_run_resumes_to_the_uninterrupted_run(
+    name, trace_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs", name)
+    cfg["run"]["checkpoints"] = "none"
+    for task in cfg["stream"]["tasks"]:
+        task["epochs"] = 1
+    if name == "o_lora":
+        cfg["model"]["lora"] = {"r": 4, "dropout": 0.0}
+        cfg["model"]["lr"] = 1e-2
+    config = str(write_config(tmp_path / "c.yaml", cfg))
+    assert main(["fit", "--config", config, "--run.name", "whole"]) == 0
+
+    cls = strategies.REGISTRY[name]
+    start = cls.on_task_start
+
+    def stopped_at_the_third_task(self, ctx):
+        if ctx.task_index == 2:
+            raise ValueError("stopped by the test")
+        start(self, ctx)
+
+    monkeypatch.setattr(cls, "on_task_start", stopped_at_the_third_task)
+    assert main(["fit", "--config", config, "--run.name", "cut"]) == 2
+    monkeypatch.undo()
+    cut = tmp_path / "runs" / "cut"
+    assert results(cut)["status"] == "failed" and (cut / "resume" / "complete").is_file()
+    assert main(["fit", "--resume", str(cut)]) == 0
+
+    whole, got = results(tmp_path / "runs" / "whole"), results(cut)
+    assert got["status"] == "complete" and got["matrix"] == whole["matrix"]
+    for task in whole["tasks"]:
+        assert got["per_task"][task]["train_loss"] == whole["per_task"][task]["train_loss"], task
+    record = (tmp_path / "runs" / "whole" / RECORDS[name]).read_text()
+    assert (cut / RECORDS[name]).read_text() == record
+    if name == "ssr":  # the third task trained on both earlier tasks' synthetic examples
+        counts = json.loads(record)["counts"]
+        assert counts["parity"]["kept"] > 0 and counts["reverse"]["kept"] > 0
