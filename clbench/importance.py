@@ -112,7 +112,7 @@ class TopKMean:
         out = torch.zeros(kept.shape[1:], dtype=torch.float32, device=kept.device)
         for row in kept:  # one slot at a time: no fp32 copy of all K
             out += row
-        return out / len(kept)
+        return out.div_(len(kept))  # in place: a second fp32 tensor was the scoring peak's top
 
     def pop(self, name: str) -> Tensor:
         """`mean(name)`, then its slots freed: all slots and the whole fp32 prior are never held together."""
