@@ -440,8 +440,8 @@ def main() -> None:
                     f"{machine()}; {time.strftime('%Y-%m-%d')}, {took:.0f} min. Written by the command."
                 )
                 print(text + "\n\n" + how + "\n", flush=True)
-                if args.write:
-                    write(f"{name} {model}", text + "\n\n" + how)
+                if args.write:  # the ranks_* sections build their own models: one part each
+                    write(name if name.startswith("ranks_") else f"{name} {model}", text + "\n\n" + how)
 
 
 if __name__ == "__main__":

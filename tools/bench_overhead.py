@@ -18,10 +18,12 @@ time), imported by tools/bench.py as its sections `overhead_train` and `overhead
             logging between steps count) and for the whole fit call (its setup included). Both copies
             see the same batches, so their first-step losses must agree.
   generate  the quickstart's evaluation of one task's test prompts (FortuneTopic: 100 prompts,
-            eval_batch_size 32, 5 new tokens; PyNextLine: 24) through clbench (Runner.evaluator.generate:
-            Trainer.predict, bf16-mixed, CLModule.generate) against `model.generate` under bf16
-            autocast on the same left-padded batches (clbench's own prompt loader) with the same
-            greedy settings, each followed by batch_decode; the answers must agree.
+            eval_batch_size 32, 5 new tokens; PyNextLine: 32 prompts, 24) through clbench
+            (Runner.evaluator.generate: Trainer.predict, bf16-mixed, CLModule.generate) against
+            `model.generate` under bf16 autocast with the same greedy settings on the same left-padded
+            batches, which both timings build with clbench's prompt loader (tokenising and collating,
+            as a user's loop must too), each followed by batch_decode; the answers must agree. What
+            is left is the framework's: a Trainer and its predict loop per call, the hooks.
 
 Target for both: clbench at most 1.05x the bare loop.
 """
@@ -210,7 +212,7 @@ def generate(model: str = BUNDLED, repeats: int = 3) -> dict:
             with quiet():
                 answers["clbench"] = runner.evaluator.generate(task, examples)
 
-        def bare(task=task, batches=batches, answers=answers) -> None:
+        def bare(task=task, examples=examples, answers=answers) -> None:
             config = GenerationConfig(
                 do_sample=False,
                 max_new_tokens=task.max_new_tokens,
@@ -221,7 +223,7 @@ def generate(model: str = BUNDLED, repeats: int = 3) -> dict:
             texts = []
             net.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                for b in batches:
+                for b in runner.evaluator.prompt_loader(task, examples):  # as clbench tokenizes them
                     ids = b["input_ids"]
                     gen = net.generate(
                         input_ids=ids, attention_mask=b["attention_mask"], generation_config=config

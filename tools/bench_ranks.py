@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -467,20 +466,6 @@ def scoring_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    import torch
-
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if line.startswith("Model name")
-        ),
-        platform.processor() or platform.machine(),
-    )
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("memory", "scoring"))
@@ -490,26 +475,46 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--from-json", help="render (and --write) the results a former --json run wrote")
+    parser.add_argument("--commit", help="with --from-json: the commit that measured, if the file lacks it")
+    parser.add_argument("--write", action="store_true", help="replace this part of BENCHMARKS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
+    from bench import commit, machine, write  # tools/ is this script's folder: on sys.path
+
     ranks = [int(x) for x in args.ranks.split(",")]
     start = time.time()
-    if args.what == "memory":
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    elif args.what == "memory":
         phases = tuple(p for p in args.phases.split(",") if p)
         res = memory(ranks, args.layers, lambda s: print(s, flush=True), phases)
-        text = memory_markdown(res)
     else:
         res = scoring(ranks, args.samples, args.repeats, lambda s: print(s, flush=True))
-        text = scoring_markdown(res)
+    if not args.from_json:
+        res.update(
+            commit=commit(),
+            machine=machine(),
+            date=time.strftime("%Y-%m-%d"),
+            minutes=(time.time() - start) / 60,
+            command=" ".join(["tools/bench_ranks.py", *sys.argv[1:]]),
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    print(text)
-    print(
-        f"\n{machine()}; {time.strftime('%Y-%m-%d %H:%M')}; {(time.time() - start) / 60:.0f} min", flush=True
+    what = args.what or ("memory" if "layers" in res else "scoring")
+    text = memory_markdown(res) if what == "memory" else scoring_markdown(res)
+    command = res.get("command", f"tools/bench_ranks.py {what}")
+    how = (
+        f"`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python {command}`: "
+        f"commit {res.get('commit') or args.commit}; {res.get('machine') or machine()}; "
+        f"{res.get('date', time.strftime('%Y-%m-%d'))}, {res.get('minutes', 0):.0f} min."
     )
+    print(text + "\n\n" + how, flush=True)
+    if args.write:
+        write(f"ranks_{what}", text + "\n\n" + how)
 
 
 if __name__ == "__main__":
