@@ -419,7 +419,43 @@ def memory_markdown(res: dict) -> str:
     for r in res["rows"]:
         if "skipped" in r:
             lines.append(f"\n{r['phase']} on {r['ranks']} ranks: not run ({r['skipped']}).")
+    lines += ["", *fit_markdown(rows, params)]
     return "\n".join(lines)
+
+
+def fit_markdown(rows: list[dict], params: int) -> list[str]:
+    """Least squares of peak(N) = S / N + R over each phase's measured N: S in bytes per parameter
+    (the sharded part, to hold against the table) and R (what every rank holds whatever N)."""
+    import numpy as np
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for key in ("train", "task_end", "score"):
+            peaks = [x[key] for x in r["per_rank"] if key in x]
+            if peaks:
+                label = r["phase"] + (", task end" if key == "task_end" else "")
+                series.setdefault(label, []).append((r["ranks"], max(peaks)))
+    lines = [
+        "Fit of peak = S x parameters / N + R over the measured N (least squares; two points for a "
+        "phase measured on two N only):",
+        "",
+        "| phase | N measured | S, B / parameter | table B / parameter | S / table | R, GB per rank "
+        "| largest miss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, points in series.items():
+        if len(points) < 2:
+            continue
+        n = np.array([1 / k for k, _ in points])
+        y = np.array([v for _, v in points])
+        (slope, rest), *_ = np.linalg.lstsq(np.stack([n, np.ones_like(n)], 1), y, rcond=None)
+        miss = max(abs(slope * x + rest - v) / v for x, v in zip(n, y))
+        table = TABLE_BYTES[label.split(",")[0]]
+        lines.append(
+            f"| {label} | {', '.join(str(k) for k, _ in points)} | {slope / params:.1f} | {table} "
+            f"| {slope / params / table:.2f} | {gb(rest)} | {miss:.1%} |"
+        )
+    return lines
 
 
 def scoring(ranks: list[int], samples: int, repeats: int, log) -> dict:
