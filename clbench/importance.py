@@ -110,9 +110,11 @@ class TopKMean:
         if kept.dtype == torch.float32:
             return kept.mean(0)  # the reduction of the contiguous (K, *shape) topk values: the same bits
         out = torch.zeros(kept.shape[1:], dtype=torch.float32, device=kept.device)
-        for row in kept:  # one slot at a time: no fp32 copy of all K
-            out += row
-        return out.div_(len(kept))  # in place: a second fp32 tensor was the scoring peak's top
+        flat = out.view(-1)
+        for row in kept.reshape(len(kept), -1):  # one slot at a time: no fp32 copy of all K
+            for cols in _spans(flat.numel()):  # and span by span: on the CPU `fp32 += bf16` first
+                flat[cols] += row[cols]  # casts the whole bf16 operand, a tensor-sized fp32 temporary
+        return out.div_(len(kept))  # in place: no second fp32 tensor either
 
     def pop(self, name: str) -> Tensor:
         """`mean(name)`, then its slots freed: all slots and the whole fp32 prior are never held together."""
