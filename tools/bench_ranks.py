@@ -490,8 +490,9 @@ def scoring_markdown(res: dict) -> str:
             if ref is None:
                 ref = (wall, cpu)
             scored = "/".join(str(p["samples_scored"].get(mode, 0)) for p in r["per_rank"])
+            label = "one process" if r["ranks"] == 1 else mode
             lines.append(
-                f"| {r['ranks']} | {mode} | {scored} | {wall:.2f} | {cpu:.2f} | {wall / ref[0]:.2f}x "
+                f"| {r['ranks']} | {label} | {scored} | {wall:.2f} | {cpu:.2f} | {wall / ref[0]:.2f}x "
                 f"| {cpu / ref[1]:.2f}x |"
             )
         same = r["per_rank"][0]["same_prior"]
