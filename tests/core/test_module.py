@@ -1,9 +1,13 @@
-"""CLModule: optimizer state carried or reset between tasks, and the learning-rate schedule."""
+"""CLModule: optimizer state carried or reset between tasks, the learning-rate schedule, and generation
+under Lightning's autocast (its cast cache off)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning.pytorch as pl
 import pytest
+import torch
 from torch.utils.data import DataLoader
 from toydata import quiet_trainer
 
@@ -57,3 +61,27 @@ def test_a_finished_fit_keeps_one_copy_of_the_moments(tiny_model_dir):
     moments = {id(v) for st in optimizers[0].state.values() for v in st.values()}
     saved = {id(v) for st in module._saved_optimizer_state.values() for v in st.values()}
     assert saved == moments and len(saved) == 3 * len(module.trainable_parameters())
+
+
+def test_generation_keeps_its_weight_casts_and_its_tokens(tiny_model_dir, monkeypatch):
+    """Under an autocast with the cache off (Lightning's bf16-mixed), generate runs with the cache on,
+    and answers exactly what it answered with every weight cast again at every step."""
+    module = CLModule(model=str(tiny_model_dir))
+    tok = module.tokenizer
+    tok.padding_side = "left"
+    batch = dict(tok(["Upper cat 1:", "Reverse dog tea:"], return_tensors="pt", padding=True))
+    batch["max_new_tokens"] = 6
+    seen, generate = [], module.model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_cache_enabled())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(module.model, "generate", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        cached = module.generate(batch)
+        with monkeypatch.context() as m:  # the former behaviour: the cache stays off
+            m.setattr("clbench.module.cached_casts", lambda device: contextlib.nullcontext())
+            uncached = module.generate(batch)
+    assert seen == [True, False]
+    assert cached == uncached and any(cached)
