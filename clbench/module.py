@@ -124,18 +124,21 @@ class GatedAdamW(torch.optim.AdamW):
 
 @contextmanager
 def cached_casts(device_type: str) -> Iterator[None]:
-    """Inside an enabled autocast, keep each weight's low-precision cast until the outer autocast
-    ends (its cast cache on); nothing otherwise.
+    """Inside an enabled autocast: autocast's cast cache on (each weight cast to low precision once,
+    kept until the outer autocast ends) and grad mode off instead of inference mode, where the cache
+    is never used. Nothing otherwise.
 
-    Why: Lightning's mixed precision runs its autocast with the cache off, so under bf16-mixed every
-    decode step of `generate` cast every weight again: clbench's evaluation took 1.08-1.10x the time
-    of `model.generate` under a plain `torch.autocast` (tools/bench_overhead.py, SmolLM2). The cache
-    holds the same values the casts give, so the tokens are the same; it costs the cast copies
-    (2 B per fp32 weight in bf16) while a batch generates, as a plain autocast does."""
+    Why: Lightning's mixed precision runs autocast with the cache off and predicts under inference
+    mode, so under bf16-mixed every decode step of `generate` cast every weight again: clbench's
+    evaluation took 1.08-1.23x the time of `model.generate` under a plain `torch.autocast` and
+    `torch.no_grad` (tools/bench_overhead.py, SmolLM2). The cache holds what the casts give, so the
+    tokens are the same; it costs the cast copies (2 B per fp32 weight in bf16) while a batch
+    generates, as a plain autocast does."""
     if not torch.is_autocast_enabled(device_type):
         yield
         return
-    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, dtype, cache_enabled=True):
         yield
 
 

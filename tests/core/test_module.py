@@ -64,8 +64,9 @@ def test_a_finished_fit_keeps_one_copy_of_the_moments(tiny_model_dir):
 
 
 def test_generation_keeps_its_weight_casts_and_its_tokens(tiny_model_dir, monkeypatch):
-    """Under an autocast with the cache off (Lightning's bf16-mixed), generate runs with the cache on,
-    and answers exactly what it answered with every weight cast again at every step."""
+    """Under an autocast with the cache off and inference mode (Lightning's bf16-mixed predict),
+    generate runs with the cache on and out of inference mode (where the cache is never used), and
+    answers exactly what it answered with every weight cast again at every step."""
     module = CLModule(model=str(tiny_model_dir))
     tok = module.tokenizer
     tok.padding_side = "left"
@@ -74,11 +75,11 @@ def test_generation_keeps_its_weight_casts_and_its_tokens(tiny_model_dir, monkey
     seen, generate = [], module.model.generate
 
     def recording(*args, **kwargs):
-        seen.append(torch.is_autocast_cache_enabled())
+        seen.append(torch.is_autocast_cache_enabled() and not torch.is_inference_mode_enabled())
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(module.model, "generate", recording)
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         cached = module.generate(batch)
         with monkeypatch.context() as m:  # the former behaviour: the cache stays off
             m.setattr("clbench.module.cached_casts", lambda device: contextlib.nullcontext())
