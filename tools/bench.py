@@ -422,7 +422,10 @@ def main() -> None:
     unknown = set(chosen) - set(table)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(table)}")
-    command = f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python"
+    malloc = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    command = (
+        f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} {malloc}.venv/bin/python"
+    )
     with tempfile.TemporaryDirectory(prefix="clbench-bench-") as tmp:
         folder = Path(tmp)
         for model in args.models.split(","):
