@@ -80,6 +80,46 @@ def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     return t
 
 
+def dim0_bounds(rows: int, world: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) of each rank's dim-0 shard of a tensor with `rows` rows, as FSDP2's Shard(0)
+    cuts it (torch.chunk: ceil(rows / world) each, the last ranks fewer or none)."""
+    size = -(-rows // world)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
+
+
+def all_to_all_bytes(
+    send: list[list[tuple[Tensor, torch.dtype]]],
+    recv_bytes: list[int],
+    device: torch.device,
+    group: Any = None,
+) -> list[Tensor]:
+    """Rank q gets `send[q]` of every rank: each (tensor, dtype) written as the raw bytes of the tensor
+    cast to dtype (bit for bit; the cast happens in the one copy into the send buffer), and what
+    rank s sent arrives as a flat uint8 tensor on `device` of `recv_bytes[s]`, the size the receiver
+    expects. Every rank of `group` must call it. Each rank's part is padded to 8 bytes, so every
+    received part starts aligned for any dtype. One `all_to_all_single` with uneven splits (gloo's
+    list `all_to_all` wants equal sizes)."""
+
+    def padded(nbytes: int) -> int:
+        return -(-nbytes // 8) * 8
+
+    sizes = [padded(sum(t.numel() * d.itemsize for t, d in part)) for part in send]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    offset = 0
+    for part, size in zip(send, sizes):
+        at = offset
+        for t, dtype in part:
+            nbytes = t.numel() * dtype.itemsize
+            buf[at : at + nbytes].view(dtype).view(t.shape).copy_(t)
+            at += nbytes
+        offset += size
+    wanted = [padded(n) for n in recv_bytes]
+    out = torch.empty(sum(wanted), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(out, buf, wanted, sizes, group=group)
+    del buf
+    return [part[:n] for part, n in zip(out.split(wanted), recv_bytes)]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if not initialized() or dist.get_world_size() == 1:

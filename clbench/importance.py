@@ -110,9 +110,11 @@ class TopKMean:
         if kept.dtype == torch.float32:
             return kept.mean(0)  # the reduction of the contiguous (K, *shape) topk values: the same bits
         out = torch.zeros(kept.shape[1:], dtype=torch.float32, device=kept.device)
-        for row in kept:  # one slot at a time: no fp32 copy of all K
-            out += row
-        return out / len(kept)
+        flat = out.view(-1)
+        for row in kept.reshape(len(kept), -1):  # one slot at a time: no fp32 copy of all K
+            for cols in _spans(flat.numel()):  # and span by span: on the CPU `fp32 += bf16` first
+                flat[cols] += row[cols]  # casts the whole bf16 operand, a tensor-sized fp32 temporary
+        return out.div_(len(kept))  # in place: no second fp32 tensor either
 
     def pop(self, name: str) -> Tensor:
         """`mean(name)`, then its slots freed: all slots and the whole fp32 prior are never held together."""
@@ -257,28 +259,125 @@ def task_prior(
 ) -> tuple[Tensors, int]:
     """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (fp32, on the CPU,
     or laid out like the parameters when they are sharded) and the number of samples. No sample: a
-    zero prior. Under several ranks every rank scores the same samples (`params` sharded or not).
-    The top-K values are kept in `store_dtype` (TopKMean).
+    zero prior. The top-K values are kept in `store_dtype` (TopKMean).
 
     Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) (LRP hands the
-    embeddings on as RowMaps of the looked-up rows), so memory, not speed, sets the scoring batch."""
-    score, agg, n = ESTIMATORS[estimator], TopKMean(k, store_dtype), 0
+    embeddings on as RowMaps of the looked-up rows), so memory, not speed, sets the scoring batch.
+
+    Several ranks (every rank passes the same batches): LRP on parameters sharded by FSDP2 splits
+    the chunks over the ranks (`_split_lrp`), so N ranks score about N times faster, with the prior
+    one process computes bit for bit. The gradient estimators score every sample on every rank:
+    their per-sample gradients come from FSDP2's backward, whose reduce-scatter averages the ranks'
+    gradients, so each rank must differentiate the same sample."""
+    agg, n = TopKMean(k, store_dtype), 0
     device = dist.local(next(iter(params.values()))).device
-
-    def consume(name: str, r: Tensor | RowMap) -> None:
-        agg.add(name, normalise(r, eps, sharded=dist.is_sharded(params[name])))
-
+    parts = [
+        {k_: v[start : start + chunk].to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}
+        for batch in batches
+        for start in range(0, batch["input_ids"].shape[0], chunk)
+    ]
     with scoring_scope(model):
         model.eval()  # dropout off (the LRP engine does so itself)
-        for batch in batches:
-            for start in range(0, batch["input_ids"].shape[0], chunk):
-                part = {
-                    k_: v[start : start + chunk].to(device) if torch.is_tensor(v) else v
-                    for k_, v in batch.items()
-                }
+        if estimator == "lrp" and _split_mesh(params) is not None:
+            n = _split_lrp(model, params, parts, agg, eps)
+        else:
+            score = ESTIMATORS[estimator]
+
+            def consume(name: str, r: Tensor | RowMap) -> None:
+                agg.add(name, normalise(r, eps, sharded=dist.is_sharded(params[name])))
+
+            for part in parts:
                 score(model, part, params, consume)
                 n += part["input_ids"].shape[0]
     return {name: _laid_out(p, agg.pop(name) if n else None) for name, p in params.items()}, n
+
+
+def _split_mesh(params: Tensors) -> object | None:
+    """The 1-D device mesh every parameter is sharded on dim 0 over (FSDP2's layout), when it spans
+    more than one rank: then LRP can split its samples over the ranks. None otherwise."""
+    from torch.distributed.tensor import Shard
+
+    meshes = {id(p.device_mesh): p.device_mesh for p in params.values() if dist.is_sharded(p)}
+    if len(meshes) != 1 or not all(dist.is_sharded(p) for p in params.values()):
+        return None
+    mesh = next(iter(meshes.values()))
+    layout_ok = all(tuple(p.placements) == (Shard(0),) for p in params.values())
+    return mesh if mesh.ndim == 1 and mesh.size() > 1 and layout_ok else None
+
+
+def _split_lrp(model: nn.Module, params: Tensors, parts: list[dict], agg: TopKMean, eps: float) -> int:
+    """LRP priors with the chunks split over the ranks; returns the number of samples (all ranks').
+
+    Why: with the whole model gathered, every rank can score any sample, and each element's top-K
+    only needs every sample's value of that element. Rounds of W chunks (W ranks): rank r scores
+    chunk iW + r, normalises each per-sample map whole (Eq. 10's max over the whole tensor, as one
+    process does) and sends every rank the rows of its shard, in the slots' dtype; each rank then
+    folds what it received in rank order, which is the chunks' global order. Every map is the one
+    process's (same chunk, same padding, same weights) and is folded in the same order, so the
+    prior is bit for bit one process's. A rank without a chunk in the last round scores one sample
+    of the first chunk and sends nothing (the engine's per-tensor calls, and so the exchanges, stay
+    in step on every rank). The model is gathered once for all rounds."""
+    mesh = _split_mesh(params)
+    world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    spare = {k_: v[:1] if torch.is_tensor(v) else v for k_, v in parts[0].items()} if parts else None
+
+    with dist.unsharded(model):
+        for first in range(0, len(parts), world):
+            mine = parts[first + me] if first + me < len(parts) else None
+
+            def keep(name: str, relevance: Tensor | RowMap, real: bool = mine is not None) -> None:
+                if name in params:
+                    sent = relevance if real else None
+                    for got in _exchange_rows(name, params[name], sent, agg, eps, group):
+                        if got is not None:
+                            agg.add(name, got)
+
+            part = mine if mine is not None else spare
+            stream_parameter_relevance(model, part["input_ids"], part["attention_mask"], keep, row_maps=True)
+    return sum(part["input_ids"].shape[0] for part in parts)
+
+
+def _exchange_rows(
+    name: str, param: Tensor, relevance: Tensor | RowMap | None, agg: TopKMean, eps: float, group: object
+) -> list[Tensor | RowMap | None]:
+    """Every rank's Eq. 10-normalised map of `name` (None: it scored nothing this round), cut to this
+    rank's rows of `param`, in rank order; a RowMap stays one. Values travel in the slots' dtype
+    (TopKMean.add casts to it anyway). One header exchange (who sends how much), then the payload."""
+    world, me, tag = group.size(), group.rank(), zlib.crc32(name.encode())
+    bounds, rest, dtype = dist.dim0_bounds(param.shape[0], world), tuple(param.shape[1:]), agg.dtype
+    device = dist.local(param).device
+    header = torch.tensor([[tag, 0, 0]] * world, dtype=torch.int64, device=device)  # tag, samples, rows
+    send: list[list[tuple[Tensor, torch.dtype]]] = [[] for _ in range(world)]
+    if relevance is not None:
+        normed = normalise(relevance, eps)  # the whole map's max, as in one process
+        for q, (lo, hi) in enumerate(bounds):
+            if isinstance(normed, RowMap):
+                cut = normed.between(lo, hi)
+                header[q, 1], header[q, 2] = cut.values.shape[0], cut.rows.numel()
+                send[q] = [(cut.rows, torch.int64), (cut.values, dtype)]
+            else:
+                header[q, 1], header[q, 2] = normed.shape[0], -1  # dense: this rank's rows, all of them
+                send[q] = [(normed[:, lo:hi], dtype)]
+    got = dist.all_to_all_bytes([[(h, torch.int64)] for h in header], [3 * 8] * world, device, group)
+    headers = [h.view(torch.int64).tolist() for h in got]
+    lo, hi = bounds[me]
+    row_bytes = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+    for h in headers:
+        if h[0] != tag:
+            raise RuntimeError(f"attribution: ranks out of step while exchanging the relevance of {name}")
+    expect = [n * 8 + b * n * row_bytes if n >= 0 else b * (hi - lo) * row_bytes for _, b, n in headers]
+    payload = dist.all_to_all_bytes(send, expect, device, group)
+    del send
+    out: list[Tensor | RowMap | None] = []
+    for (_, b, n), data in zip(headers, payload):
+        if b == 0:
+            out.append(None)
+        elif n >= 0:
+            rows, values = data[: n * 8].view(torch.int64), data[n * 8 :].view(dtype).view(b, n, *rest)
+            out.append(RowMap(rows, values, (hi - lo, *rest)))
+        else:
+            out.append(data.view(dtype).view(b, hi - lo, *rest))
+    return out
 
 
 def _laid_out(param: Tensor, local_prior: Tensor | None) -> Tensor:

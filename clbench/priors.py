@@ -4,10 +4,12 @@ model, scored on the correctly answered samples, cached on disk under a key of w
 The strategy (strategies/attribution.py) only gates and folds; this is the sourcing. See that
 module's docstring for the semantics (the two savings, the cache key, used.json).
 
-Several ranks: every rank trains the same side model and scores the same samples; the prior is
-laid out like the parameters. Rank 0 decides whether the cache holds the prior (all ranks then take
-the same branch) and writes files; the stored prior is the whole tensor, whatever the world size
-that made it, and the key holds the world size and global batch (they change the side model).
+Several ranks: every rank trains the same side model and passes the same samples to task_prior,
+which under FSDP2 splits LRP's scoring over the ranks (each scores its share of the samples; the
+prior is one process's bit for bit); the prior is laid out like the parameters. Rank 0 decides
+whether the cache holds the prior (all ranks then take the same branch) and writes files; the
+stored prior is the whole tensor, whatever the world size that made it, and the key holds the
+world size and global batch (they change the side model).
 """
 
 from __future__ import annotations

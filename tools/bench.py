@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tools/bench.py [--models smollm2-135m-instruct,tiny]
         [--only memory,steps,wall,scoring_vs_training,scoring_vs_training_n32,generation,gate_growth,
-               scoring_vs_seq_len] [--write]
+               scoring_vs_seq_len,overhead_train,overhead_generate,ranks_memory,ranks_scoring] [--write]
 
 Sections (each a ratio measured in one process or one sitting, so a shared machine moves A and B
 alike; `--write` puts each (section, model) into its own marked part of BENCHMARKS.md with the
@@ -25,6 +25,12 @@ command, the commit and the machine, replacing that part only):
   prior), generation, gate_growth, scoring_vs_seq_len: task-prior scoring against a training
   forward + backward, batched against one-at-a-time generation, the attribution gate's memory after
   1-8 tasks, and scoring time and memory against sequence length (tools/bench_scaling.py).
+- overhead_train, overhead_generate: clbench's seqft training step and its evaluation generation
+  against the bare PyTorch loop and `model.generate` a user would write (tools/bench_overhead.py).
+- ranks_memory, ranks_scoring (once, with the bundled model's run; their models are built in code):
+  per-rank peak memory of a Llama with Llama-3.2-1B's widths under FSDP2 on 1, 2 and 4 gloo
+  processes against README's bytes per parameter, and LRP scoring time on 1 and 2 processes
+  (tools/bench_ranks.py).
 """
 
 from __future__ import annotations
@@ -300,13 +306,23 @@ def tiny_path(folder: Path) -> str:
     return tiny_model_dir(folder / "tiny-model")
 
 
+def cpu_model() -> str:
+    """lscpu's model name (the machines these ran on differ in bf16 support, so the name matters)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    names = [line.split(":", 1)[1].strip() for line in out if line.startswith("Model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> str:
     import torch
 
     cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return f"{platform.machine()}, {cores} cores, {gpu}; torch {torch.__version__}; OMP_NUM_THREADS={threads}"
+    return (
+        f"{cpu_model()} ({platform.machine()}), {cores} cores, {gpu}; torch {torch.__version__}; "
+        f"OMP_NUM_THREADS={threads}"
+    )
 
 
 def commit() -> str:
@@ -344,6 +360,26 @@ def sections() -> dict[str, Callable[[str, str, Path], str | None]]:
 
         return run
 
+    def overhead(name: str) -> Callable[[str, str, Path], str]:
+        def run(model: str, path: str, folder: Path) -> str:
+            import bench_overhead
+
+            return bench_overhead.markdown(name, bench_overhead.MEASUREMENTS[name](model), model)
+
+        return run
+
+    def ranks(name: str) -> Callable[[str, str, Path], str | None]:
+        def run(model: str, path: str, folder: Path) -> str | None:
+            import bench_ranks
+
+            if model != BUNDLED:  # the models are built in code: once per suite run
+                return None
+            if name == "ranks_memory":
+                return bench_ranks.memory_markdown(bench_ranks.memory([1, 2, 4], 2, print))
+            return bench_ranks.scoring_markdown(bench_ranks.scoring([1, 2], 16, 3, print))
+
+        return run
+
     names = (
         "scoring_vs_training",
         "scoring_vs_training_n32",
@@ -351,7 +387,14 @@ def sections() -> dict[str, Callable[[str, str, Path], str | None]]:
         "gate_growth",
         "scoring_vs_seq_len",
     )
-    return {"memory": mem, "steps": steps, "wall": wall, **{n: scaling(n) for n in names}}
+    return {
+        "memory": mem,
+        "steps": steps,
+        "wall": wall,
+        **{n: scaling(n) for n in names},
+        **{n: overhead(n) for n in ("overhead_train", "overhead_generate")},
+        **{n: ranks(n) for n in ("ranks_memory", "ranks_scoring")},
+    }
 
 
 def write(key: str, block: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -379,7 +422,10 @@ def main() -> None:
     unknown = set(chosen) - set(table)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(table)}")
-    command = f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python"
+    malloc = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    command = (
+        f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} {malloc}.venv/bin/python"
+    )
     with tempfile.TemporaryDirectory(prefix="clbench-bench-") as tmp:
         folder = Path(tmp)
         for model in args.models.split(","):
@@ -397,8 +443,8 @@ def main() -> None:
                     f"{machine()}; {time.strftime('%Y-%m-%d')}, {took:.0f} min. Written by the command."
                 )
                 print(text + "\n\n" + how + "\n", flush=True)
-                if args.write:
-                    write(f"{name} {model}", text + "\n\n" + how)
+                if args.write:  # the ranks_* sections build their own models: one part each
+                    write(name if name.startswith("ranks_") else f"{name} {model}", text + "\n\n" + how)
 
 
 if __name__ == "__main__":

@@ -63,10 +63,13 @@ def test_bf16_topk_mean_is_within_bf16_precision(n):
     assert got.dtype == torch.float32 and (got - exact).abs().max() <= 2**-9 + 1e-6
 
 
+@pytest.mark.parametrize("span", [importance.SPAN, 7], ids=["one-span", "many-spans"])
 @pytest.mark.parametrize("n", sorted(SPLITS), ids=lambda n: f"n{n}")
-def test_bf16_topk_mean_is_bit_for_bit_the_top_k_of_the_rounded_values(n):
+def test_bf16_topk_mean_is_bit_for_bit_the_top_k_of_the_rounded_values(n, span, monkeypatch):
     """bf16 slots keep exactly the K largest bf16-rounded values, summed in fp32 slot by slot in
-    arrival order (n <= K) or descending (n > K): nothing but the rounding differs from fp32."""
+    arrival order (n <= K) or descending (n > K): nothing but the rounding differs from fp32, and
+    the mean's span-by-span sum (no tensor-sized fp32 temporary) is the whole-tensor sum."""
+    monkeypatch.setattr(importance, "SPAN", span)
     values = samples(n, seed=2)
     got = fold(TopKMean(8), values, SPLITS[n])
     rounded = values.bfloat16()

@@ -1,9 +1,13 @@
-"""CLModule: optimizer state carried or reset between tasks, and the learning-rate schedule."""
+"""CLModule: optimizer state carried or reset between tasks, the learning-rate schedule, and generation
+under Lightning's autocast (its cast cache off)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning.pytorch as pl
 import pytest
+import torch
 from torch.utils.data import DataLoader
 from toydata import quiet_trainer
 
@@ -112,3 +116,28 @@ def test_sampled_text_depends_on_the_seed_only_and_leaves_the_global_generator(t
     assert module.generate_text(prompts, 6, temperature=1.0, seed=3) == one
     assert module.generate_text(prompts, 6, temperature=1.0, seed=4) != one
     assert len(set(one[:4])) > 1  # sampled: the same prompt, other continuations
+
+
+def test_generation_keeps_its_weight_casts_and_its_tokens(tiny_model_dir, monkeypatch):
+    """Under an autocast with the cache off and inference mode (Lightning's bf16-mixed predict),
+    generate runs with the cache on and out of inference mode (where the cache is never used), and
+    answers exactly what it answered with every weight cast again at every step."""
+    module = CLModule(model=str(tiny_model_dir))
+    tok = module.tokenizer
+    tok.padding_side = "left"
+    batch = dict(tok(["Upper cat 1:", "Reverse dog tea:"], return_tensors="pt", padding=True))
+    batch["max_new_tokens"] = 6
+    seen, generate = [], module.model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_cache_enabled() and not torch.is_inference_mode_enabled())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(module.model, "generate", recording)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        cached = module.generate(batch)
+        with monkeypatch.context() as m:  # the former behaviour: the cache stays off
+            m.setattr("clbench.module.cached_casts", lambda device: contextlib.nullcontext())
+            uncached = module.generate(batch)
+    assert seen == [True, False]
+    assert cached == uncached and any(cached)

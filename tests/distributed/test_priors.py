@@ -1,7 +1,9 @@
-"""Priors scored under two-process FSDP2 equal one process's, for every estimator, and are not zero."""
+"""Priors scored under two-process FSDP2 equal one process's, for every estimator, and are not zero;
+LRP splits the samples over the ranks and still gives one process's prior bit for bit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +45,19 @@ def test_fsdp2_priors_equal_one_process_priors(sharded_priors, one_process_prior
     assert sharded.keys() == one.keys()
     for name, ref in one.items():
         assert sharded[name].shape == ref.shape
-        assert torch.allclose(sharded[name], ref, atol=1e-5, rtol=0), (estimator, name)
+        if estimator.startswith("lrp"):  # the same maps folded in the same order: the same bits
+            assert torch.equal(sharded[name], ref), (estimator, name)
+        else:
+            assert torch.allclose(sharded[name], ref, atol=1e-5, rtol=0), (estimator, name)
     scored = [name for name, ref in one.items() if "norm" not in name]  # norm weights get no LRP relevance
     nonzero = [name for name in scored if sharded[name].abs().max() > 0]
     assert nonzero == scored  # not one tensor silently all zeros
+
+
+def test_lrp_splits_the_samples_over_the_ranks(sharded_priors):
+    """Each rank's engine scored its own chunks only (plus one spare sample in a round where it has
+    none), where the gradient estimators still score every sample on every rank."""
+    scored = [json.loads((sharded_priors / f"scored-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["lrp"] for s in scored] == [4, 2]  # chunks [0:4] and [4:6]
+    assert [s["lrp-chunk2"] for s in scored] == [4, 2 + 1]  # [0:2], [4:6] | [2:4], a spare sample
+    assert all("grad_x_weight" not in s for s in scored)  # no LRP engine there
