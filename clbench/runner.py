@@ -521,7 +521,7 @@ class Runner:
 
 
 # Collapse: training that has stopped learning anything while its weights blew up. Chosen from
-# measurements (README, "When a run diverges"): on a tiny random Llama, lr 1e6 grows the largest
+# measurements (README, "Collapse is not success"): on a tiny random Llama, lr 1e6 grows the largest
 # trainable weight 1.7e6-fold in two steps with the loss pinned at ln(V), lr 10 and lr 1 grow it
 # 100-fold and 10-fold with the loss 7-400x its start; working learning rates (3e-3, and 3e-2)
 # grow it at most 1.04x and 1.3x over a whole task, the bundled model at lr 5e-5 far less.
