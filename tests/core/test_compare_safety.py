@@ -27,6 +27,7 @@ from clbench.compare import (
     plan,
     resolved_config,
 )
+from clbench.identity import sha256_text
 
 
 def toy(tmp_path: Path, trace_dir: Path, model_dir: Path, epochs: int = 1) -> dict:
@@ -138,9 +139,11 @@ def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(trace_dir, tiny_m
     (run,) = plan(*parse_args(argv[1:]))  # a finished run of this very config and inputs: nothing to train
     run.dir.mkdir(parents=True)
     resolved = resolved_config(run.argv)
-    finished = fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100) | {"identity": expected_identity(resolved)}
+    config_text = yaml.safe_dump(resolved)
+    identity = expected_identity(resolved) | {"config_sha256": sha256_text(config_text)}
+    finished = fake_run(1, 0.5, -0.1, -0.2, 0.0, 0.4, 10, 5, 100) | {"identity": identity}
     (run.dir / "results.json").write_text(json.dumps(finished))
-    (run.dir / "config.yaml").write_text(yaml.safe_dump(resolved))
+    (run.dir / "config.yaml").write_text(config_text)
     lock = run.dir.parent.parent / LOCK
 
     with folder_lock(lock.parent):  # another compare holds the folder
