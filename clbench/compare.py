@@ -20,8 +20,8 @@ come from `--presets DIR`, where `<entry>.yaml` is added to that entry's runs. W
 - No fit outlives its compare: Ctrl-C, SIGTERM or an error stops the running fits and their children.
 - `--jobs N` trains up to N runs side by side, in the order given, each with cpu_count // N torch
   threads unless OMP_NUM_THREADS is set, its console in <comparison>/logs/<run>.log; runs that need
-  the same attribution prior compute it once (the first takes the prior's lock, the others wait and
-  reuse it). When a fit fails, no further run starts, those running finish, then compare fails.
+  the same cached side result (a strategy's lock) compute it once: the first takes the lock, the
+  others wait and reuse it. When a fit fails, no further run starts, those running finish, then compare fails.
 - A fit imports clbench as installed, never a module of the same name in the working directory.
 
 `--finished_only` trains nothing and moves nothing: it rewrites the comparison from the runs that
@@ -111,7 +111,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--presets",
         help="folder of per-strategy configs: <entry>.yaml is added to that entry's runs and may set its "
-        "strategy and hyper-parameters, so variants (e.g. attribution-grad) are entries too",
+        "strategy and hyper-parameters, so variants (e.g. ewc-l1e4) are entries too",
     )
     p.add_argument(
         "--baseline",

@@ -6,7 +6,6 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -17,7 +16,6 @@ from transformers import GenerationConfig
 from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
-from clbench.offload import Parked, Where
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
 
@@ -71,6 +69,20 @@ def gated_adamw_(
         mass[0] += (held * moved).sum(dtype=torch.float64)
         mass[1] += moved.sum(dtype=torch.float64)
     torch.lerp(stepped, p, held, out=p)
+
+
+def flat_state(named: dict[str, dict]) -> dict[str, object]:
+    """Per-parameter optimizer state as one flat dict ("name::field" keys), for files and offload."""
+    return {f"{n}::{k}": v for n, st in named.items() for k, v in st.items()}
+
+
+def nested_state(flat: dict[str, object]) -> dict[str, dict]:
+    """The inverse of flat_state."""
+    named: dict[str, dict] = {}
+    for key, value in flat.items():
+        name, field = key.rsplit("::", 1)
+        named.setdefault(name, {})[field] = value
+    return named
 
 
 class GatedAdamW(torch.optim.AdamW):
@@ -196,7 +208,11 @@ class CLModule(pl.LightningModule):
         self.keep_optimizer_state = keep_optimizer_state
         self.cl_strategy: CLStrategy = CLStrategy()
         self.ctx: StrategyContext | None = None
-        self._saved_optimizer_state: dict[str, dict] = {}
+        # AdamW's per-parameter state after the last task, keyed by parameter name (the tensors
+        # themselves): what the next task's optimizer starts from with keep_optimizer_state. Public
+        # so resume, the runner's side fits and strategies' side computations can carry or set it
+        # aside (flat_state / nested_state give it as one flat dict of tensors and back).
+        self.carried_optimizer_state: dict[str, dict] = {}
         self._share: tuple[dict | None, torch.Tensor | None] = (None, None)  # token_share's last batch
 
     def attach(self, strategy: CLStrategy, ctx: StrategyContext) -> None:
@@ -359,12 +375,12 @@ class CLModule(pl.LightningModule):
         self.model.train()  # HF models load in eval mode and Lightning no longer switches them
 
     def on_train_start(self) -> None:
-        if self.keep_optimizer_state and self._saved_optimizer_state:
+        if self.keep_optimizer_state and self.carried_optimizer_state:
             self._restore_optimizer_state(self.trainer.optimizers[0])
 
     def on_train_end(self) -> None:
         if self.keep_optimizer_state:
-            self._saved_optimizer_state = self._named_optimizer_state(self.trainer.optimizers[0])
+            self.carried_optimizer_state = self._named_optimizer_state(self.trainer.optimizers[0])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.cl_strategy.on_before_optimizer_step(self.ctx, optimizer)
@@ -380,31 +396,11 @@ class CLModule(pl.LightningModule):
         names = {p: n for n, p in self.model.named_parameters()}
         return {names[p]: dict(st) for p, st in optimizer.state.items()}
 
-    @contextmanager
-    def optimizer_state_parked(self, where: Where, folder: Path) -> Iterator[None]:
-        """The carried AdamW moments out of the way inside (clbench.offload: host memory or disk),
-        back where they were after; for side computations (attribution's priors) that need the
-        memory and not the moments."""
-        saved, self._saved_optimizer_state = self._saved_optimizer_state, {}
-        flat = {f"{n}::{k}": v for n, st in saved.items() for k, v in st.items()}
-        kept = {key: v for key, v in flat.items() if not torch.is_tensor(v)}
-        parked = Parked({k: v for k, v in flat.items() if torch.is_tensor(v)}, where, folder, copy=False)
-        del saved, flat  # the moments' last references: they are freed here
-        try:
-            yield
-        finally:
-            restored: dict[str, dict] = {}
-            for key, value in [*parked.items(), *kept.items()]:
-                name, field = key.rsplit("::", 1)
-                restored.setdefault(name, {})[field] = value
-            parked.close()
-            self._saved_optimizer_state = restored
-
     def _restore_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
         for name, p in self.model.named_parameters():
-            if p in in_optimizer and name in self._saved_optimizer_state:
-                optimizer.state[p] = dict(self._saved_optimizer_state[name])
+            if p in in_optimizer and name in self.carried_optimizer_state:
+                optimizer.state[p] = dict(self.carried_optimizer_state[name])
 
     def frozen_copy(self) -> torch.nn.Module:
         """An evaluation-mode copy of the model that trains nothing (LwF's teacher).
@@ -422,6 +418,12 @@ class CLModule(pl.LightningModule):
             for name, t in (*twin.named_parameters(), *twin.named_buffers()):
                 dist.local(t).copy_(dist.local(sources[name]))
         return twin.eval().requires_grad_(False)
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Micro-batches per optimizer step of the fit in progress (1 outside a fit)."""
+        trainer = self._trainer  # Lightning's `trainer` property raises when none is attached
+        return trainer.accumulate_grad_batches if trainer is not None else 1
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (LoRA adapters only, when LoRA is on)."""

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from clbench import distributed as dist
 from clbench.errors import ConfigError
 from clbench.identity import file_sha256
+from clbench.module import flat_state, nested_state
 
 FOLDER, MARKER = "resume", "complete"
 
@@ -52,8 +53,7 @@ def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_contiguous(dict(module.model.named_parameters())), str(tmp / "model.safetensors"))
-    moments = {f"{n}::{k}": v for n, st in module._saved_optimizer_state.items() for k, v in st.items()}
-    save_file(_contiguous(moments), str(tmp / "optimizer.safetensors"))
+    save_file(_contiguous(flat_state(module.carried_optimizer_state)), str(tmp / "optimizer.safetensors"))
     save_file(_contiguous(strategy_state), str(tmp / "strategy.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     hashes = {f"{n}.safetensors": file_sha256(tmp / f"{n}.safetensors") for n in TENSOR_FILES}
@@ -125,10 +125,7 @@ def _read(folder: Path) -> ResumeState:
             tensors[name] = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
             raise _Damaged(f"{path} is unreadable ({str(e).splitlines()[0][:120]})") from None
-    moments: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors["optimizer"].items():
-        name, field = key.rsplit("::", 1)
-        moments.setdefault(name, {})[field] = value
+    moments = nested_state(tensors["optimizer"])
     rng = {**doc["rng"], "torch": tensors["rng"]["torch"]}
     return ResumeState(doc["done"], doc["runner"], tensors["model"], moments, tensors["strategy"], rng)
 
@@ -142,7 +139,7 @@ def restore(state: ResumeState, module: torch.nn.Module) -> None:
         for name, p in params.items():
             p.copy_(state.model[name])
     device = next(iter(params.values())).device
-    module._saved_optimizer_state = {
+    module.carried_optimizer_state = {
         n: {k: v.to(device) if k != "step" else v for k, v in st.items()} for n, st in state.optimizer.items()
     }
     torch.set_rng_state(state.rng["torch"])

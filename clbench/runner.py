@@ -171,8 +171,8 @@ class Runner:
 
     def side_fit(self, task: Task, examples: list[Example]) -> None:
         """Train the module on examples without strategy hooks or the continual optimizer state."""
-        saved_state, hooks = self.module._saved_optimizer_state, (self.module.cl_strategy, self.module.ctx)
-        self.module._saved_optimizer_state = {}
+        saved_state, hooks = self.module.carried_optimizer_state, (self.module.cl_strategy, self.module.ctx)
+        self.module.carried_optimizer_state = {}
         self.module.attach(CLStrategy(), self.module.ctx)
         try:
             trainer = self.trainer_factory(
@@ -186,7 +186,7 @@ class Runner:
             loader = self._train_loader(examples, task)
             call_trainer(trainer, "fit", self.module, train_dataloaders=loader)
         finally:
-            self.module._saved_optimizer_state = saved_state
+            self.module.carried_optimizer_state = saved_state
             self.module.attach(*hooks)
 
     def training_settings(self, task: Task) -> TrainingSettings:

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 class TrainingSettings:
     """What a model trained on one task depends on besides model, data and seed.
 
-    The prior cache key of attribution holds it: two runs with equal settings train the same
-    single-task model. `batch_size` is per rank; `global_batch` = batch_size x world_size x
-    accumulate_grad_batches is what one optimizer step sees.
+    A strategy that caches what a side fit produces keys the cache by it: two runs with equal
+    settings train the same single-task model. `batch_size` is per rank; `global_batch` =
+    batch_size x world_size x accumulate_grad_batches is what one optimizer step sees.
     """
 
     lr: float
@@ -177,7 +177,7 @@ class CLStrategy:
     which is exactly naive sequential fine-tuning.
 
     `placement_only` names init arguments that decide only where state waits or is cached, never
-    a number a run produces (attribution's offload and prior_dir): compare treats runs that differ
+    a number a run produces (an offload setting, a cache folder): compare treats runs that differ
     only in them as the same run."""
 
     placement_only: tuple[str, ...] = ()

@@ -61,8 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.distributed import all_reduce_, is_sharded, local
 from clbench.files import write_json
-from clbench.gradients import squared_grads
-from clbench.importance import gate_statistics
+from clbench.gradients import gate_statistics, squared_grads
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -171,9 +170,7 @@ class EWC(CLStrategy):
         if not self.fisher:
             return
         self._steps += 1
-        trainer = ctx.module._trainer
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        lam = self.ewc_lambda * (self._micro / accumulate if self._micro else 1.0)
+        lam = self.ewc_lambda * (self._micro / ctx.module.accumulate_grad_batches if self._micro else 1.0)
         self._micro = 0
         params = ctx.module.trainable_parameters()
         self._follow(params)

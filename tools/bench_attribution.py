@@ -25,7 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clbench.attribution import stream_parameter_relevance  # noqa: E402
+from strategies.attribution.lrp import stream_parameter_relevance  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -293,12 +293,12 @@ def _measure_here(
             for label in labels[shift % len(labels) :] + labels[: shift % len(labels)]:
                 strategy = makers[label]()
                 strategy.on_task_start(ctx)  # freeze freezes, LwF copies its teacher, EWC restarts
-                saved = dict(module._saved_optimizer_state)  # freeze's fit keeps only what it trained
+                saved = dict(module.carried_optimizer_state)  # freeze's fit keeps only what it trained
                 timer = StepTimer()
                 module.attach(strategy, ctx)
                 loader = DataLoader(data[label], batch_size=None)
                 quiet_trainer(steps + 1, [timer]).fit(module, train_dataloaders=loader)
-                module._saved_optimizer_state = {**saved, **module._saved_optimizer_state}
+                module.carried_optimizer_state = {**saved, **module.carried_optimizer_state}
                 module.attach(SeqFT(), ctx)
                 del strategy  # its state (LwF's teacher, EWC's Fisher, the gate) goes before the next
                 for p in module.model.parameters():

@@ -38,8 +38,8 @@ def status(field: str) -> float:
 
 
 def score(dtype: str, samples: int) -> dict:
-    from clbench.importance import task_prior
     from clbench.models import load_causal_lm, load_tokenizer
+    from strategies.attribution.importance import task_prior
 
     model, tok = load_causal_lm("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
     batch = dict(tok((PROMPTS * 16)[:samples], return_tensors="pt", padding=True))

@@ -183,7 +183,7 @@ def memory_worker(spec: dict) -> dict:
     tdist.init_process_group("gloo")
     import strategies.attribution  # noqa: F401  (the libraries a run imports, before the floor)
     import strategies.ewc  # noqa: F401
-    from clbench.importance import task_prior
+    from strategies.attribution.importance import task_prior
 
     release()
     floor = status("VmRSS")
@@ -258,7 +258,7 @@ def scoring_worker(spec: dict) -> dict:
     import torch
     import torch.distributed as tdist
 
-    import clbench.importance as importance
+    import strategies.attribution.importance as importance
 
     tdist.init_process_group("gloo")
     model, config = build(SMOLLM2, spec.get("layers"), "32-true")

@@ -8,7 +8,7 @@ Four measurements (issue 11), each a function that takes `model` ("tiny": bench_
 clbench.models) and size knobs, and returns a plain dict; `markdown(name, result, model)` renders one
 as a small table under a one-line caption. tools/bench.py imports them with tools/ on sys.path.
 
-  scoring_vs_training   a task prior (clbench.importance.task_prior: LRP, K 8, bf16 top-K, chunk 4)
+  scoring_vs_training   a task prior (attribution's importance.task_prior: LRP, K 8, bf16 top-K, chunk 4)
                         against a bf16-autocast training forward + backward on the same sequences
   scoring_vs_training_n32  the same over 32 sequences: more samples than K, so every element's full
                         slots take the top-K insertion too, as in a run's prior (up to 64 samples)
@@ -141,9 +141,9 @@ def train_step(net: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> N
 def score_prior(
     net: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, k: int = 8, chunk: int = 4
 ) -> int:
-    """One task prior as clbench's attribution computes it (clbench.priors -> task_prior): LRP, the
-    top-K mean in bf16, `chunk` samples at a time, outside autocast in the weights' fp32."""
-    from clbench.importance import task_prior
+    """One task prior as clbench's attribution computes it (its priors -> task_prior): LRP,
+    the top-K mean in bf16, `chunk` samples at a time, outside autocast in the weights' fp32."""
+    from strategies.attribution.importance import task_prior
 
     batch = {"input_ids": ids, "attention_mask": mask}
     prior, n = task_prior(net, trainable(net), [batch], "lrp", k, chunk=chunk, store_dtype=torch.bfloat16)
@@ -154,7 +154,7 @@ def score_prior(
 def engine_only(net: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 4) -> None:
     """The LRP engine alone on the same chunks task_prior hands it (row maps on), maps dropped:
     the difference to `score_prior` is the consumer (Eq. 10 normalisation and the top-K merge)."""
-    from clbench.attribution import stream_parameter_relevance
+    from strategies.attribution.lrp import stream_parameter_relevance
 
     for start in range(0, ids.shape[0], chunk):
         part = slice(start, start + chunk)
@@ -236,13 +236,14 @@ def _environment() -> dict:
 
 
 def prior_breakdown(net: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Where one `score_prior` call's time goes, as shares of it: Eq. 10 (clbench.importance.normalise,
-    per sample and tensor), the top-K merge (TopKMean.add), the top-K mean at the end (TopKMean.pop),
-    and the rest (the LRP engine and the loop around it), by wrapping those three with timers for
-    this one call; with the MB of fresh pages the call faulted in."""
+    """Where one `score_prior` call's time goes, as shares of it: Eq. 10
+    (attribution's importance.normalise, per sample and tensor), the top-K merge (TopKMean.add),
+    the top-K mean at the end (TopKMean.pop), and the rest (the LRP engine and the loop around
+    it), by wrapping those three with timers for this one call; with the MB of fresh pages the
+    call faulted in."""
     from unittest import mock
 
-    import clbench.importance as importance
+    import strategies.attribution.importance as importance
 
     spent: dict[str, float] = {}
 

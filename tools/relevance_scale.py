@@ -24,9 +24,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clbench.attribution import stream_parameter_relevance  # noqa: E402
-from clbench.importance import normalise  # noqa: E402
 from clbench.models import load_causal_lm, load_tokenizer  # noqa: E402
+from strategies.attribution.importance import normalise  # noqa: E402
+from strategies.attribution.lrp import stream_parameter_relevance  # noqa: E402
 
 TASKS = ("FortuneTopic", "WordAnalogy", "WordNetDefWord", "PyNextLine")
 THRESHOLDS = (0.01, 0.1, 0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import KINDS, VOCAB, build_model, padded_batch
 
-from clbench.attribution import parameter_relevance, stream_parameter_relevance
+from strategies.attribution.lrp import parameter_relevance, stream_parameter_relevance
 
 # Mistral with a window shorter than the batch, so the sliding-window mask is exercised
 OVERRIDES = {"mistral": {"sliding_window": 4}}

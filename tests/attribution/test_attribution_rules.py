@@ -13,10 +13,10 @@ import math
 import torch
 from tiny_models import build_model
 
-from clbench.attribution import parameter_relevance
-from clbench.attribution.params import Adapter, LinearSpec, linear
-from clbench.attribution.rules import half_matmul
-from clbench.attribution.sink import RelevanceSink
+from strategies.attribution.lrp import parameter_relevance
+from strategies.attribution.lrp.params import Adapter, LinearSpec, linear
+from strategies.attribution.lrp.rules import half_matmul
+from strategies.attribution.lrp.sink import RelevanceSink
 
 F64 = torch.float64  # explicit everywhere: a global default dtype would leak into other tests
 

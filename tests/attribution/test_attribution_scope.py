@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import build_model, padded_batch
 
-from clbench.attribution import parameter_relevance, stream_parameter_relevance
+from strategies.attribution.lrp import parameter_relevance, stream_parameter_relevance
 
 
 def _train_grads(model, ids, mask) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny_models import build_model, padded_batch
 
-import clbench.importance as importance
-from clbench.attribution import parameter_relevance, stream_parameter_relevance
-from clbench.attribution.sink import RowMap
-from clbench.importance import TopKMean, normalise, task_prior
+import strategies.attribution.importance as importance
 from strategies.attribution import Attribution
+from strategies.attribution.importance import TopKMean, normalise, task_prior
+from strategies.attribution.lrp import parameter_relevance, stream_parameter_relevance
+from strategies.attribution.lrp.sink import RowMap
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 

@@ -59,7 +59,7 @@ def test_a_finished_fit_keeps_one_copy_of_the_moments(tiny_model_dir):
     call_trainer(trainer, "fit", module, train_dataloaders=loader)
     assert trainer.strategy.optimizers == []
     moments = {id(v) for st in optimizers[0].state.values() for v in st.values()}
-    saved = {id(v) for st in module._saved_optimizer_state.values() for v in st.values()}
+    saved = {id(v) for st in module.carried_optimizer_state.values() for v in st.values()}
     assert saved == moments and len(saved) == 3 * len(module.trainable_parameters())
 
 

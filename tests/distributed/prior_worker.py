@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import clbench.importance as importance
+import strategies.attribution.importance as importance
 from clbench import distributed as dist
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task
-from clbench.importance import NEEDS_ANSWERS, task_prior
+from strategies.attribution.importance import NEEDS_ANSWERS, task_prior
 
 # case -> (estimator, chunk): 6 samples in batches of 4 (4 + 2) make 2 chunks of up to 4, or 3 of 2
 # (with 2 ranks, the second round of "lrp-chunk2" has one chunk: a rank without one)

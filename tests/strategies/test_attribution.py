@@ -14,13 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 from toydata import ToyServices, quiet_trainer
 
-from clbench import priors as priors_module
-from clbench.attribution import parameter_relevance
 from clbench.files import exclusive
-from clbench.importance import TopKMean, fold_max, gate_statistics, normalise, task_prior
+from clbench.gradients import gate_statistics
 from clbench.module import CLModule
 from clbench.strategy import CLStrategy, StrategyContext
 from strategies.attribution import Attribution
+from strategies.attribution import priors as priors_module
+from strategies.attribution.importance import TopKMean, fold_max, normalise, task_prior
+from strategies.attribution.lrp import parameter_relevance
 from strategies.seqft import SeqFT
 
 GATED = "model.layers.0.self_attn.q_proj.weight"
@@ -91,12 +92,12 @@ def full_ctx(
 
     def side_fit(task, examples):
         fits.append(task.name)
-        hooks, saved = (module.cl_strategy, module.ctx), module._saved_optimizer_state
+        hooks, saved = (module.cl_strategy, module.ctx), module.carried_optimizer_state
         module.attach(CLStrategy(), module.ctx)
-        module._saved_optimizer_state = {}
+        module.carried_optimizer_state = {}
         fit(module, services.make_loader(examples, True), steps=2)
         module.attach(*hooks)
-        module._saved_optimizer_state = saved
+        module.carried_optimizer_state = saved
 
     services = ToyServices(module, stream, t, 4, predict, side_fit)
     return StrategyContext(module, stream, t, run_dir, seed=7, services=services)
@@ -534,7 +535,7 @@ class WaitingSpy(list):
 
     def append(self, task) -> None:
         on_disk = sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else []
-        self.seen.append((bool(self.module._saved_optimizer_state), on_disk))
+        self.seen.append((bool(self.module.carried_optimizer_state), on_disk))
         super().append(task)
 
 
@@ -550,7 +551,7 @@ def test_offload_to_disk_gives_the_same_priors_and_restores_weights_and_moments(
         gated_fit(module, SeqFT(), stream, make_ctx, t=0, steps=2)
         weights = params_of(module)
         moments = {
-            n: {k: v.clone() for k, v in st.items()} for n, st in module._saved_optimizer_state.items()
+            n: {k: v.clone() for k, v in st.items()} for n, st in module.carried_optimizer_state.items()
         }
         assert moments  # there is carried state to park
         spy = WaitingSpy(module, tmp_path / where / "offload" / "rank0")
@@ -558,7 +559,7 @@ def test_offload_to_disk_gives_the_same_priors_and_restores_weights_and_moments(
         on_disk = ["continual", "moments", "rbar", "start"] if where != "memory" else []
         assert spy.seen == [(False, on_disk)]  # the moments left the module; on disk, as files
         assert all(torch.equal(p, weights[n]) for n, p in params_of(module).items())
-        state = module._saved_optimizer_state
+        state = module.carried_optimizer_state
         assert state.keys() == moments.keys()
         assert all(torch.equal(state[n][k], v) for n, st in moments.items() for k, v in st.items())
         assert not (tmp_path / where / "offload").exists()

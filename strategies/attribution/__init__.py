@@ -2,7 +2,7 @@
 
 "Attribution-Guided Continual Learning for Large Language Models" (arXiv 2605.05285, section 4;
 project reading in docs/attribution.md). After task tau, a prior over the trainable parameters is
-scored (clbench/importance.py, Eq. 10-11) on the samples a model answers correctly; the historical
+scored (importance.py, Eq. 10-11) on the samples a model answers correctly; the historical
 importance Rbar = clamp(max over earlier priors, 0) (Eq. 12) then gates every optimizer step of
 later tasks (Eq. 13), once per step, after all accumulated backward passes:
 
@@ -64,6 +64,13 @@ budget study's candidates, chosen by OP on the quickstart's eval split, did not 
 
 With LoRA only the adapters train and are scored; note that with B = 0 (peft's init) adapter
 relevance is exactly 0, so only a trained adapter has an informative prior.
+
+This package holds everything the method needs, and the core never imports it:
+    __init__.py    the strategy (this file): the gate, its statistics, the hooks
+    lrp/           the exact LRP engine (rules, per-architecture passes, parameter relevance)
+    importance.py  per-sample scores (LRP, gradient x weight, Fisher), Eq. 10-12, the prior cache
+    priors.py      where each task's prior comes from (single-task side fit or continual model)
+    offload.py     tensors parked in host memory or on disk while a prior is computed
 """
 
 from __future__ import annotations
@@ -80,10 +87,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from clbench import distributed as dist
 from clbench.distributed import full, is_sharded, local, shard_like
 from clbench.files import write_json
-from clbench.importance import fold_max, gate_statistics, permute_within, rng_preserved
-from clbench.offload import Parked
-from clbench.priors import PriorSource
+from clbench.gradients import gate_statistics
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
+from strategies.attribution.importance import fold_max, permute_within, rng_preserved
+from strategies.attribution.offload import Parked
+from strategies.attribution.priors import PriorSource
 
 Tensors = dict[str, torch.Tensor]
 
@@ -112,7 +120,7 @@ class Attribution(CLStrategy):
             (safetensors in RUN_DIR/offload, removed after the last prior; lower peak memory, costs
             writing and reading them once per prior) or "auto": disk when training runs on the
             CPU (host memory is then the training memory), memory on an accelerator. See
-            clbench/offload.py.
+            strategies/attribution/offload.py.
         prior_dtype: How the K values per element are kept while scoring: "bfloat16" (2K bytes per
             trainable parameter) or "float32" (4K bytes, exact).
     """

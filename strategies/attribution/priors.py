@@ -29,7 +29,9 @@ from clbench import distributed as dist
 from clbench.console import say
 from clbench.evaluation.metrics import score_predictions
 from clbench.files import exclusive
-from clbench.importance import (
+from clbench.module import CLModule, flat_state, nested_state
+from clbench.strategy import StrategyContext
+from strategies.attribution.importance import (
     NEEDS_ANSWERS,
     PriorKey,
     PriorStore,
@@ -39,8 +41,7 @@ from clbench.importance import (
     rng_preserved,
     task_prior,
 )
-from clbench.offload import Parked, Where, resolve
-from clbench.strategy import StrategyContext
+from strategies.attribution.offload import Parked, Where, resolve
 
 Tensors = dict[str, torch.Tensor]
 
@@ -81,7 +82,7 @@ class PriorSource:
     def prior(self, ctx: StrategyContext, needed: bool) -> Tensors | None:
         """Task t's prior (None when not needed), recording continual maps when asked. Meanwhile the
         continual run's optimizer moments wait where `offload` says."""
-        with ctx.module.optimizer_state_parked(self.where(ctx), self.offload_dir(ctx) / "moments"):
+        with moments_parked(ctx.module, self.where(ctx), self.offload_dir(ctx) / "moments"):
             if self.source == "continual":
                 return self._continual_map(ctx) if needed or self.record_continual else None
             if self.record_continual and ctx.task_index > 0:
@@ -279,3 +280,19 @@ def _copy_into(params: Tensors, values: Iterable[tuple[str, torch.Tensor]]) -> N
             done.add(name)
     if done != set(params):
         raise RuntimeError(f"attribution: no stored value for {sorted(set(params) - done)[:3]}")
+
+
+@contextmanager
+def moments_parked(module: CLModule, where: Where, folder: Path) -> Iterator[None]:
+    """The module's carried AdamW moments out of the way inside (host memory or disk: offload.py),
+    back where they were after: a prior's side computations need the memory, not the moments."""
+    flat = flat_state(module.carried_optimizer_state)
+    module.carried_optimizer_state = {}
+    kept = {key: v for key, v in flat.items() if not torch.is_tensor(v)}
+    parked = Parked({k: v for k, v in flat.items() if torch.is_tensor(v)}, where, folder, copy=False)
+    del flat  # the moments' last references: they are freed here
+    try:
+        yield
+    finally:
+        module.carried_optimizer_state = nested_state({**dict(parked.items()), **kept})
+        parked.close()

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clbench.attribution import rules
-from clbench.attribution.architectures import Pass, resolve
-from clbench.attribution.params import gather_rows
-from clbench.attribution.sink import Consumer, RelevanceSink
+from strategies.attribution.lrp import rules
+from strategies.attribution.lrp.architectures import Pass, resolve
+from strategies.attribution.lrp.params import gather_rows
+from strategies.attribution.lrp.sink import Consumer, RelevanceSink
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clbench import offload
-from clbench.offload import Parked
+from strategies.attribution import offload
+from strategies.attribution.offload import Parked
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])

@@ -38,10 +38,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from clbench import distributed as dist
-from clbench.attribution import scoring_scope, stream_parameter_relevance
-from clbench.attribution.sink import RowMap
 from clbench.files import atomic_path
 from clbench.gradients import grads_of, squared_grads
+from strategies.attribution.lrp import scoring_scope, stream_parameter_relevance
+from strategies.attribution.lrp.sink import RowMap
 
 EPS = 1e-8
 Tensors = dict[str, Tensor]
@@ -165,26 +165,6 @@ def fold_max(rbar: Tensors, prior: Tensors) -> None:
             torch.maximum(rbar[name], p.to(rbar[name].device), out=rbar[name])
         else:
             rbar[name] = p.clone()
-
-
-def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9)) -> dict:
-    """How strong a gate is over all its elements: the mean (the share of a uniform step it
-    removes) and the share of elements above each threshold."""
-    n = sum(g.numel() for g in gate.values())  # a sharded tensor's numel is the whole tensor's
-    if n == 0:
-        return {"elements": 0}
-    shards = [dist.local(g) for g in gate.values()]
-    sums = torch.tensor(
-        [sum(g.sum(dtype=torch.float64).item() for g in shards)]  # no fp64 copy
-        + [sum((g > t).sum().item() for g in shards) for t in thresholds],
-        dtype=torch.float64,
-        device=shards[0].device,
-    )
-    if any(dist.is_sharded(g) for g in gate.values()):
-        dist.all_reduce_(sums)  # shard sums -> whole-tensor sums
-    total, *counts = sums.tolist()
-    above = {f"share_above_{t}": c / n for t, c in zip(thresholds, counts)}
-    return {"elements": n, "mean": total / n, **above}
 
 
 # -- per-sample scores ------------------------------------------------------------------------

@@ -3,8 +3,13 @@
 See docs/attribution.md for the rules and the readings fixed where the paper is silent.
 """
 
-from clbench.attribution.architectures import ARCHITECTURES
-from clbench.attribution.engine import Seeds, parameter_relevance, scoring_scope, stream_parameter_relevance
+from strategies.attribution.lrp.architectures import ARCHITECTURES
+from strategies.attribution.lrp.engine import (
+    Seeds,
+    parameter_relevance,
+    scoring_scope,
+    stream_parameter_relevance,
+)
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from clbench.attribution.sink import RelevanceSink
+from strategies.attribution.lrp.sink import RelevanceSink
 
 
 @dataclass

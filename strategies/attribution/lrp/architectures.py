@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from clbench.attribution import rules
-from clbench.attribution.params import gather_rows, linear, linear_spec
-from clbench.attribution.sink import RelevanceSink
+from strategies.attribution.lrp import rules
+from strategies.attribution.lrp.params import gather_rows, linear, linear_spec
+from strategies.attribution.lrp.sink import RelevanceSink
 
 
 @dataclass
