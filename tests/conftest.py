@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from toydata import build_tiny_llama, build_tiny_tokenizer, toy_tasks, write_trace_folder
+
+from clbench.testing import save_tiny_model, toy_tasks, write_trace_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,12 +22,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a tiny random Llama and its tokenizer, loadable by `from_pretrained`."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
     corpus = [ex["prompt"] + " " + ex["answer"] for t in toy_tasks().values() for s in t.values() for ex in s]
-    tok = build_tiny_tokenizer(corpus * 4)
-    tok.save_pretrained(folder)
-    build_tiny_llama(len(tok)).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus * 4)
 
 
 @pytest.fixture

@@ -73,20 +73,11 @@ def bench(label: str, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int
 
 
 def tiny_llama(dtype: torch.dtype, vocab_size: int = 512, max_position_embeddings: int = 256):
-    """A random 2-layer, 64-wide Llama (the benchmarks' small model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random 2-layer, 64-wide Llama (the benchmarks' small model), from clbench's test kit."""
+    from clbench.testing import tiny_llama as kit_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings,
-    )
-    return LlamaForCausalLM(config).to(dtype)
+    wider = {"hidden_size": 64, "intermediate_size": 128, "pad_token_id": None}
+    return kit_llama(vocab_size, max_position_embeddings=max_position_embeddings, **wider).to(dtype)
 
 
 def random_batch(n: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,25 +47,9 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=True,
-    max_position_embeddings=1024,
-)
-SMOLLM2 = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    tie_word_embeddings=True,
-    max_position_embeddings=1024,
-)
+sys.path.insert(0, str(ROOT / "tools"))
+from shapes import LLAMA_1B, SMOLLM2  # noqa: E402
+
 # README's table: bytes per parameter of each phase's sharded state
 TABLE_BYTES = {"seqft": 16, "ewc": 24, "attribution train": 20, "attribution score": 4 + 16}
 PHASES = tuple(TABLE_BYTES)
@@ -100,7 +84,8 @@ def build(shape: dict, layers: int | None, precision: str):
 
     from clbench import distributed as dist
 
-    config = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})})
+    depth = {"num_hidden_layers": layers} if layers else {}
+    config = LlamaConfig(**{**shape, "max_position_embeddings": 1024, **depth})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from clbench.testing import TINY
+
 VOCAB = 97
 KINDS = ("llama", "mistral", "qwen2", "gpt2")
 LORA_TARGETS = {
@@ -20,12 +22,8 @@ def build_model(kind: str, lora: bool = False, tied: bool = False, seed: int = 0
 
     torch.manual_seed(seed)
     common = dict(
+        **TINY,
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         bos_token_id=1,

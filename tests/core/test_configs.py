@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from toydata import write_trace_folder
 
 from clbench.cli import main
+from clbench.testing import write_trace_folder
 from strategies import name_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from toydata import quiet_trainer
 
 from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task
 from clbench.module import CLModule, lr_factor
+from clbench.testing import quiet_trainer
 
 
 def _fit(module: CLModule, steps: int) -> pl.Trainer:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from toydata import build_tiny_llama, build_tiny_tokenizer, toy_tasks, write_trace_folder
+from plugin_example import write_plugin_example
 from twoproc import PER_RANK_BATCH
+
+from clbench.testing import save_tiny_model, toy_tasks, write_trace_folder
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +23,9 @@ def toy_setup(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("two-process")
     tasks = toy_tasks(n_train=20, n_test=10)  # 20 = 2 full global batches of 8 and a last one of 4
     corpus = [ex["prompt"] + " " + ex["answer"] for t in tasks.values() for s in t.values() for ex in s]
-    tok = build_tiny_tokenizer(corpus * 4)
-    tok.save_pretrained(root / "model")
-    build_tiny_llama(len(tok), tied=True).save_pretrained(root / "model")
+    save_tiny_model(root / "model", corpus * 4, tied=True)
     write_trace_folder(root / "TRACE", tasks)
+    write_plugin_example(root)  # docs/plugins.md's strategy: `python -m clbench` finds it in its folder
     config = {
         "model": {"model": str(root / "model"), "lr": 3e-3},
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "log_every_n_steps": 1},

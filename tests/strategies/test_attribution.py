@@ -12,12 +12,12 @@ import threading
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from toydata import ToyServices, quiet_trainer
 
 from clbench.files import exclusive
 from clbench.gradients import gate_statistics
 from clbench.module import CLModule
 from clbench.strategy import CLStrategy, StrategyContext
+from clbench.testing import ToyServices, quiet_trainer
 from strategies.attribution import Attribution
 from strategies.attribution import priors as priors_module
 from strategies.attribution.importance import TopKMean, fold_max, normalise, task_prior

@@ -3,8 +3,8 @@ the gradient added in the optimizer-step hook trains exactly as the penalty in t
 
 import pytest
 import torch
-from toydata import quiet_trainer
 
+from clbench.testing import quiet_trainer
 from strategies.ewc import EWC, ewc_penalty
 from strategies.seqft import SeqFT
 
