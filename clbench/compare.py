@@ -173,7 +173,7 @@ def preset_file(presets: str | None, entry: str) -> Path | None:
 
 
 def _read_config(path: str) -> dict:
-    from clbench.cli import read_yaml
+    from clbench.fit import read_yaml
 
     cfg = read_yaml(path)
     return cfg if isinstance(cfg, dict) else {}
@@ -222,7 +222,7 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> list[Run]:
 def resolved_config(fit_argv: list[str]) -> dict:
     """The config `clbench fit` resolves from these arguments, as its config.yaml holds it. In this
     process and without data or model: `--print_config` prints it and exits while parsing."""
-    from clbench.cli import build_cli
+    from clbench.fit import build_cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -287,7 +287,7 @@ def run_change(run: Run) -> str | None:
 
 def expected_identity(cfg: dict) -> dict:
     """The identity a fit of this resolved config would record (its config hash aside)."""
-    from clbench.cli import _import, _plain
+    from clbench.fit import _import, _plain
     from clbench.data.loaders import StreamConfig, load_stream
 
     stream = load_stream(StreamConfig(**_plain(cfg.get("stream") or {})))

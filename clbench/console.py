@@ -1,17 +1,19 @@
-"""What a person sees while a run goes: clbench's own lines and the training progress bar on the
-console; Lightning's banners (accelerator, precision, tips), framework warnings and logs go to
-RUN_DIR/run.log, beside clbench's lines, so nothing is lost and the console stays readable."""
+"""What a person sees while a run goes: clbench's own lines and progress bars (training, and every
+other long phase: evaluation, side training, scoring, generation) on the console; Lightning's banners
+(accelerator, precision, tips), framework warnings and logs go to RUN_DIR/run.log, beside clbench's
+lines, so nothing is lost and the console stays readable."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from clbench import distributed as dist
 
 LOG = logging.getLogger("clbench")
+BARS = {"on": True}  # off with the run's trainer.enable_progress_bar false (show_bars)
 QUIET = ("lightning.pytorch", "lightning.fabric", "py.warnings")  # loggers sent to the run log
 
 
@@ -20,6 +22,28 @@ def say(message: str) -> None:
     if dist.rank() == 0:
         print(message, flush=True)
     LOG.info(message)
+
+
+def show_bars(on: bool) -> None:
+    """clbench's own progress bars follow the Trainer's: `trainer.enable_progress_bar false` turns
+    off every bar."""
+    BARS["on"] = on
+
+
+@contextmanager
+def progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A bar like Lightning's training bar (tqdm, stderr, rank 0 only) for a phase that would
+    otherwise be silent for minutes; yields `advance(n)`. It leaves no line behind on a terminal:
+    the phase's result line (`say`) follows it."""
+    from tqdm.auto import tqdm
+
+    hidden = not BARS["on"] or dist.rank() != 0
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=hidden)
+    try:
+        yield bar.update
+    finally:
+        bar.refresh()  # the last count, whatever tqdm's update interval skipped
+        bar.close()
 
 
 @contextmanager

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from clbench.console import say
 from clbench.errors import ConfigError
 
 # short name -> (PyPI package holding the GGUF file, file name, install hint)
@@ -94,6 +98,7 @@ def load_causal_lm(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load on stderr, around clbench's own lines
+    say(f"clbench: loading {name}" + (" (de-quantising its GGUF weights)" if name in BUNDLED else ""))
     kwargs = _source_kwargs(name, trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -108,9 +113,10 @@ def load_causal_lm(
                     config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
-            )
+            with _no_gguf_bar():
+                model = AutoModelForCausalLM.from_pretrained(
+                    kwargs.pop("path"), dtype=getattr(torch, dtype), **kwargs
+                )
     except pickle.UnpicklingError:  # torch's weights-only loader refused what the pickle would run
         raise ConfigError(
             f"model.model: '{name}': torch's safe loader refused its pickled weights (they would run "
@@ -188,3 +194,20 @@ def add_lora(model: torch.nn.Module, lora: LoRA) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+@contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar on every load, which its
+    disable_progress_bar() does not reach; clbench's load line stands for it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # a transformers without that bar
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar

@@ -171,6 +171,7 @@ class Runner:
 
     def side_fit(self, task: Task, examples: list[Example]) -> None:
         """Train the module on examples without strategy hooks or the continual optimizer state."""
+        say(f"clbench: side training on {task.name}: {len(examples)} examples, no strategy hooks")
         saved_state, hooks = self.module.carried_optimizer_state, (self.module.cl_strategy, self.module.ctx)
         self.module.carried_optimizer_state = {}
         self.module.attach(CLStrategy(), self.module.ctx)
@@ -412,13 +413,13 @@ class Runner:
         out = call_trainer(self._quiet_trainer(), "validate", self.module, dataloaders=loader, verbose=False)
         return float(out[0]["val/loss"])
 
-    def _quiet_trainer(self) -> pl.Trainer:
-        """For loss probes and generation: no logger, checkpoints, summary or progress bar (the
-        console shows one line per evaluated row instead)."""
+    def _quiet_trainer(self, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+        """For loss probes and generation: no logger, checkpoints, summary or Lightning progress bar
+        (generation draws its own, clbench.console.progress, through `callbacks`)."""
         return self.trainer_factory(
             logger=False,
             enable_checkpointing=False,
-            callbacks=[],
+            callbacks=callbacks or [],
             limit_val_batches=1.0,
             enable_model_summary=False,
             enable_progress_bar=False,
@@ -433,9 +434,10 @@ class Runner:
     def _evaluate_row(self, row: int) -> None:
         start = time.perf_counter()
         self.scores[row] = {}
-        for i in self._row_tasks(row):
+        tasks = self._row_tasks(row)
+        for k, i in enumerate(tasks):
             task = self.stream.tasks[i]
-            raw = self.evaluator.generate(task, task.test)
+            raw = self.evaluator.generate(task, task.test, f"row {row}: {task.name} ({k + 1}/{len(tasks)})")
             out = self.run_dir / "predictions" / f"after_{row}" / f"{task.name}.jsonl"
             score = score_task(task, raw, out if self.writes else None)
             self.scores[row][task.name] = score

@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 
-from clbench.strategy import CLStrategy, StrategyContext
-from strategies.attribution import Attribution
-from strategies.ewc import EWC
-from strategies.freeze import Freeze
-from strategies.lwf import LwF
-from strategies.multitask import Multitask
-from strategies.o_lora import OLoRA
-from strategies.replay import Replay
-from strategies.seqft import SeqFT
-from strategies.ssr import SSR
+if TYPE_CHECKING:
+    from clbench.strategy import CLStrategy
 
-REGISTRY: dict[str, type[CLStrategy]] = {
-    "seqft": SeqFT,
-    "replay": Replay,
-    "ewc": EWC,
-    "freeze": Freeze,
-    "multitask": Multitask,
-    "lwf": LwF,
-    "attribution": Attribution,
-    "o_lora": OLoRA,
-    "ssr": SSR,
+# name -> "module:Class". Lazy: nothing here imports torch or a strategy until one is loaded, so
+# `import strategies` and the names below cost no more than the import system.
+REGISTRY: dict[str, str] = {
+    "seqft": "strategies.seqft:SeqFT",
+    "replay": "strategies.replay:Replay",
+    "ewc": "strategies.ewc:EWC",
+    "freeze": "strategies.freeze:Freeze",
+    "multitask": "strategies.multitask:Multitask",
+    "lwf": "strategies.lwf:LwF",
+    "attribution": "strategies.attribution:Attribution",
+    "o_lora": "strategies.o_lora:OLoRA",
+    "ssr": "strategies.ssr:SSR",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"
@@ -37,7 +32,7 @@ ENTRY_POINT_GROUP = "clbench.strategies"
 
 def available() -> dict[str, str]:
     """Registry and entry-point names mapped to their class paths."""
-    names = {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in REGISTRY.items()}
+    names = {name: target.replace(":", ".") for name, target in REGISTRY.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         names.setdefault(ep.name, ep.value.replace(":", "."))
     return names
@@ -54,6 +49,8 @@ def class_path(name: str) -> str:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"strategy '{name}' cannot be imported: {e}") from None
+        from clbench.strategy import CLStrategy
+
         if not (isinstance(cls, type) and issubclass(cls, CLStrategy)):
             raise ValueError(f"strategy '{name}' is not a subclass of strategies.CLStrategy")
         return name
@@ -80,10 +77,25 @@ def name_for(path: str) -> str:
     return path.rsplit(".", 1)[-1].lower()
 
 
+def load(name: str) -> type[CLStrategy]:
+    """The class of a registry name, entry point or class path (imported now)."""
+    module, _, attr = class_path(name).rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def name_of(strategy: CLStrategy) -> str:
     """The short name of a strategy instance (see name_for)."""
     cls = type(strategy)
     return name_for(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def __getattr__(name: str) -> Any:
+    # `from strategies import CLStrategy` still works, without importing torch at `import strategies`
+    if name in ("CLStrategy", "StrategyContext"):
+        from clbench import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module 'strategies' has no attribute '{name}'")
 
 
 __all__ = [
@@ -92,6 +104,7 @@ __all__ = [
     "REGISTRY",
     "available",
     "class_path",
+    "load",
     "name_for",
     "name_of",
     "placement_only",

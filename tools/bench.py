@@ -51,20 +51,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from shapes import LLAMA_3B  # noqa: E402  (Llama-3.2-3B: configs/trace.yaml's model)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BUNDLED = "smollm2-135m-instruct"
-# Llama-3.2-3B (configs/trace.yaml's model): the shapes the projection counts parameters of
-LLAMA_3B = dict(
-    vocab_size=128256,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=28,
-    num_attention_heads=24,
-    num_key_value_heads=8,
-    tie_word_embeddings=True,
-)
 ATTRIBUTION = [
     "--strategy",
     "attribution",
@@ -125,7 +117,7 @@ def fit_peak_mb(config: Path, args: list[str], name: str, folder: Path) -> float
 def floor_mb() -> float:
     """Peak resident set of a process that imports what `clbench fit` imports and loads nothing."""
     code = (
-        "import clbench.cli, strategies, torch, transformers, lightning, peft\n"
+        "import clbench.fit, strategies, torch, transformers, lightning, peft\n"
         "from clbench.runner import peak_memory_mb\n"
         "print(peak_memory_mb())"
     )

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from clbench import distributed as dist
+from clbench.console import progress
 from clbench.data.tasks import Example, Task
 from clbench.evaluation.metrics import score_predictions
 from clbench.module import CLModule, call_trainer
@@ -72,19 +73,21 @@ class Evaluator:
     Args:
         module: The model to generate with.
         prompt_loader: (task, examples) -> left-padded prompt batches, unshuffled.
-        trainer_factory: A quiet Trainer (no logger, no callbacks), one per call.
+        trainer_factory: A quiet Trainer (no logger, no callbacks), one per call; takes Trainer
+            keyword arguments (the progress callback).
     """
 
     def __init__(
         self,
         module: CLModule,
         prompt_loader: Callable[[Task, list[Example]], DataLoader],
-        trainer_factory: Callable[[], pl.Trainer],
+        trainer_factory: Callable[..., pl.Trainer],
     ) -> None:
         self.module, self.prompt_loader, self.trainer_factory = module, prompt_loader, trainer_factory
 
-    def generate(self, task: Task, examples: list[Example]) -> list[str]:
-        """Raw decoded continuations of the examples' prompts, in order, on every rank."""
+    def generate(self, task: Task, examples: list[Example], desc: str | None = None) -> list[str]:
+        """Raw decoded continuations of the examples' prompts, in order, on every rank; with `desc`,
+        a progress bar counts the prompts this rank answers."""
         loader = self.prompt_loader(task, examples)
         batches = list(loader.batch_sampler)
         world, rank = dist.world_size(), dist.rank()
@@ -97,9 +100,15 @@ class Evaluator:
         )
         outputs = []
         if padded:
-            with warnings.catch_warnings():  # it returns every index it is given, by construction
+            total = sum(len(batches[b]) for b in padded)
+            with (
+                warnings.catch_warnings(),  # it returns every index it is given, by construction
+                progress(desc or "", total, "prompt") as advance,
+            ):
                 warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
-                outputs = call_trainer(self.trainer_factory(), "predict", self.module, dataloaders=ranked)
+                callbacks = [_Advance(advance)] if desc else []
+                trainer = self.trainer_factory(callbacks=callbacks)
+                outputs = call_trainer(trainer, "predict", self.module, dataloaders=ranked)
         texts: dict[int, list[str]] = {}
         for part in dist.gather_objects(dict(zip(mine, outputs[: len(mine)]))):
             texts.update(part)
@@ -107,4 +116,15 @@ class Evaluator:
 
     def predict(self, task: Task, examples: list[Example]) -> list[str]:
         """Greedy answers, post-processed as the evaluation scores them."""
-        return [postprocess(text, task.postprocess) for text in self.generate(task, examples)]
+        texts = self.generate(task, examples, f"{task.name}: answering")
+        return [postprocess(text, task.postprocess) for text in texts]
+
+
+class _Advance(pl.Callback):
+    """Moves a progress bar by each generated batch's prompts."""
+
+    def __init__(self, advance: Callable[[int], None]) -> None:
+        self.advance = advance
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.advance(len(outputs))

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from clbench import distributed as dist
+from clbench.console import progress
 from clbench.files import atomic_path
 from clbench.gradients import grads_of, squared_grads
 from strategies.attribution.lrp import scoring_scope, stream_parameter_relevance
@@ -236,10 +237,12 @@ def task_prior(
     eps: float = EPS,
     chunk: int = 4,
     store_dtype: torch.dtype = torch.bfloat16,
+    desc: str = "scoring",
 ) -> tuple[Tensors, int]:
     """The prior (Eq. 10-11) of `params` over the samples in `batches`; returns it (fp32, on the CPU,
     or laid out like the parameters when they are sharded) and the number of samples. No sample: a
-    zero prior. The top-K values are kept in `store_dtype` (TopKMean).
+    zero prior. The top-K values are kept in `store_dtype` (TopKMean). A progress bar (`desc`)
+    counts the samples scored.
 
     Batches are scored `chunk` rows at a time: per-sample maps are (B, *param.shape) (LRP hands the
     embeddings on as RowMaps of the looked-up rows), so memory, not speed, sets the scoring batch.
@@ -256,10 +259,11 @@ def task_prior(
         for batch in batches
         for start in range(0, batch["input_ids"].shape[0], chunk)
     ]
-    with scoring_scope(model):
+    total = sum(part["input_ids"].shape[0] for part in parts)
+    with scoring_scope(model), progress(desc, total, "sample") as advance:
         model.eval()  # dropout off (the LRP engine does so itself)
         if estimator == "lrp" and _split_mesh(params) is not None:
-            n = _split_lrp(model, params, parts, agg, eps)
+            n = _split_lrp(model, params, parts, agg, eps, advance)
         else:
             score = ESTIMATORS[estimator]
 
@@ -269,6 +273,7 @@ def task_prior(
             for part in parts:
                 score(model, part, params, consume)
                 n += part["input_ids"].shape[0]
+                advance(part["input_ids"].shape[0])
     return {name: _laid_out(p, agg.pop(name) if n else None) for name, p in params.items()}, n
 
 
@@ -285,7 +290,14 @@ def _split_mesh(params: Tensors) -> object | None:
     return mesh if mesh.ndim == 1 and mesh.size() > 1 and layout_ok else None
 
 
-def _split_lrp(model: nn.Module, params: Tensors, parts: list[dict], agg: TopKMean, eps: float) -> int:
+def _split_lrp(
+    model: nn.Module,
+    params: Tensors,
+    parts: list[dict],
+    agg: TopKMean,
+    eps: float,
+    advance: Callable[[int], None],
+) -> int:
     """LRP priors with the chunks split over the ranks; returns the number of samples (all ranks').
 
     Why: with the whole model gathered, every rank can score any sample, and each element's top-K
@@ -314,6 +326,7 @@ def _split_lrp(model: nn.Module, params: Tensors, parts: list[dict], agg: TopKMe
 
             part = mine if mine is not None else spare
             stream_parameter_relevance(model, part["input_ids"], part["attention_mask"], keep, row_maps=True)
+            advance(sum(p["input_ids"].shape[0] for p in parts[first : first + world]))
     return sum(part["input_ids"].shape[0] for part in parts)
 
 

@@ -211,7 +211,10 @@ class PriorSource:
         else:
             batches = services.make_prompt_loader(correct)
         store = getattr(torch, self.prior_dtype)
-        prior, n = task_prior(ctx.model, params, batches, self.estimator, self.top_k, store_dtype=store)
+        desc = f"{ctx.task.name}: scoring ({self.estimator})"
+        prior, n = task_prior(
+            ctx.model, params, batches, self.estimator, self.top_k, store_dtype=store, desc=desc
+        )
         seconds = {"filter": filtered - start, "score": time.perf_counter() - filtered}
         info = {"samples_used": n, "candidates": len(candidates), "estimator": self.estimator}
         return prior, {**info, "seconds": seconds}

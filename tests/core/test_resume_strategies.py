@@ -35,7 +35,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_run(
     config = str(write_config(tmp_path / "c.yaml", cfg))
     assert main(["fit", "--config", config, "--run.name", "whole"]) == 0
 
-    cls = strategies.REGISTRY[name]
+    cls = strategies.load(name)
     start = cls.on_task_start
 
     def stopped_at_the_third_task(self, ctx):

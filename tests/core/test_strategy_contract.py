@@ -4,6 +4,8 @@ round-trips its state; an outside strategy plugs in by class path and sees every
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,7 @@ def test_every_strategy_file_is_registered():
     folder = Path(strategies.__file__).parent
     files = {p.stem for p in folder.glob("*.py")} - {"__init__"}
     packages = {p.parent.name for p in folder.glob("*/__init__.py")}
-    registered = {cls.__module__.removeprefix("strategies.") for cls in strategies.REGISTRY.values()}
+    registered = {target.split(":")[0].removeprefix("strategies.") for target in strategies.REGISTRY.values()}
     assert files | packages == registered
 
 
@@ -106,7 +108,7 @@ def test_registered_strategy_runs_two_tasks_and_round_trips(name, trace_dir, tin
     # 24 examples, batch 8, 3 accumulated: 1 step; replay, multitask and ssr add earlier examples
     assert steps["parity"] == 1 and steps["reverse"] == (2 if name in ("multitask", "replay", "ssr") else 1)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    cls = strategies.REGISTRY[name]
+    cls = strategies.load(name)
     fresh = cls(**resolved["strategy"].get("init_args", {}))
     ckpt = run / "checkpoints" / "task2-reverse" / "strategy.safetensors"
     if ckpt.exists():
@@ -133,3 +135,17 @@ def test_the_core_imports_no_strategy_module():
                 names = [node.module]
             offenders += [f"{path.relative_to(core)}: {n}" for n in names if n.startswith("strategies.")]
     assert offenders == []
+
+
+def test_registry_classes_are_where_it_says_and_importing_it_or_clbench_help_loads_no_strategy():
+    """The registry is lazy and the CLI only dispatches: `import strategies` and `clbench --help`
+    import neither torch nor any strategy (well under a second; BENCHMARKS.md)."""
+    code = (
+        "import sys, strategies; from clbench.cli import main; assert main(['--help']) == 0; "
+        "assert 'torch' not in sys.modules and not any(m.startswith('strategies.') for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    for name in strategies.REGISTRY:
+        cls = strategies.load(name)
+        assert issubclass(cls, CLStrategy)
+        assert strategies.name_for(f"{cls.__module__}.{cls.__qualname__}") == name

@@ -20,6 +20,7 @@ CASES = {
     "ewc": ("--strategy", "ewc", "--strategy.ewc_lambda", "1e4"),
     "freeze": ("--strategy", "freeze", "--strategy.lower_layers", "1"),
     "lwf": ("--strategy", "lwf"),
+    "plugin": ("--strategy", "l2_pull.L2Pull", "--strategy.strength", "0.5"),  # docs/plugins.md's example
     "attribution-grad": ("--strategy", "attribution", *ATTRIBUTION),
     "attribution-update": ("--strategy", "attribution", "--strategy.gate_target", "update", *ATTRIBUTION),
     # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
@@ -134,8 +135,9 @@ def test_fsdp2_equals_one_process(toy_setup, case):
 
 def assert_resume_refused_as_sharded(run: Path) -> None:
     """A sharded run keeps no resume state: --resume says so (not "no finished task"), before any load."""
-    from clbench.cli import main, resume_args
+    from clbench.cli import main
     from clbench.errors import ConfigError
+    from clbench.fit import resume_args
 
     results = json.loads((run / "results.json").read_text())
     assert results["resumable"].startswith("no: sharded (FSDP2) runs keep no resume state")
@@ -154,7 +156,7 @@ def _close(gates: dict, one: Path) -> bool:
     return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
 
 
-@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora", "ssr"])
+@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora", "ssr", "plugin"])
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
     two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clbench.models import LoRA
-from strategies import REGISTRY
+from strategies import REGISTRY, load
 
 OPTIONS = {
     "attribution": {"correct_threshold": 0.0, "max_prior_samples": 4, "prior_dtype": "float32"},
@@ -27,7 +27,7 @@ def build(name: str, tmp_path) -> object:
     options = dict(OPTIONS.get(name, {}))
     if name == "attribution":
         options["prior_dir"] = str(tmp_path / "priors")
-    return REGISTRY[name](**options)
+    return load(name)(**options)
 
 
 def behaviour(strategy, module, ctx) -> dict:
