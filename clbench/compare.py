@@ -287,8 +287,8 @@ def run_change(run: Run) -> str | None:
 
 def expected_identity(cfg: dict) -> dict:
     """The identity a fit of this resolved config would record (its config hash aside)."""
-    from clbench.fit import _import, _plain
     from clbench.data.loaders import StreamConfig, load_stream
+    from clbench.fit import _import, _plain
 
     stream = load_stream(StreamConfig(**_plain(cfg.get("stream") or {})))
     strategy = cfg.get("strategy") or {}

@@ -310,6 +310,12 @@ def fit(argv: list[str]) -> dict:
         os.environ.pop(RUN_NAME_ENV, None)
 
 
+def _user_logger(value: object) -> object:
+    """--trainer.logger as the runner takes it: None (unset or true) for TensorBoard's per-task
+    layout in the run folder, False for none, else the logger(s) jsonargparse instantiated."""
+    return None if value is None or value is True else value
+
+
 def _fit(argv: list[str], watch: StopWatch) -> dict:
     global _resuming
     argv, resume_dir = resume_args(argv)
@@ -345,6 +351,7 @@ def _fit(argv: list[str], watch: StopWatch) -> dict:
         seed=cfg.seed_everything,
         strategy_name=name_of(strategy),
         identity=cli.identity,
+        logger=_user_logger(cli.config_init.trainer.get("logger")),
     )
     watch.run_dir = runner.run_dir if runner.writes else None
     results = runner.run(cli.config_text, resume=resume_dir is not None)

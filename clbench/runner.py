@@ -21,7 +21,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from clbench import checkpoint
@@ -34,6 +34,7 @@ from clbench.errors import ConfigError, Diverged, inside, safe_name
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.evaluation.matrix import summarize
 from clbench.files import write_atomic, write_json
+from clbench.loggers import RunLoggers
 from clbench.module import CLModule, call_trainer
 from clbench.reporting import plot_heatmap, results_markdown
 from clbench.strategy import CLStrategy, StrategyContext, TrainingSettings
@@ -127,6 +128,7 @@ class Runner:
         seed: int = 0,
         strategy_name: str | None = None,
         identity: dict | None = None,
+        logger: Logger | list[Logger] | bool | None = None,
     ) -> None:
         self.module, self.stream, self.strategy = module, stream, strategy
         self.trainer_factory, self.run_cfg = trainer_factory, run or RunConfig()
@@ -136,6 +138,7 @@ class Runner:
         self.run_dir = Path(self.run_cfg.output_dir) / (
             self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
         )
+        self.loggers = RunLoggers(self.run_dir, logger)
         self.evaluator = Evaluator(
             module, lambda task, ex: self.make_prompt_loader(ex, task), self._quiet_trainer
         )
@@ -288,9 +291,11 @@ class Runner:
             if config_text is not None:
                 write_atomic(self.run_dir / "config.yaml", config_text)
         self._write_results("running")
+        status = "failed"
         try:
             with run_log(self.run_dir / "run.log" if self.writes else None):
                 self._loop(state)
+            status = "success"
         except Diverged as e:
             self._write_results("diverged", str(e))
             raise
@@ -302,6 +307,8 @@ class Runner:
                 "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
             raise
+        finally:
+            self.loggers.finalize(status)
         return self.results()
 
     def _loop(self, state: resume_state.ResumeState | None) -> None:
@@ -377,14 +384,14 @@ class Runner:
         probe = self._loss_probe(task)
         before = self._mean_loss(probe)
         recorder = LossRecorder(task.name, before, self._vocab_size())
+        logger = self.loggers.for_task(t, task.name, self._steps_done())
+        monitor = [LearningRateMonitor(logging_interval="step")] if logger else []  # it needs a logger
         trainer = self.trainer_factory(
             max_epochs=task.epochs,
             max_steps=task.max_steps,
             default_root_dir=str(self.run_dir),
-            logger=TensorBoardLogger(
-                str(self.run_dir), name="tensorboard", version=f"task{t + 1}-{task.name}"
-            ),
-            callbacks=[LearningRateMonitor(logging_interval="step"), recorder],
+            logger=logger,
+            callbacks=[*monitor, recorder],
             enable_checkpointing=False,
         )
         self.module.attach(self.strategy, ctx)
@@ -449,9 +456,12 @@ class Runner:
         self.timings["eval_s"] += time.perf_counter() - start
 
     def _log_scores(self, row: int) -> None:
-        logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="scores")
-        logger.log_metrics({f"score/{n}": s.score for n, s in self.scores[row].items()}, step=row)
-        logger.finalize("success")
+        scores = {f"score/{n}": s.score for n, s in self.scores[row].items()}
+        self.loggers.log(scores, row, self._steps_done())
+
+    def _steps_done(self) -> int:
+        """The run's optimizer steps so far (the tasks trained, resumed ones included)."""
+        return sum(self.timings["steps"].values())
 
     def _checkpoint(self, t: int, task: Task) -> None:
         if self.run_cfg.checkpoints == "none":
@@ -517,9 +527,8 @@ class Runner:
             write_atomic(self.run_dir / "results.md", results_markdown(results))
             title = f"{self.stream.name} · {self.strategy_name}"
             plot_heatmap(self.stream.names, self.matrix, title, self.run_dir / "heatmap.png")
-            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="scores")
-            logger.log_metrics({f"summary/{k}": v for k, v in results["summary"].items() if v is not None})
-            logger.finalize("success")
+            summary = {f"summary/{k}": v for k, v in results["summary"].items() if v is not None}
+            self.loggers.log(summary, None, self._steps_done())
 
 
 # Collapse: training that has stopped learning anything while its weights blew up. Chosen from
