@@ -237,7 +237,8 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     status = _status(run_dir)
     if status.get("status") == "complete":
         raise ConfigError(f"--resume: {run_dir} is complete; nothing to resume")
-    if status.get("status") == "running" and _alive(status.get("pid")):
+    # the ranks Lightning starts run this command again while rank 0, the resumed run, is running
+    if status.get("status") == "running" and _alive(status.get("pid")) and dist.rank() == 0:
         raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
     if str(status.get("resumable", "")).startswith("no:"):  # before the model loads
         raise ConfigError(f"--resume: {run_dir} cannot be resumed ({status['resumable'][3:].strip()})")

@@ -316,8 +316,7 @@ class Runner:
         self.strategy.setup(self._ctx(0))  # before a restore: setup may snapshot the starting weights
         start = 0
         if state is not None:
-            resume_state.restore(state, self.module)
-            self.strategy.load_state_dict(state.strategy)
+            self.strategy.load_state_dict(resume_state.restore(state, self.module))
             start = state.done
             say(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
         elif self.run_cfg.evaluate_start:
@@ -336,16 +335,16 @@ class Runner:
         """Whether `fit --resume` can go on with this run, and if not, why (results.json says it)."""
         if not self.run_cfg.resumable:
             return "no: run.resumable is false"
-        if dist.is_fully_sharded(self.module.model):
-            return "no: sharded (FSDP2) runs keep no resume state yet; start such a run again"
         return "yes"
 
     def _save_resume_state(self, done: int, last: bool) -> None:
         """The state after `done` tasks, for --resume; removed once the run is complete."""
-        if not self.writes or self._resumable() != "yes":
+        sharded = dist.is_fully_sharded(self.module.model)  # then every rank writes its shards
+        if self._resumable() != "yes" or not (self.writes or sharded):
             return
         if last:
-            shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
+            if self.writes:
+                shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
             return
         resume_state.save(self.run_dir, self.module, self.strategy.state_dict(), self._bookkeeping(), done)
 

@@ -202,12 +202,13 @@ def test_resume_refuses_changed_data_an_edited_config_and_damaged_state(
     assert results(run)["status"] == "complete"
 
 
-def test_a_sharded_run_says_it_cannot_resume(tmp_path, capsys):
+def test_a_run_that_kept_no_state_says_why_it_cannot_resume(tmp_path, capsys):
     from clbench import resume
 
     run = tmp_path / "run"
     run.mkdir()
-    reason = "no: sharded (FSDP2) runs keep no resume state yet; start such a run again"
-    (run / "results.json").write_text(json.dumps({"status": "interrupted", "resumable": reason}))
-    with pytest.raises(ConfigError, match=r"cannot be resumed \(sharded \(FSDP2\) runs keep no resume state"):
+    (run / "results.json").write_text(
+        json.dumps({"status": "interrupted", "resumable": "no: run.resumable is false"})
+    )
+    with pytest.raises(ConfigError, match=r"cannot be resumed \(run.resumable is false\)"):
         resume.load(run)

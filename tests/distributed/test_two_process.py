@@ -4,13 +4,15 @@ per-step losses, final parameters and accuracy matrix; one run folder, one write
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from twoproc import clbench, fit, results
+from twoproc import clbench, fit, results, start_fit
 
 LAST = "task3-upper"
 ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
@@ -122,8 +124,7 @@ def test_fsdp2_equals_one_process(toy_setup, case):
     two = fit(toy_setup, f"{case}/two", 2, "--trainer.strategy", "fsdp", *CASES[case])
     assert_same_run(one, two)
     assert_one_writer(toy_setup, f"{case}/two")
-    assert json.loads((one / "results.json").read_text())["resumable"] == "yes"
-    assert_resume_refused_as_sharded(two)
+    assert json.loads((two / "results.json").read_text())["resumable"] == "yes"
     if case == "ssr":
         assert_same_synthetic_examples(one, two)
     if case.startswith("attribution"):
@@ -131,24 +132,6 @@ def test_fsdp2_equals_one_process(toy_setup, case):
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
         assert gates["reverse"]["mean"] > 0  # a real gate, not zeros
         assert not (two / "offload").exists()  # offloaded shards are removed after the last prior
-
-
-def assert_resume_refused_as_sharded(run: Path) -> None:
-    """A sharded run keeps no resume state: --resume says so (not "no finished task"), before any load."""
-    from clbench.cli import main
-    from clbench.errors import ConfigError
-    from clbench.fit import resume_args
-
-    results = json.loads((run / "results.json").read_text())
-    assert results["resumable"].startswith("no: sharded (FSDP2) runs keep no resume state")
-    killed = run.parent / "killed"
-    shutil.copytree(run, killed)
-    (killed / "results.json").write_text(json.dumps(results | {"status": "interrupted"}))
-    with pytest.raises(
-        ConfigError, match=r"killed cannot be resumed \(sharded \(FSDP2\) runs keep no resume"
-    ):
-        resume_args(["--resume", str(killed)])
-    assert main(["fit", "--resume", str(killed)]) == 2
 
 
 def _close(gates: dict, one: Path) -> bool:
@@ -215,3 +198,25 @@ def prompt_batches(task, tok):
         batch = collate([data[i] for i in range(start, min(start + 4, len(data)))])
         mask = batch["attention_mask"]
         yield {"input_ids": batch["input_ids"], "attention_mask": mask}
+
+
+@pytest.mark.parametrize("case", ["seqft", "ewc", "attribution-grad"])
+def test_a_killed_fsdp2_run_resumes_to_the_uninterrupted_run(toy_setup, case):
+    """SIGKILL to both ranks after the first task's state is saved (every rank its shards, through
+    torch.distributed.checkpoint); `fit --resume` on two ranks ends with one process's matrix,
+    losses and weights, as an uninterrupted run does."""
+    one = reference(toy_setup, case)
+    run = toy_setup / case / "killed" / "run"
+    proc = start_fit(toy_setup, f"{case}/killed", 2, "--trainer.strategy", "fsdp", *CASES[case])
+    saved = run / "resume" / "state.json"
+    deadline = time.time() + 240
+    while not (saved.is_file() and json.loads(saved.read_text())["done"] >= 1):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks: rank 1 is rank 0's child, in its session
+    proc.wait(timeout=30)
+    assert results(run)["status"] == "running"  # killed: nothing could write otherwise
+    assert len(list((run / "resume" / "sharded").glob("*.distcp"))) == 2  # each rank wrote its shards
+    clbench(toy_setup, "fit", "--resume", str(run))  # two ranks again, from the run's config.yaml
+    assert results(run)["status"] == "complete"
+    assert_same_run(one, run)

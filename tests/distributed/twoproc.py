@@ -19,25 +19,25 @@ def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedP
     return out
 
 
+def fit_args(out: str, ranks: int, *args: str) -> list[str]:
+    """`fit` of the toy stream into `out/run`: `ranks` processes with the same global batch."""
+    sharding = ["--trainer.devices", "2"] if ranks == 2 else []
+    batch = PER_RANK_BATCH * (2 // ranks)
+    run = ["--stream.batch_size", str(batch), "--run.output_dir", out, "--run.name", "run"]
+    return ["fit", "--config", "toy.yaml", *run, *sharding, *args]
+
+
 def fit(root: Path, out: str, ranks: int, *args: str) -> Path:
     """A run of the toy stream in `root/out/run`: `ranks` processes with the same global batch."""
-    sharding = () if ranks == 1 else ("--trainer.devices", "2")
-    batch = PER_RANK_BATCH * (2 // ranks)
-    clbench(
-        root,
-        "fit",
-        "--config",
-        "toy.yaml",
-        "--stream.batch_size",
-        str(batch),
-        "--run.output_dir",
-        out,
-        "--run.name",
-        "run",
-        *sharding,
-        *args,
-    )
+    clbench(root, *fit_args(out, ranks, *args))
     return root / out / "run"
+
+
+def start_fit(root: Path, out: str, ranks: int, *args: str) -> subprocess.Popen:
+    """`fit` started in a session of its own (os.killpg reaches every rank), output discarded."""
+    cmd = [sys.executable, "-m", "clbench", *fit_args(out, ranks, *args)]
+    quiet = subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=root, env=ENV, stdout=quiet, stderr=quiet, start_new_session=True)
 
 
 def results(run: Path) -> dict:
