@@ -25,28 +25,23 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
 from matplotlib import ticker
 
 from clbench.errors import ConfigError
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
+from clbench.records import read_record
 from clbench.reporting import plt, save_figure
 
 SOURCES = ("lrp", "grad_x_weight", "fisher", "magnitude", "random")
 
 
 def read_run(folder: Path) -> dict | None:
-    """One finished run: strategy settings, seed and what the study needs from its results."""
-    results_path, config_path = folder / "results.json", folder / "config.yaml"
-    if not (results_path.is_file() and config_path.is_file()):
+    """One completed run: strategy settings, seed and what the study needs from its results."""
+    record = read_record(folder)
+    if record is None or record.status != "complete" or not record.config:
         return None
-    results = json.loads(results_path.read_text())
-    if results.get("status") != "complete":
-        return None
-    cfg = yaml.safe_load(config_path.read_text())
-    strategy = cfg.get("strategy") or {}
-    args = strategy.get("init_args") or {}
+    results, cfg, args = record.results, record.config, record.strategy_args
     gates = folder / "importance" / "gate.json"
     removed = []
     if gates.is_file():
@@ -55,12 +50,12 @@ def read_run(folder: Path) -> dict | None:
             for e in json.loads(gates.read_text()).values()
             if "update_mass_removed" in e
         ]
-    setup = {"model": cfg.get("model"), "score_split": (cfg.get("stream") or {}).get("score_split", "test")}
+    setup = {"model": cfg.get("model"), "score_split": record.score_split}
     return {
         "folder": folder,
         "setup": json.dumps(setup, sort_keys=True, default=str),  # what must match to compare runs
         "name": folder.name.rsplit("-seed", 1)[0],
-        "class": str(strategy.get("class_path", "")).rsplit(".", 1)[-1].lower(),
+        "class": record.strategy_class,
         "estimator": args.get("estimator", "lrp"),
         "budget": args.get("budget"),
         "seed": cfg.get("seed_everything"),

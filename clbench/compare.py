@@ -35,7 +35,6 @@ import contextlib
 import csv
 import fcntl
 import io
-import json
 import math
 import os
 import signal
@@ -50,6 +49,7 @@ from typing import NamedTuple
 
 import yaml
 
+from clbench import records
 from clbench.errors import ConfigError
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
@@ -192,16 +192,18 @@ def short_name(strategy: str) -> str:
     return name_for(strategy) if "." in strategy else strategy
 
 
-FINISHED = ("complete", "diverged")  # a collapsed run is an outcome too: the same inputs collapse again
-
-
 def read_finished(run_dir: Path) -> dict | None:
     """A finished run's results (complete, or stopped as diverged), else None; touches nothing."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) and results.get("status") in FINISHED else None
+    record = records.read_finished(run_dir)
+    return record.results if record is not None else None
+
+
+def _results(run_dir: Path) -> dict:
+    """What a fit just left in its folder (results.json is written from the run's start)."""
+    record = records.read_record(run_dir)
+    if record is None:
+        raise ConfigError(f"{run_dir / 'results.json'}: missing or unreadable after the fit")
+    return record.results
 
 
 def plan(args: argparse.Namespace, passthrough: list[str]) -> list[Run]:
@@ -276,10 +278,8 @@ def run_change(run: Run) -> str | None:
     fields = changed_fields(_comparable(ran), expected)
     if fields:
         return ", ".join(fields)
-    try:
-        saved = json.loads((run.dir / "results.json").read_text(encoding="utf-8")).get("identity")
-    except (OSError, ValueError, AttributeError):
-        saved = None
+    record = records.read_record(run.dir)
+    saved = record.identity if record is not None else None
     if saved and saved.get("config_sha256") != sha256_text(text):
         return "its config.yaml was edited after it ran"
     return "; ".join(differences(saved, expected_identity(expected))) or None
@@ -341,12 +341,12 @@ def train_or_reuse(run: Run, changed: bool, console: Console | None = None) -> d
     if not changed and resumable(run.dir) and run_change(run) is None:
         print(f"clbench compare: resuming interrupted run {run.dir}")
         run_fit(["--resume", str(run.dir)], console)
-        return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
+        return _results(run.dir)
     if run.dir.is_dir() and any(run.dir.iterdir()):
         move_aside(run.dir, "changed" if changed else "incomplete")
     run_fit(run.argv, console)
     # What is on disk, so a later rerun that reuses this run builds the same table.
-    return json.loads((run.dir / "results.json").read_text(encoding="utf-8"))
+    return _results(run.dir)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from clbench.errors import ConfigError, safe_name
 from clbench.identity import differences, run_identity, sha256_text
 from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
+from clbench.records import read_record
 from clbench.runner import RunConfig, Runner, prepare_run_dir
 from clbench.stopping import StopWatch, sigterm_stops
 from clbench.strategy import CLStrategy
@@ -247,10 +248,8 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
 
 
 def _status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    record = read_record(run_dir)
+    return record.results if record is not None else {}
 
 
 def _alive(pid: object) -> bool:

@@ -15,10 +15,9 @@ when there are several: tuning runs side by side, one compare per folder).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
-
-import yaml
 
 from clbench.budget_study import comparable_runs, read_run
 from clbench.errors import ConfigError
@@ -29,24 +28,25 @@ KEYS = {"OP": "op", "BWT": "bwt", "own": "own"}
 
 def candidates(comparisons: list[Path]) -> dict[str, dict[str, list[dict]]]:
     """{strategy class: {preset: [finished runs on the seeds all the class's presets ran]}} of
-    eval-split comparison folders."""
+    eval-split comparison folders. Presets compete within their strategy class only, so each class
+    must be like with like (one model setting), not the classes with each other (O-LoRA's LoRA
+    presets beside SSR's full fine-tuning ones)."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     folders = [f for c in comparisons for f in sorted((c / "runs").glob("*-seed*"))]
     runs = [r for f in folders if (r := read_run(f))]
     where = ", ".join(str(c) for c in comparisons)
-    for run in comparable_runs(runs):
-        split = (yaml.safe_load((run["folder"] / "config.yaml").read_text()).get("stream") or {}).get(
-            "score_split"
-        )
+    for run in runs:
+        split = json.loads(run["setup"])["score_split"]
         if split != "eval":
             raise ConfigError(
-                f"{run['folder'] / 'config.yaml'}: stream.score_split is {split or 'test'}; settings are "
+                f"{run['folder'] / 'config.yaml'}: stream.score_split is {split}; settings are "
                 "chosen on eval-split runs only (--stream.score_split eval)"
             )
         groups[run["class"]][run["name"]].append(run)
     if not groups:
         raise ConfigError(f"{where}: no finished run to choose from")
     for strategy, presets in groups.items():
+        comparable_runs([r for rs in presets.values() for r in rs])
         shared = set.intersection(*({r["seed"] for r in rs} for rs in presets.values()))
         if not shared:
             raise ConfigError(f"{where}: the {strategy} presets share no seed; run them on the same seeds")

@@ -53,3 +53,19 @@ def test_tuning_folders_run_side_by_side_are_chosen_from_together(tmp_path):
     write_run(tmp_path / "tune-b", "ewc-l1e2", 1, 0.50, -0.10, ewc)  # the same run in both folders
     with pytest.raises(ConfigError, match="two finished runs of ewc-l1e2 seed 1"):
         select([tmp_path / "tune", tmp_path / "tune-b"])
+
+
+def test_classes_with_different_model_settings_are_chosen_separately_but_not_mixed_within(tmp_path):
+    """O-LoRA's presets (LoRA) and SSR's (full fine-tuning) in one folder: each class is chosen among
+    its own; a class whose presets differ in model settings is still refused."""
+    write_run(tmp_path, "o_lora-l5", 1, 0.45, -0.01, "o_lora")
+    write_run(tmp_path, "o_lora-l05", 1, 0.40, -0.08, "o_lora")
+    write_run(tmp_path, "ssr-s20", 1, 0.57, -0.02, "ssr")
+    for name in ("o_lora-l5", "o_lora-l05"):
+        config = tmp_path / "runs" / f"{name}-seed1" / "config.yaml"
+        config.write_text(config.read_text() + "model: {lora: {r: 8}}\n")
+    assert select(tmp_path) == {"o_lora": "o_lora-l5", "ssr": "ssr-s20"}
+    config = tmp_path / "runs" / "o_lora-l05-seed1" / "config.yaml"
+    config.write_text(config.read_text().replace("r: 8", "r: 4"))
+    with pytest.raises(ConfigError, match="different model settings"):
+        select(tmp_path)

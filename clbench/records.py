@@ -1,0 +1,80 @@
+"""A run folder as every reader sees it: its results.json and its config.yaml, read in one place.
+
+fit (--resume), compare (reuse, tables) and the studies (budget, selection) read finished runs
+through `read_record`; only the runner writes results.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+FINISHED = ("complete", "diverged")  # a collapsed run is an outcome too: the same inputs collapse again
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run folder holds: `results` (results.json) and `config` (config.yaml, resolved; {} if
+    absent)."""
+
+    folder: Path
+    results: dict
+    config: dict
+
+    @property
+    def status(self) -> str | None:
+        return self.results.get("status")
+
+    @property
+    def finished(self) -> bool:
+        """Complete, or stopped as diverged: an outcome that a rerun on the same inputs repeats."""
+        return self.status in FINISHED
+
+    @property
+    def identity(self) -> dict | None:
+        return self.results.get("identity")
+
+    @property
+    def strategy_args(self) -> dict:
+        """The strategy's init arguments as config.yaml resolved them."""
+        strategy = self.config.get("strategy") or {}
+        return (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+
+    @property
+    def strategy_class(self) -> str:
+        """The strategy's short name (registry or entry-point name, else the class name in lower
+        case) from config.yaml's class_path, e.g. "o_lora"."""
+        from strategies import name_for  # the lazy registry: no strategy is imported
+
+        strategy = self.config.get("strategy") or {}
+        path = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
+        return name_for(str(path))
+
+    @property
+    def score_split(self) -> str:
+        return (self.config.get("stream") or {}).get("score_split") or "test"
+
+
+def read_record(folder: Path) -> RunRecord | None:
+    """The run in `folder`, or None when it holds no readable results.json (not started, or cut
+    short while the file was replaced); touches nothing."""
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict):
+        return None
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    return RunRecord(folder, results, config if isinstance(config, dict) else {})
+
+
+def read_finished(folder: Path) -> RunRecord | None:
+    """The run in `folder` if it finished (complete or diverged), else None."""
+    record = read_record(folder)
+    return record if record is not None and record.finished else None
