@@ -172,6 +172,16 @@ def tensor_json(t: torch.Tensor) -> Any:
     return json.loads(t.cpu().numpy().tobytes().decode())
 
 
+def examples_json(kept: list[tuple[int, Example]]) -> list[list]:
+    """Examples kept with their task index, as JSON rows [t, prompt, answer] (for json_tensor)."""
+    return [[t, ex.prompt, ex.answer] for t, ex in kept]
+
+
+def json_examples(rows: list[list]) -> list[tuple[int, Example]]:
+    """The inverse of examples_json."""
+    return [(t, Example(prompt, answer)) for t, prompt, answer in rows]
+
+
 class CLStrategy:
     """Base class of continual-learning strategies: every hook is a no-op by default,
     which is exactly naive sequential fine-tuning.

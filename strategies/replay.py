@@ -18,7 +18,14 @@ from typing import Literal
 import torch
 
 from clbench.data.tasks import Example
-from clbench.strategy import CLStrategy, StrategyContext, json_tensor, tensor_json
+from clbench.strategy import (
+    CLStrategy,
+    StrategyContext,
+    examples_json,
+    json_examples,
+    json_tensor,
+    tensor_json,
+)
 
 Entry = tuple[int, Example]
 Rng = random.Random
@@ -120,10 +127,10 @@ class Replay(CLStrategy):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # Examples are strings: the buffer travels as the UTF-8 bytes of one JSON document.
-        doc = {"seen": self.seen, "buffer": [[t, ex.prompt, ex.answer] for t, ex in self.buffer]}
+        doc = {"seen": self.seen, "buffer": examples_json(self.buffer)}
         return {"buffer": json_tensor(doc)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         doc = tensor_json(state["buffer"])
         self.seen = doc["seen"]
-        self.buffer = [(t, Example(prompt, answer)) for t, prompt, answer in doc["buffer"]]
+        self.buffer = json_examples(doc["buffer"])

@@ -47,7 +47,14 @@ from clbench.data.collate import position_ids_for
 from clbench.data.tasks import Example
 from clbench.distributed import broadcast_object, local
 from clbench.files import write_json
-from clbench.strategy import CLStrategy, StrategyContext, json_tensor, tensor_json
+from clbench.strategy import (
+    CLStrategy,
+    StrategyContext,
+    examples_json,
+    json_examples,
+    json_tensor,
+    tensor_json,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -209,10 +216,10 @@ class SSR(CLStrategy):
         write_json(path, {"counts": self.counts, "examples": rows})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        doc = {"counts": self.counts, "examples": [[t, ex.prompt, ex.answer] for t, ex in self.examples]}
+        doc = {"counts": self.counts, "examples": examples_json(self.examples)}
         return {"synthetic": json_tensor(doc)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         doc = tensor_json(state["synthetic"])
         self.counts = doc["counts"]
-        self.examples = [(t, Example(prompt, answer)) for t, prompt, answer in doc["examples"]]
+        self.examples = json_examples(doc["examples"])
