@@ -28,7 +28,6 @@ from clbench import checkpoint
 from clbench import distributed as dist
 from clbench import resume as resume_state
 from clbench.console import run_log, say
-from clbench.data.collate import LeftPadCollator, TokenizedTask
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, Diverged, inside, safe_name
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
@@ -37,7 +36,8 @@ from clbench.files import write_atomic, write_json
 from clbench.loggers import RunLoggers
 from clbench.module import CLModule, call_trainer
 from clbench.reporting import plot_heatmap, results_markdown
-from clbench.strategy import CLStrategy, StrategyContext, TrainingSettings
+from clbench.services import RunServices
+from clbench.strategy import CLStrategy, StrategyContext
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")
 
@@ -139,10 +139,7 @@ class Runner:
             self.run_cfg.name or f"{stream.name}-{self.strategy_name}-seed{seed}"
         )
         self.loggers = RunLoggers(self.run_dir, logger)
-        self.evaluator = Evaluator(
-            module, lambda task, ex: self.make_prompt_loader(ex, task), self._quiet_trainer
-        )
-        self._task_index = 0
+        self.evaluator = Evaluator(module, self._prompt_loader, self._quiet_trainer)
         T = len(stream)
         self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.scores: dict[int, dict[str, TaskScore]] = {}
@@ -156,117 +153,35 @@ class Runner:
         """Only global rank 0 writes files."""
         return dist.rank() == 0
 
-    # -- services (clbench.strategy.Services) ----------------------------------------------------
-    def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader:
-        """Training-style batches (prompt + answer, answer-only labels), one global batch at a time
-        and the same on every rank (batch_size x world size examples)."""
-        data = self._tokenized(examples, task, with_answer=True)
-        return self._loader(data, self.batch_size * dist.world_size(), shuffle, ranked=False)
-
-    def make_prompt_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:
-        """Prompt-only batches (left-padded, no answer), as generation sees them."""
-        data = self._tokenized(examples, task, with_answer=False)
-        return self._loader(data, self.eval_batch_size, False, ranked=False)
-
-    def predict(self, task: Task, examples: list[Example]) -> list[str]:
-        """Greedy answers to the examples' prompts, post-processed like the evaluator's."""
-        return self.evaluator.predict(task, examples)
-
-    def side_fit(self, task: Task, examples: list[Example]) -> None:
-        """Train the module on examples without strategy hooks or the continual optimizer state."""
-        say(f"clbench: side training on {task.name}: {len(examples)} examples, no strategy hooks")
-        saved_state, hooks = self.module.carried_optimizer_state, (self.module.cl_strategy, self.module.ctx)
-        self.module.carried_optimizer_state = {}
-        self.module.attach(CLStrategy(), self.module.ctx)
-        try:
-            trainer = self.trainer_factory(
-                max_epochs=task.epochs,
-                max_steps=task.max_steps,
-                logger=False,
-                enable_checkpointing=False,
-                callbacks=[],
-                default_root_dir=str(self.run_dir),
-            )
-            loader = self._train_loader(examples, task)
-            call_trainer(trainer, "fit", self.module, train_dataloaders=loader)
-        finally:
-            self.module.carried_optimizer_state = saved_state
-            self.module.attach(*hooks)
-
-    def training_settings(self, task: Task) -> TrainingSettings:
-        trainer, module, world = self._quiet_trainer(), self.module, dist.world_size()
-        accumulate = int(trainer.accumulate_grad_batches)
-        return TrainingSettings(
-            lr=module.lr,
-            weight_decay=module.weight_decay,
-            betas=tuple(module.betas),
-            warmup_steps=module.warmup_steps,
-            schedule=module.schedule,
-            epochs=task.epochs,
-            max_steps=task.max_steps,
+    def services(self, t: int) -> RunServices:
+        """What strategies (and the loop) use for task t: loaders seeded for t, prediction, side fit."""
+        return RunServices(
+            self.module,
+            self.stream,
+            t,
+            self.run_dir,
+            self.trainer_factory,
+            self._quiet_trainer,
+            self.evaluator,
+            prompt_format=self.prompt_format,
             batch_size=self.batch_size,
-            world_size=world,
-            accumulate_grad_batches=accumulate,
-            global_batch=self.batch_size * world * accumulate,
-            precision=str(trainer.precision),
-            gradient_clip_val=trainer.gradient_clip_val,
-        )
-
-    def frozen_copy(self) -> torch.nn.Module:
-        return self.module.frozen_copy()
-
-    def generate_text(
-        self,
-        prompts: list[str],
-        max_new_tokens: int,
-        model: torch.nn.Module | None = None,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> list[str]:
-        """Free text from raw prompts (CLModule.generate_text), in the evaluation's batch size and
-        precision."""
-        with self._quiet_trainer().precision_plugin.forward_context():
-            return self.module.generate_text(
-                prompts, max_new_tokens, model, self.eval_batch_size, temperature, seed
-            )
-
-    # -- data ---------------------------------------------------------------------------------
-    def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:
-        task = task or self.stream.tasks[self._task_index]
-        return TokenizedTask(
-            examples, task, self.module.tokenizer, self.prompt_format, with_answer=with_answer
-        )
-
-    def _train_loader(self, examples: list[Example], task: Task | None = None) -> DataLoader:
-        """This rank's share of each global batch (per-rank batch_size), in the run's seeded order."""
-        data = self._tokenized(examples, task, with_answer=True)
-        return self._loader(data, self.batch_size, True, ranked=True)
-
-    def _loader(self, data: TokenizedTask, batch_size: int, shuffle: bool, ranked: bool) -> DataLoader:
-        # Every DataLoader iterator draws from the global RNG, evaluation's too; a generator of
-        # its own per task keeps the training order the same whatever was evaluated before.
-        generator = torch.Generator().manual_seed(self.seed * 1000 + self._task_index)
-        world, rank = (dist.world_size(), dist.rank()) if ranked else (1, 0)
-        sampler = dist.RankBatchSampler(len(data), batch_size, shuffle, generator, world, rank)
-        # the loader draws its workers' base seed from the same generator first (as a shuffled
-        # DataLoader with this generator always did), never from the global RNG
-        return DataLoader(
-            data,
-            batch_sampler=sampler,
-            generator=generator,
-            collate_fn=LeftPadCollator(self.module.tokenizer.pad_token_id),
+            eval_batch_size=self.eval_batch_size,
+            seed=self.seed,
             num_workers=self.run_cfg.num_workers,
         )
 
+    def _prompt_loader(self, task: Task, examples: list[Example]) -> DataLoader:
+        # prompt batches are unshuffled: the task index that seeds the loader changes nothing here
+        return self.services(self.stream.names.index(task.name)).make_prompt_loader(examples, task)
+
     def _ctx(self, t: int) -> StrategyContext:
-        self._task_index = t
         return StrategyContext(
             self.module,
             self.stream,
             t,
             self.run_dir,
             seed=self.seed,
-            services=self,
+            services=self.services(t),
             rank=dist.rank(),
             world_size=dist.world_size(),
         )
@@ -380,7 +295,7 @@ class Runner:
         self.strategy.on_task_start(ctx)
         examples = self.strategy.training_examples(ctx, task.train)
         say(f"clbench: task {t + 1}/{len(self.stream)} {task.name}: training on {len(examples)} examples")
-        probe = self._loss_probe(task)
+        probe = self._loss_probe(t, task)
         before = self._mean_loss(probe)
         recorder = LossRecorder(task.name, before, self._vocab_size())
         logger = self.loggers.for_task(t, task.name, self._steps_done())
@@ -394,7 +309,8 @@ class Runner:
             enable_checkpointing=False,
         )
         self.module.attach(self.strategy, ctx)
-        call_trainer(trainer, "fit", self.module, train_dataloaders=self._train_loader(examples))
+        loader = self.services(t).train_loader(examples)
+        call_trainer(trainer, "fit", self.module, train_dataloaders=loader)
         self.strategy.on_task_end(ctx)
         self.losses[task.name] = (before, self._mean_loss(probe))
         self.train_loss[task.name] = recorder.losses
@@ -409,11 +325,10 @@ class Runner:
         out = self.module.model.get_output_embeddings()
         return getattr(out, "out_features", None) or getattr(self.module.model.config, "vocab_size", None)
 
-    def _loss_probe(self, task: Task) -> DataLoader:
+    def _loss_probe(self, t: int, task: Task) -> DataLoader:
         """The task's eval split (or first 64 training examples): loss before vs after its training.
         Every rank computes it on all of them, so each holds the same value."""
-        examples = task.eval or task.train[:64]
-        return self._loader(self._tokenized(examples, task, True), self.batch_size, False, ranked=False)
+        return self.services(t).probe_loader(task.eval or task.train[:64], task)
 
     def _mean_loss(self, loader: DataLoader) -> float:
         out = call_trainer(self._quiet_trainer(), "validate", self.module, dataloaders=loader, verbose=False)
