@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_fit import toy_config, write_config
 
-from clbench.analyze import layer_of, spearman, topk_overlap
 from clbench.cli import main
+from clbench.studies.importance import layer_of, spearman, topk_overlap
 
 
 def test_overlap_and_spearman_on_known_maps():

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from clbench.analyze import main
-from clbench.budget_study import collect
 from clbench.errors import ConfigError
+from clbench.studies.budget import collect
 
 
 def write_run(root, name, seed, bwt, diagonal, strategy, removed=None, status="complete", model=None, op=0.5):

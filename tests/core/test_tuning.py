@@ -9,7 +9,7 @@ import yaml
 
 from clbench.analyze import main
 from clbench.errors import ConfigError
-from clbench.tuning import select
+from clbench.studies.selection import select
 
 
 def write_run(root, name, seed, op, bwt, class_path, split="eval"):

@@ -19,9 +19,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from clbench.budget_study import comparable_runs, read_run
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
+from clbench.studies.budget import comparable_runs, read_run
 
 KEYS = {"OP": "op", "BWT": "bwt", "own": "own"}
 
