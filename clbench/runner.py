@@ -7,14 +7,10 @@ return at once on the next `fit` (the max_epochs pitfall), and per-task epochs d
 from __future__ import annotations
 
 import math
-import os
-import platform
-import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,15 +27,12 @@ from clbench.console import run_log, say
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, Diverged, inside, safe_name
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
-from clbench.evaluation.matrix import summarize
-from clbench.files import write_atomic, write_json
+from clbench.files import write_atomic
 from clbench.loggers import RunLoggers
 from clbench.module import CLModule, call_trainer
-from clbench.reporting import plot_heatmap, results_markdown
+from clbench.recorder import Recorder
 from clbench.services import RunServices
 from clbench.strategy import CLStrategy, StrategyContext
-
-PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")
 
 
 @dataclass
@@ -68,32 +61,6 @@ class RunConfig:
     checkpoints: Literal["every_task", "last", "none"] = "every_task"
     num_workers: int = 0
     resumable: bool = True
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def peak_memory_mb() -> float:
-    """Peak accelerator memory when on CUDA, else the process's peak resident set size.
-
-    On Linux that is VmHWM of /proc/self/status: getrusage's ru_maxrss survives fork and exec, so a
-    run started by a large process (a compare, a benchmark holding a model) would report its
-    parent's size whenever its own peak is smaller."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prepare_run_dir(output_dir: str, name: str) -> Path:
@@ -140,13 +107,7 @@ class Runner:
         )
         self.loggers = RunLoggers(self.run_dir, logger)
         self.evaluator = Evaluator(module, self._prompt_loader, self._quiet_trainer)
-        T = len(stream)
-        self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
-        self.scores: dict[int, dict[str, TaskScore]] = {}
-        self.losses: dict[str, tuple[float | None, float | None]] = {}
-        self.train_loss: dict[str, list[float]] = {}
-        self.weight_growth: dict[str, float | None] = {}
-        self.timings = {"train_s": 0.0, "eval_s": 0.0, "per_task_train_s": {}, "steps": {}}
+        self.record = Recorder(stream, self.run_dir, self.strategy_name, seed, identity, self.loggers)
 
     @property
     def writes(self) -> bool:
@@ -200,31 +161,31 @@ class Runner:
         # model stops here, before anything is written
         self.strategy.prepare_model(self._ctx(0))
         if state is not None:
-            self._restore_bookkeeping(state.runner)
+            self.record.restore(state.runner)
         elif self.writes:
             prepare_run_dir(self.run_cfg.output_dir, self.run_dir.name)
             if config_text is not None:
                 write_atomic(self.run_dir / "config.yaml", config_text)
-        self._write_results("running")
+        self._write("running")
         status = "failed"
         try:
             with run_log(self.run_dir / "run.log" if self.writes else None):
                 self._loop(state)
             status = "success"
         except Diverged as e:
-            self._write_results("diverged", str(e))
+            self._write("diverged", str(e))
             raise
         except (KeyboardInterrupt, SystemExit) as e:
-            self._write_results("interrupted", type(e).__name__)
+            self._write("interrupted", type(e).__name__)
             raise
         except BaseException as e:
-            self._write_results(
+            self._write(
                 "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
             raise
         finally:
             self.loggers.finalize(status)
-        return self.results()
+        return self.record.results("complete", None, self._resumable())
 
     def _loop(self, state: resume_state.ResumeState | None) -> None:
         self._connect()
@@ -236,7 +197,7 @@ class Runner:
             say(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
         elif self.run_cfg.evaluate_start:
             self._evaluate_row(0)
-            self._write_results("running")
+            self._write("running")
         for t in range(start, len(self.stream)):
             task = self.stream.tasks[t]
             self._train_task(t, task)
@@ -244,13 +205,18 @@ class Runner:
             self._checkpoint(t, task)
             last = t + 1 == len(self.stream)
             self._save_resume_state(t + 1, last)
-            self._write_results("complete" if last else "running")
+            self._write("complete" if last else "running")
 
     def _resumable(self) -> str:
         """Whether `fit --resume` can go on with this run, and if not, why (results.json says it)."""
         if not self.run_cfg.resumable:
             return "no: run.resumable is false"
         return "yes"
+
+    def _write(self, status: str, error: str | None = None) -> None:
+        """results.json says `status` (rank 0, once the run folder exists)."""
+        if self.writes and self.run_dir.is_dir():
+            self.record.write(status, error, self._resumable())
 
     def _save_resume_state(self, done: int, last: bool) -> None:
         """The state after `done` tasks, for --resume; removed once the run is complete."""
@@ -261,27 +227,9 @@ class Runner:
             if self.writes:
                 shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
             return
-        resume_state.save(self.run_dir, self.module, self.strategy.state_dict(), self._bookkeeping(), done)
-
-    def _bookkeeping(self) -> dict:
-        scores = {str(r): {n: asdict(s) for n, s in row.items()} for r, row in self.scores.items()}
-        return {
-            "matrix": self.matrix,
-            "scores": scores,
-            "losses": self.losses,
-            "train_loss": self.train_loss,
-            "weight_growth": self.weight_growth,
-            "timings": self.timings,
-        }
-
-    def _restore_bookkeeping(self, saved: dict) -> None:
-        self.matrix = saved["matrix"]
-        self.scores = {
-            int(r): {n: TaskScore(**s) for n, s in row.items()} for r, row in saved["scores"].items()
-        }
-        self.losses = {n: tuple(v) for n, v in saved["losses"].items()}
-        self.train_loss, self.timings = saved["train_loss"], saved["timings"]
-        self.weight_growth = saved.get("weight_growth", {})
+        resume_state.save(
+            self.run_dir, self.module, self.strategy.state_dict(), self.record.bookkeeping(), done
+        )
 
     def _connect(self) -> None:
         """Start the other ranks (Lightning's launcher re-runs the command for them), join the process
@@ -298,7 +246,7 @@ class Runner:
         probe = self._loss_probe(t, task)
         before = self._mean_loss(probe)
         recorder = LossRecorder(task.name, before, self._vocab_size())
-        logger = self.loggers.for_task(t, task.name, self._steps_done())
+        logger = self.loggers.for_task(t, task.name, self.record.steps_done())
         monitor = [LearningRateMonitor(logging_interval="step")] if logger else []  # it needs a logger
         trainer = self.trainer_factory(
             max_epochs=task.epochs,
@@ -312,13 +260,11 @@ class Runner:
         loader = self.services(t).train_loader(examples)
         call_trainer(trainer, "fit", self.module, train_dataloaders=loader)
         self.strategy.on_task_end(ctx)
-        self.losses[task.name] = (before, self._mean_loss(probe))
-        self.train_loss[task.name] = recorder.losses
-        self.weight_growth[task.name] = recorder.weight_growth
-        self.timings["steps"][task.name] = trainer.global_step
-        elapsed = time.perf_counter() - start
-        self.timings["per_task_train_s"][task.name] = elapsed
-        self.timings["train_s"] += elapsed
+        loss = (before, self._mean_loss(probe))
+        seconds = time.perf_counter() - start
+        self.record.trained(
+            task.name, loss, recorder.losses, recorder.weight_growth, trainer.global_step, seconds
+        )
 
     def _vocab_size(self) -> int | None:
         """The output vocabulary: the loss of uniform predictions is ln of it."""
@@ -354,28 +300,16 @@ class Runner:
 
     def _evaluate_row(self, row: int) -> None:
         start = time.perf_counter()
-        self.scores[row] = {}
+        scores: dict[str, TaskScore] = {}
         tasks = self._row_tasks(row)
         for k, i in enumerate(tasks):
             task = self.stream.tasks[i]
             raw = self.evaluator.generate(task, task.test, f"row {row}: {task.name} ({k + 1}/{len(tasks)})")
             out = self.run_dir / "predictions" / f"after_{row}" / f"{task.name}.jsonl"
-            score = score_task(task, raw, out if self.writes else None)
-            self.scores[row][task.name] = score
-            self.matrix[row][i] = score.score
-        if self.writes:
-            self._log_scores(row)
-        scores = ", ".join(f"{n} {s.score:.3f}" for n, s in self.scores[row].items())
-        say(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {scores}")
-        self.timings["eval_s"] += time.perf_counter() - start
-
-    def _log_scores(self, row: int) -> None:
-        scores = {f"score/{n}": s.score for n, s in self.scores[row].items()}
-        self.loggers.log(scores, row, self._steps_done())
-
-    def _steps_done(self) -> int:
-        """The run's optimizer steps so far (the tasks trained, resumed ones included)."""
-        return sum(self.timings["steps"].values())
+            scores[task.name] = score_task(task, raw, out if self.writes else None)
+        line = ", ".join(f"{n} {s.score:.3f}" for n, s in scores.items())
+        say(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {line}")
+        self.record.evaluated(row, scores, time.perf_counter() - start, self.writes)
 
     def _checkpoint(self, t: int, task: Task) -> None:
         if self.run_cfg.checkpoints == "none":
@@ -385,64 +319,6 @@ class Runner:
         if self.run_cfg.checkpoints == "last" and t > 0 and self.writes:
             prev = self.stream.tasks[t - 1]
             shutil.rmtree(self.run_dir / "checkpoints" / f"task{t}-{prev.name}", ignore_errors=True)
-
-    # -- results ------------------------------------------------------------------------------
-    def results(self, status: str = "complete", error: str | None = None) -> dict:
-        T, done = len(self.stream), status == "complete"
-        per_task = {}
-        for i, task in enumerate(self.stream.tasks):
-            final = self.scores.get(T, {}).get(task.name)
-            before, after = self.losses.get(task.name, (None, None))
-            per_task[task.name] = {
-                "metric": task.metric,
-                "n_test": len(task.test),
-                "n_train": len(task.train),
-                "start": self.matrix[0][i],
-                "after_own_task": self.matrix[i + 1][i],
-                "final": self.matrix[T][i],
-                "final_stderr": final.stderr if final else None,
-                "valid_label_share": final.valid_label_share if final else None,
-                "majority_baseline": task.majority_baseline(),
-                "labels": task.labels,
-                "loss_before": before,
-                "loss_after": after,
-                "train_loss": self.train_loss.get(task.name, []),
-                "weight_growth": self.weight_growth.get(task.name),
-                "valid_label_share_by_row": {
-                    r: s[task.name].valid_label_share for r, s in self.scores.items() if task.name in s
-                },
-            }
-        self.timings["peak_memory_mb"] = peak_memory_mb()
-        state = {"status": status, "pid": os.getpid(), "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return {
-            **state,
-            **({"error": error} if error else {}),
-            "stream": self.stream.name,
-            "score_split": self.stream.score_split,
-            "strategy": self.strategy_name,
-            "seed": self.seed,
-            "world_size": dist.world_size(),
-            "tasks": self.stream.names,
-            "matrix": self.matrix,
-            "summary": summarize(self.matrix) if done else None,
-            "per_task": per_task,
-            "timings": self.timings,
-            "versions": package_versions(),
-            "identity": self.identity,
-            "resumable": self._resumable(),
-        }
-
-    def _write_results(self, status: str, error: str | None = None) -> None:
-        if not self.writes or not self.run_dir.is_dir():
-            return
-        results = self.results(status, error)
-        write_json(self.run_dir / "results.json", results)
-        if status == "complete":
-            write_atomic(self.run_dir / "results.md", results_markdown(results))
-            title = f"{self.stream.name} · {self.strategy_name}"
-            plot_heatmap(self.stream.names, self.matrix, title, self.run_dir / "heatmap.png")
-            summary = {f"summary/{k}": v for k, v in results["summary"].items() if v is not None}
-            self.loggers.log(summary, None, self._steps_done())
 
 
 # Collapse: training that has stopped learning anything while its weights blew up. Chosen from

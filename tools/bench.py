@@ -118,7 +118,7 @@ def floor_mb() -> float:
     """Peak resident set of a process that imports what `clbench fit` imports and loads nothing."""
     code = (
         "import clbench.fit, strategies, torch, transformers, lightning, peft\n"
-        "from clbench.runner import peak_memory_mb\n"
+        "from clbench.recorder import peak_memory_mb\n"
         "print(peak_memory_mb())"
     )
     return float(

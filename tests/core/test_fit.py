@@ -143,7 +143,7 @@ def test_peak_memory_is_the_process_own_not_a_large_parents(tmp_path):
     import torch
 
     held = torch.ones(1500 * 2**20, dtype=torch.uint8)  # resident: every page written
-    code = "from clbench.runner import peak_memory_mb; print(peak_memory_mb())"
+    code = "from clbench.recorder import peak_memory_mb; print(peak_memory_mb())"
     child = float(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
