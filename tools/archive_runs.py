@@ -4,9 +4,9 @@
 
 For every finished run (results.json status "complete") of the given comparison folders, copies
 config.yaml, results.json, results.md and the strategy's small logs (importance/gate.json,
-importance/used.json, ewc/fisher.json) to <to>/<comparison name>/runs/<run>/. `clbench analyze
-budget` and `clbench analyze select` read the copies as they read the originals, and copying a
-run folder back into a comparison folder lets `clbench compare` reuse it instead of training it
+importance/used.json, ewc/fisher.json, ssr/synthetic.json) to <to>/<comparison name>/runs/<run>/.
+`clbench analyze budget` and `clbench analyze select` read the copies as they read the originals,
+and copying a run folder back into a comparison folder lets `clbench compare` reuse it instead of training it
 again (it reuses a finished run whose config is the invocation's). Predictions, TensorBoard
 files, priors and checkpoints stay behind (large, and not needed for the tables).
 """
@@ -25,6 +25,7 @@ KEPT = (
     "importance/gate.json",
     "importance/used.json",
     "ewc/fisher.json",
+    "ssr/synthetic.json",
 )
 
 
