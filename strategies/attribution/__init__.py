@@ -91,7 +91,7 @@ from clbench.gradients import gate_statistics
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 from strategies.attribution.importance import fold_max, permute_within, rng_preserved
 from strategies.attribution.offload import Parked
-from strategies.attribution.priors import PriorSource
+from strategies.attribution.priors import Parking, PriorCache, PriorSource, Scorer
 
 Tensors = dict[str, torch.Tensor]
 
@@ -177,17 +177,8 @@ class Attribution(CLStrategy):
         self.gate_log: dict[str, dict] = {}  # by the task trained under the gate
         self._moved = torch.zeros(2, dtype=torch.float64)  # gated tensors' update L1 mass: removed, total
         self.tasks_folded = 0
-        self.priors = PriorSource(
-            source,
-            estimator,
-            top_k,
-            max_prior_samples,
-            correct_threshold,
-            prior_dir,
-            record_continual,
-            prior_dtype,
-            offload,
-        )
+        scorer = Scorer(estimator, top_k, max_prior_samples, correct_threshold, prior_dtype)
+        self.priors = PriorSource(source, record_continual, scorer, Parking(offload), PriorCache(prior_dir))
         self._steps = 0  # optimizer steps of the current task under the update gate
         self._nonzero: dict[str, bool] = {}
 
@@ -294,7 +285,9 @@ class Attribution(CLStrategy):
         if not self.rbar:
             yield
             return
-        parked = Parked(self.rbar, self.priors.where(ctx), self.priors.offload_dir(ctx) / "rbar", copy=False)
+        parked = Parked(
+            self.rbar, self.priors.parking.where(ctx), self.priors.parking.folder(ctx) / "rbar", copy=False
+        )
         self.rbar, self.gate, self._nonzero = {}, {}, {}
         try:
             yield
