@@ -31,13 +31,13 @@ def show_bars(on: bool) -> None:
 
 
 @contextmanager
-def progress(desc: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+def progress(desc: str | None, total: int, unit: str) -> Iterator[Callable[[int], None]]:
     """A bar like Lightning's training bar (tqdm, stderr, rank 0 only) for a phase that would
     otherwise be silent for minutes; yields `advance(n)`. It leaves no line behind on a terminal:
     the phase's result line (`say`) follows it."""
     from tqdm.auto import tqdm
 
-    hidden = not BARS["on"] or dist.rank() != 0
+    hidden = desc is None or not BARS["on"] or dist.rank() != 0  # no description: no bar
     bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=hidden)
     try:
         yield bar.update

@@ -65,7 +65,7 @@ class RunLoggers:
     def __init__(self, run_dir: Path, user: Logger | list[Logger] | bool | None) -> None:
         self.run_dir = run_dir
         self.user: list[Logger] | None = None
-        self.enabled = user is not False
+        self.enabled = user is not False and user != []  # Lightning reads [] as no logger too
         if isinstance(user, Logger):
             self.user = [user]
         elif isinstance(user, list) and user:

@@ -421,7 +421,8 @@ class CLModule(pl.LightningModule):
 
     @property
     def accumulate_grad_batches(self) -> int:
-        """Micro-batches per optimizer step of the fit in progress (1 outside a fit)."""
+        """Micro-batches per optimizer step of the attached Trainer (the fit in progress or the last
+        one; 1 before any)."""
         trainer = self._trainer  # Lightning's `trainer` property raises when none is attached
         return trainer.accumulate_grad_batches if trainer is not None else 1
 

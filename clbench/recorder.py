@@ -1,8 +1,9 @@
-"""What a run has measured, and the one writer of what it says: results.json (from the run's start,
+"""What a run has measured, and the writer of what it says: results.json (from the run's start,
 renewed after every task and evaluation row), results.md, heatmap.png and the logger's scores.
 
 The runner reports each trained task and each evaluated row here; resume saves and restores the
-bookkeeping; readers go through clbench.records.
+bookkeeping; readers go through clbench.records. (A run ended by the SIGTERM watchdog gets its
+"interrupted" mark from clbench/stopping.py, which cannot wait for the loop.)
 """
 
 from __future__ import annotations

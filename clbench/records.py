@@ -35,7 +35,8 @@ class RunRecord:
 
     @property
     def identity(self) -> dict | None:
-        return self.results.get("identity")
+        identity = self.results.get("identity")
+        return identity if isinstance(identity, dict) else None
 
     @property
     def strategy_args(self) -> dict:
@@ -55,7 +56,8 @@ class RunRecord:
 
     @property
     def score_split(self) -> str:
-        return (self.config.get("stream") or {}).get("score_split") or "test"
+        stream = self.config.get("stream")
+        return (stream.get("score_split") if isinstance(stream, dict) else None) or "test"
 
 
 def read_record(folder: Path) -> RunRecord | None:
@@ -63,13 +65,13 @@ def read_record(folder: Path) -> RunRecord | None:
     short while the file was replaced); touches nothing."""
     try:
         results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ValueError: bad JSON or bytes that are not UTF-8
         return None
     if not isinstance(results, dict):
         return None
     try:
         config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         config = {}
     return RunRecord(folder, results, config if isinstance(config, dict) else {})
 

@@ -17,6 +17,7 @@ back sharded. Each rank's random generators (CUDA's too) are kept. Not yet: mid-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -70,6 +71,7 @@ def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: d
     if sharded:
         dist.barrier()  # the folder exists before any rank writes into it
         tensors = _flat(module, strategy_state)
+        _check_shardable(tensors)
         dcp.save(tensors, checkpoint_id=str(tmp / SHARDED))
         state["layout"] = {
             k: [f"shard {p.dim}" if p.is_shard() else "replicate" for p in t.placements]
@@ -96,6 +98,28 @@ def save(run_dir: Path, module: torch.nn.Module, strategy_state: dict, runner: d
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_shardable(tensors: dict[str, object]) -> None:
+    """What DCP can save and give back: tensors only, and a plain (not DTensor) tensor the same on
+    every rank, since DCP keeps one rank's copy of it. A collective: every rank."""
+    others = sorted(k for k, v in tensors.items() if not torch.is_tensor(v))
+    if others:
+        raise RuntimeError(f"resume state: {others[0]} is not a tensor; a sharded run saves tensors only")
+    plain = {k: sha256_bytes(v) for k, v in tensors.items() if not dist.is_sharded(v)}
+    ranks = dist.gather_objects(plain)
+    differ = sorted(k for k in plain if any(r.get(k) != plain[k] for r in ranks))
+    if differ:
+        raise RuntimeError(
+            f"resume state: {differ[0]} differs between ranks; a sharded run's plain tensors must be "
+            "the same on every rank (keep per-rank state as a DTensor laid out like its parameter)"
+        )
+
+
+def sha256_bytes(t: torch.Tensor) -> str:
+    """The SHA-256 of a tensor's bytes (any dtype, any shape)."""
+    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
 def _flat(module: torch.nn.Module, strategy_state: dict) -> dict[str, torch.Tensor]:

@@ -76,9 +76,8 @@ def prepare_run_dir(output_dir: str, name: str) -> Path:
 
 
 class Runner:
-    """Runs one strategy over one task stream and writes the run folder.
-
-    It is also the strategies' `Services` (loaders, prediction, side fits, training settings).
+    """Runs one strategy over one task stream: the per-task loop. The strategies' services are a
+    RunServices per task (`services(t)`), results go through the Recorder (`record`).
     Under several ranks every rank runs the whole loop; only rank 0 writes files.
     """
 
@@ -133,7 +132,9 @@ class Runner:
 
     def _prompt_loader(self, task: Task, examples: list[Example]) -> DataLoader:
         # prompt batches are unshuffled: the task index that seeds the loader changes nothing here
-        return self.services(self.stream.names.index(task.name)).make_prompt_loader(examples, task)
+        names = self.stream.names  # a strategy may predict on a task of its own making
+        t = names.index(task.name) if task.name in names else 0
+        return self.services(t).make_prompt_loader(examples, task)
 
     def _ctx(self, t: int) -> StrategyContext:
         return StrategyContext(

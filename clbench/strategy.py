@@ -235,4 +235,7 @@ class CLStrategy:
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned. An unsharded resume hands the tensors over on the CPU
+        (move them where the parameters are when used); a sharded one in the layout they were saved
+        in. Under several ranks, a tensor that is not a DTensor must be the same on every rank (the
+        sharded resume state keeps one copy of it)."""

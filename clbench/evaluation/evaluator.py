@@ -103,7 +103,7 @@ class Evaluator:
             total = sum(len(batches[b]) for b in padded)
             with (
                 warnings.catch_warnings(),  # it returns every index it is given, by construction
-                progress(desc or "", total, "prompt") as advance,
+                progress(desc, total, "prompt") as advance,
             ):
                 warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
                 callbacks = [_Advance(advance)] if desc else []

@@ -8,7 +8,7 @@ see the numbers it will be judged by. Runs are grouped by strategy class (ewc, l
 within a group the preset with the highest mean of `--by` wins (OP by default: BWT alone would
 pick whatever learns least), each mean over the seeds every preset of the group ran, so no preset
 is favoured by a luckier seed. Runs of other model settings are refused
-(budget_study.comparable_runs). Writes selection.md beside the runs: every candidate, and the
+(budget.comparable_runs, per strategy class). Writes selection.md beside the runs: every candidate, and the
 chosen preset per strategy, to run on the test split over the study's seeds (in the first folder
 when there are several: tuning runs side by side, one compare per folder).
 """

@@ -38,9 +38,9 @@ task only (k = `mass_every`, 8; gate.json gives k and the number of steps measur
 those steps.
 
 Importance source. "single_task" (the paper): the prior of task tau comes from a model trained on
-tau alone from the starting weights (same data, epochs, optimizer settings and seed), trained via
-ctx.fit with the continual weights saved and restored and the random-number state untouched. Two
-savings keep the semantics (docs section 5): task 1's single-task model is the continual model
+tau alone from the starting weights (same data, epochs, optimizer settings and seed), trained by
+the services' side_fit with the continual weights saved and restored and the random-number state
+untouched. Two savings keep the semantics (docs section 5): task 1's single-task model is the continual model
 after task 1, so its prior is scored in place; the last task's prior gates nothing and is scored
 only with `score_last_task`. "continual" scores the continual model after each task (no extra
 training). Estimator "magnitude" takes |theta| of the single-task model (no samples scored, no

@@ -116,7 +116,7 @@ class Scorer:
 
 @dataclass
 class Parking:
-    """Where state waits while a prior is computed: `offload` ("auto", "host", "disk"; "auto" by
+    """Where state waits while a prior is computed: `offload` ("memory", "disk" or "auto", by
     the device the parameters live on), this rank's files in RUN_DIR/offload/rank<r>."""
 
     offload: str = "auto"

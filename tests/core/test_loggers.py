@@ -50,3 +50,12 @@ def test_unset_keeps_the_tensorboard_layout_and_false_logs_nothing(trace_dir, ti
     assert main(["fit", "--config", config, "--trainer.logger", "false"]) == 0
     assert not (tmp_path / "runs" / "off" / "tensorboard").exists()
     assert json.loads((tmp_path / "runs" / "off" / "results.json").read_text())["status"] == "complete"
+
+
+def test_an_empty_logger_list_logs_nothing_as_lightning_reads_it(tmp_path):
+    from clbench.loggers import RunLoggers
+
+    loggers = RunLoggers(tmp_path, [])
+    assert loggers.for_task(0, "parity", 0) is False
+    loggers.log({"score/parity": 1.0}, 1, 10)
+    assert not (tmp_path / "tensorboard").exists()

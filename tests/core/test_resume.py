@@ -212,3 +212,13 @@ def test_a_run_that_kept_no_state_says_why_it_cannot_resume(tmp_path, capsys):
     )
     with pytest.raises(ConfigError, match=r"cannot be resumed \(run.resumable is false\)"):
         resume.load(run)
+
+
+def test_a_sharded_resume_state_refuses_what_it_could_not_give_back():
+    import torch
+
+    from clbench.resume import _check_shardable
+
+    _check_shardable({"model::w": torch.ones(2), "optimizer::w::step": torch.tensor(3.0)})
+    with pytest.raises(RuntimeError, match="optimizer::w::lr is not a tensor"):
+        _check_shardable({"model::w": torch.ones(2), "optimizer::w::lr": 0.1})
