@@ -288,13 +288,12 @@ def run_change(run: Run) -> str | None:
 def expected_identity(cfg: dict) -> dict:
     """The identity a fit of this resolved config would record (its config hash aside)."""
     from clbench.data.loaders import StreamConfig, load_stream
-    from clbench.fit import _import, _plain
+    from clbench.fit import _plain
+    from strategies import load
 
     stream = load_stream(StreamConfig(**_plain(cfg.get("stream") or {})))
     strategy = cfg.get("strategy") or {}
-    cls = (
-        _import(strategy["class_path"]) if isinstance(strategy, dict) and strategy.get("class_path") else None
-    )
+    cls = load(strategy["class_path"]) if isinstance(strategy, dict) and strategy.get("class_path") else None
     precision = (cfg.get("trainer") or {}).get("precision")
     return run_identity("", stream, (cfg.get("model") or {}).get("model"), precision, cls)
 

@@ -7,7 +7,6 @@ continual-learning strategy, `--stream.*` the tasks, `--run.*` the output folder
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -29,7 +28,7 @@ from clbench.records import read_record
 from clbench.runner import RunConfig, Runner, prepare_run_dir
 from clbench.stopping import StopWatch, sigterm_stops
 from clbench.strategy import CLStrategy
-from strategies import class_path, name_for, name_of
+from strategies import class_path, load, name_for, name_of
 
 # The run folder's name, chosen once by rank 0: Lightning's launcher starts the other ranks by
 # running the same command again with this process's environment, so they read it from here.
@@ -52,17 +51,12 @@ class CLBenchCLI(LightningCLI):
         self.config_text = self.parser.dump(cfg, skip_none=False, skip_validation=True)
         self.identity = None  # written by rank 0 alone, which alone hashes data, model and code
         if dist.rank() == 0:
-            strategy_class = _import(cfg.strategy.class_path)
+            strategy_class = load(cfg.strategy.class_path)
             self.identity = run_identity(
                 self.config_text, self.stream, cfg.model.model, cfg.trainer.precision, strategy_class
             )
             if _resuming is not None:
                 self.identity = check_resumable(_resuming, self.config_text, self.identity)
-
-
-def _import(path: str) -> type:
-    module, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
 
 
 def agreed_run_name(cfg: Namespace, stream: str) -> str:

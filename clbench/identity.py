@@ -29,6 +29,8 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
 from clbench.data.tasks import Example, TaskStream
 
 # Libraries whose version can change a number (kernels, optimizer, tokenizer, generation).
@@ -38,6 +40,12 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """The SHA-256 of a tensor's bytes (any dtype, any shape)."""
+    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -17,7 +17,6 @@ back sharded. Each rank's random generators (CUDA's too) are kept. Not yet: mid-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from clbench import distributed as dist
 from clbench.errors import ConfigError
-from clbench.identity import file_sha256
+from clbench.identity import file_sha256, tensor_sha256
 from clbench.module import flat_state, nested_state
 
 FOLDER, MARKER = "resume", "complete"
@@ -106,7 +105,7 @@ def _check_shardable(tensors: dict[str, object]) -> None:
     others = sorted(k for k, v in tensors.items() if not torch.is_tensor(v))
     if others:
         raise RuntimeError(f"resume state: {others[0]} is not a tensor; a sharded run saves tensors only")
-    plain = {k: sha256_bytes(v) for k, v in tensors.items() if not dist.is_sharded(v)}
+    plain = {k: tensor_sha256(v) for k, v in tensors.items() if not dist.is_sharded(v)}
     ranks = dist.gather_objects(plain)
     differ = sorted(k for k in plain if any(r.get(k) != plain[k] for r in ranks))
     if differ:
@@ -114,12 +113,6 @@ def _check_shardable(tensors: dict[str, object]) -> None:
             f"resume state: {differ[0]} differs between ranks; a sharded run's plain tensors must be "
             "the same on every rank (keep per-rank state as a DTensor laid out like its parameter)"
         )
-
-
-def sha256_bytes(t: torch.Tensor) -> str:
-    """The SHA-256 of a tensor's bytes (any dtype, any shape)."""
-    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
 def _flat(module: torch.nn.Module, strategy_state: dict) -> dict[str, torch.Tensor]:

@@ -44,9 +44,8 @@ def class_path(name: str) -> str:
     if name in known:
         return known[name]
     if "." in name:
-        module, _, attr = name.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), attr)
+            cls = _class_at(name)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"strategy '{name}' cannot be imported: {e}") from None
         from clbench.strategy import CLStrategy
@@ -60,9 +59,8 @@ def class_path(name: str) -> str:
 def placement_only(path: str) -> tuple[str, ...]:
     """The init arguments of the strategy at class path `path` that change no result (none if the
     class cannot be imported)."""
-    module, _, attr = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), attr)
+        cls = _class_at(path)
     except (ImportError, AttributeError, ValueError):
         return ()
     return tuple(getattr(cls, "placement_only", ()))
@@ -79,7 +77,12 @@ def name_for(path: str) -> str:
 
 def load(name: str) -> type[CLStrategy]:
     """The class of a registry name, entry point or class path (imported now)."""
-    module, _, attr = class_path(name).rpartition(".")
+    return _class_at(class_path(name))
+
+
+def _class_at(path: str) -> type:
+    """The object at dotted path "module.attr", its module imported."""
+    module, _, attr = path.rpartition(".")
     return getattr(importlib.import_module(module), attr)
 
 
