@@ -9,9 +9,10 @@ import math
 import pytest
 from test_fit import toy_config, write_config
 
-from clbench import compare
 from clbench.cli import main
-from clbench.compare import Run, aggregate, csv_text, markdown_table, mean_std, train_or_reuse
+from clbench.compare import plan as planning
+from clbench.compare.plan import Run, fit_arguments
+from clbench.compare.report import aggregate, csv_text, markdown_table, mean_std
 
 
 def fake_run(seed, op, bwt_trace, bwt_gem, fwt, final_a, train_s, eval_s, mem):
@@ -72,34 +73,25 @@ def test_aggregate_and_tables():
     assert rows[0]["runs"] == "runs/seqft-seed1 runs/seqft-seed2"
 
 
-def test_train_or_reuse_moves_unfinished_and_changed_runs_aside(tmp_path, monkeypatch, capsys):
-    def fake_fit(argv, console=None):  # what a fit leaves: a finished run
-        fits.append(argv[0])
-        (tmp_path / argv[0]).mkdir(exist_ok=True)
-        (tmp_path / argv[0] / "results.json").write_text(json.dumps({"status": "complete", "seed": 2}))
-
-    fits: list[str] = []
-    monkeypatch.setattr(compare, "run_fit", fake_fit)
+def test_a_run_that_is_not_reused_starts_in_an_empty_folder_and_nothing_is_deleted(tmp_path, capsys):
     runs = tmp_path / "runs"  # a comparison's runs/ folder
     runs.mkdir()
-    tmp_path = runs
-    for name, status in (("done", "complete"), ("crashed", "running"), ("changed", "complete")):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({"status": status, "seed": 1}))
-    (tmp_path / "empty").mkdir()
+    for name, status in (("crashed", "running"), ("changed", "complete")):
+        (runs / name).mkdir()
+        (runs / name / "results.json").write_text(json.dumps({"status": status, "seed": 1}))
+    (runs / "empty").mkdir()
 
-    def run(name, changed=False):
-        return train_or_reuse(Run("seqft", tmp_path / name, [name]), changed)
+    def start(name, changed=False, decides=True):
+        return fit_arguments(Run("seqft", runs / name, [name]), changed, decides)
 
-    assert run("done") == {"status": "complete", "seed": 1} and fits == []
-    assert run("crashed") == {"status": "complete", "seed": 2} and fits == ["crashed"]
-    assert run("changed", changed=True)["seed"] == 2 and fits[-1] == "changed"
-    assert run("empty")["seed"] == 2 and not list(tmp_path.glob("empty.*"))  # nothing to keep
-    assert run("missing")["seed"] == 2 and fits == ["crashed", "changed", "empty", "missing"]
+    assert start("crashed", decides=False) == ["crashed"] and (runs / "crashed").is_dir()  # not rank 0
+    assert start("crashed") == ["crashed"] and not (runs / "crashed").exists()
+    assert start("changed", changed=True) == ["changed"] and not (runs / "changed").exists()
+    assert start("empty") == ["empty"] and (runs / "empty").is_dir()  # nothing to keep
+    assert start("missing") == ["missing"]
     for name in ("crashed.incomplete-*", "changed.changed-*"):
-        (aside,) = (runs.parent / "superseded").glob(name)  # moved out of runs/, never deleted
+        (aside,) = (tmp_path / "superseded").glob(name)  # moved out of runs/, never deleted
         assert json.loads((aside / "results.json").read_text())["seed"] == 1
-    assert sorted(p.name for p in runs.iterdir()) == ["changed", "crashed", "done", "empty", "missing"]
     assert "(incomplete) to " in capsys.readouterr().out
 
 
@@ -221,25 +213,20 @@ def test_own_task_score_is_the_diagonal_mean_and_is_paired_like_op():
 
 
 def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, monkeypatch):
-    calls: list[list[str]] = []
     runs = tmp_path / "runs"
-
-    def fake_fit(argv, console=None):  # a resumed fit finishes the run in place
-        calls.append(argv)
-        (runs / "killed").mkdir(exist_ok=True)
-        (runs / "killed" / "results.json").write_text(json.dumps({"status": "complete", "seed": 1}))
-
-    monkeypatch.setattr(compare, "run_fit", fake_fit)
-    monkeypatch.setattr(compare, "run_change", lambda run: None)  # its config.yaml is this invocation's
+    monkeypatch.setattr(planning, "run_change", lambda run: None)  # its config.yaml is this invocation's
     (runs / "killed" / "resume").mkdir(parents=True)
     (runs / "killed" / "resume" / "complete").write_text("")
     (runs / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
-    assert train_or_reuse(Run("seqft", runs / "killed", ["fresh"]), False)["status"] == "complete"
-    assert calls == [["--resume", str(runs / "killed")]] and not list(runs.glob("killed.*"))
-    monkeypatch.setattr(compare, "run_change", lambda run: "model.lr")  # another config: rerun it
-    (runs / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
-    train_or_reuse(Run("seqft", runs / "killed", ["killed"]), False)
-    assert calls[-1] == ["killed"] and list((tmp_path / "superseded").glob("killed.incomplete-*"))
+    run = Run("seqft", runs / "killed", ["fresh"])
+    assert fit_arguments(run, False) == ["--resume", str(runs / "killed")]
+    assert fit_arguments(run, True) == ["fresh"]  # --rerun_changed: moved aside, trained afresh
+    assert list((tmp_path / "superseded").glob("killed.changed-*"))
+    (runs / "killed" / "resume").mkdir(parents=True)
+    (runs / "killed" / "resume" / "complete").write_text("")
+    monkeypatch.setattr(planning, "run_change", lambda run: "model.lr")  # another config: rerun it
+    assert fit_arguments(run, False) == ["fresh"]
+    assert list((tmp_path / "superseded").glob("killed.incomplete-*"))
 
 
 def test_jobs_train_side_by_side_with_the_numbers_of_one_at_a_time(
@@ -265,7 +252,7 @@ def test_jobs_train_side_by_side_with_the_numbers_of_one_at_a_time(
     assert main([*argv, "--name", "side", "--jobs", "2"]) == 0
     assert main([*argv, "--name", "serial"]) == 0
     out = capsys.readouterr().out
-    assert out.count("clbench compare: started") == 2 and out.count("clbench compare: finished") == 2
+    assert out.count("clbench compare: started") == 4 and out.count("clbench compare: finished") == 4
 
     def run(folder: str, name: str) -> tuple[dict, list[dict]]:
         d = tmp_path / "runs" / folder / "runs" / f"{name}-seed1"

@@ -17,14 +17,14 @@ from test_compare import fake_run
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
-from clbench.compare import (
+from clbench.compare import parse_args
+from clbench.compare.plan import (
     LOCK,
     _comparable,
     changed_fields,
     expected_identity,
     folder_lock,
-    parse_args,
-    plan,
+    planned_runs,
     resolved_config,
 )
 from clbench.identity import sha256_text
@@ -136,7 +136,7 @@ def test_placement_only_arguments_do_not_make_a_run_another_config():
 def test_one_compare_per_folder_and_a_stale_lock_is_taken_over(trace_dir, tiny_model_dir, tmp_path, capsys):
     cfg = write_config(tmp_path / "toy.yaml", toy(tmp_path, trace_dir, tiny_model_dir))
     argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--seeds", "1"]
-    (run,) = plan(*parse_args(argv[1:]))  # a finished run of this very config and inputs: nothing to train
+    (run,) = planned_runs(*parse_args(argv[1:]))  # finished, this config: nothing to train
     run.dir.mkdir(parents=True)
     resolved = resolved_config(run.argv)
     config_text = yaml.safe_dump(resolved)

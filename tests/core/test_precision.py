@@ -7,7 +7,7 @@ import torch
 from test_fit import toy_config, write_config
 
 from clbench import precision
-from clbench.compare import resolved_config
+from clbench.compare.plan import resolved_config
 
 
 @pytest.fixture

@@ -1,0 +1,252 @@
+"""compare's launch: every run that is not reused is one submitit job.
+
+`--launcher local` (the default): submitit's LocalExecutor starts each run in a process of its
+own on this machine, up to `--jobs` at once in the order given, each with cpu_count // jobs torch
+threads unless OMP_NUM_THREADS is set. `--launcher slurm`: the runs are one SLURM job array
+(`--jobs` of them at a time, SLURM's array parallelism) with the `--slurm.*` resources; a run on
+several GPUs is one job of `gpus_per_node` tasks per node, one per rank, which Lightning reads from
+SLURM's environment.
+
+Inside its job a run is an ordinary `clbench fit` (in the job's own process), its console in
+<comparison>/logs/<run>.log. A job that times out or is preempted (SIGUSR2 before the end) is
+requeued by submitit and goes on from its last finished task with `fit --resume`. When a run
+fails, no further job starts, the running ones finish, then compare fails; when compare is stopped
+(Ctrl-C, SIGTERM, an error), it stops its jobs: SIGTERM first, which lets a fit record
+"interrupted", then submitit's cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from clbench import records
+from clbench.compare.plan import Run, fit_arguments, read_finished
+from clbench.errors import ConfigError
+
+DIVERGED_EXIT = 3  # `clbench fit`'s exit status for a run stopped as diverged
+STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before it is cancelled
+POLL_S = 0.5
+LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # a local job has no time limit of its own
+
+
+@dataclass
+class Slurm:
+    """SLURM resources of each run's job (`--slurm.*`)."""
+
+    partition: str | None = None
+    time: int = 240  # minutes, per job; a job that reaches it is requeued and resumes
+    nodes: int = 1
+    gpus_per_node: int = 0  # also the job's tasks per node: one task per rank (Lightning's SLURM environment)
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+    def check(self) -> None:
+        """One-line errors before anything is planned or trained."""
+        for field in ("time", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb"):
+            value, low = getattr(self, field), 0 if field == "gpus_per_node" else 1
+            if value is not None and value < low:
+                raise ConfigError(f"--slurm.{field}: expected an integer >= {low}, got {value}")
+        if shutil.which("sbatch") is None:
+            raise ConfigError("--launcher slurm: no sbatch on PATH (run compare on a SLURM login node)")
+
+    def parameters(self, parallelism: int, name: str) -> dict:
+        """submitit's SlurmExecutor parameters."""
+        params = {
+            "job_name": name,
+            "partition": self.partition,
+            "time": self.time,
+            "nodes": self.nodes,
+            "ntasks_per_node": max(self.gpus_per_node, 1),
+            "gpus_per_node": self.gpus_per_node or None,
+            "cpus_per_task": self.cpus_per_task,
+            "mem": f"{self.mem_gb}GB" if self.mem_gb else None,
+            "account": self.account,
+            "qos": self.qos,
+            "constraint": self.constraint,
+            "array_parallelism": parallelism,
+            "signal_delay_s": 120,  # SIGUSR2 this long before the time limit: requeue and resume
+            "stderr_to_stdout": True,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class FitJob(submitit.helpers.Checkpointable):
+    """One run in its job: `clbench fit` with the arguments `fit_arguments` decides when the job
+    starts, its console appended to `log`. Returns the fit's exit status. Checkpointable: on
+    timeout or preemption submitit pickles this same job again, requeues it, and on restart it
+    resumes from the run's last finished task."""
+
+    def __init__(self, run: Run, changed: bool, log: Path, threads: str | None) -> None:
+        self.run, self.changed, self.log, self.threads = run, changed, log, threads
+
+    def __call__(self) -> int:
+        if self.threads:  # before torch is imported in this process
+            os.environ["OMP_NUM_THREADS"] = self.threads
+        first_rank = submitit.JobEnvironment().global_rank == 0
+        with console_to(self.log):
+            argv = fit_arguments(self.run, self.changed, decides=first_rank)
+            self.changed = False  # a requeued job resumes, or reruns what it started
+            return fit_here(argv)
+
+
+def fit_here(argv: list[str]) -> int:
+    """`clbench fit` in this process, as `python -m clbench fit ...` would run it: Lightning starts
+    further ranks on this machine by running that command again (from __main__'s module spec)."""
+    import importlib.util
+
+    from clbench.cli import main
+
+    module = sys.modules["__main__"]
+    saved = sys.argv, getattr(module, "__spec__", None)
+    sys.argv, module.__spec__ = ["clbench", "fit", *argv], importlib.util.find_spec("clbench.__main__")
+    try:
+        return main(["fit", *argv])
+    finally:
+        sys.argv, module.__spec__ = saved
+
+
+@contextlib.contextmanager
+def console_to(log: Path) -> Iterator[None]:
+    """This process's stdout and stderr (file descriptors too, for the ranks it starts) appended to
+    `log` for the block."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+@contextlib.contextmanager
+def job_environment() -> Iterator[None]:
+    """What every job inherits from compare's environment while it is submitted: PYTHONSAFEPATH
+    keeps the working directory off the import path (a stray strategies.py there must not shadow
+    clbench's own), in the job and in the ranks Lightning starts."""
+    saved = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = saved
+
+
+def executor(launcher: str, folder: Path, jobs: int, slurm: Slurm) -> submitit.Executor:
+    """submitit's executor for the runs' jobs; its pickles and own logs go to `folder`."""
+    if launcher == "local":
+        ex = submitit.LocalExecutor(folder=folder / "%j")
+        ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, stderr_to_stdout=True)
+        return ex
+    if launcher == "slurm":
+        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
+        ex.update_parameters(**slurm.parameters(jobs, f"clbench-{folder.parent.name}"))
+        return ex
+    raise ConfigError(f"--launcher: expected local or slurm, got '{launcher}'")
+
+
+def submit(ex: submitit.Executor, fits: list[FitJob]) -> list[submitit.Job]:
+    """The jobs of these runs, submitted together (one SLURM array)."""
+    with job_environment(), ex.batch():
+        jobs = [ex.submit(fit) for fit in fits]
+    return jobs
+
+
+def launch(
+    starts: list[tuple[Run, bool]], launcher: str, jobs: int, logs: Path, slurm: Slurm | None = None
+) -> None:
+    """Trains (or resumes) every (run, changed) in `starts` to its end; returns when all finished."""
+    if not starts:
+        return
+    slurm = slurm or Slurm()
+    threads = None
+    if launcher == "local":
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    ex = executor(launcher, logs.parent / "jobs", jobs, slurm)
+    fits = [FitJob(run, changed, logs / f"{run.dir.name}.log", threads) for run, changed in starts]
+    running: dict[submitit.Job, FitJob] = {}
+    waiting = list(fits) if launcher == "local" else []
+    if launcher != "local":  # SLURM keeps `jobs` of the array running
+        running = dict(zip(submit(ex, fits), fits))
+        for fit in fits:
+            print(f"clbench compare: submitted {fit.run.dir.name}: {fit.log}")
+    failure: str | None = None
+    try:
+        while running or (waiting and failure is None):
+            while waiting and failure is None and len(running) < jobs:
+                fit = waiting.pop(0)
+                (job,) = submit(ex, [fit])
+                running[job] = fit
+                print(f"clbench compare: started {fit.run.dir.name} ({threads or '?'} threads): {fit.log}")
+            time.sleep(POLL_S)
+            for job in [j for j in running if j.done()]:
+                why = outcome(job, running.pop(job))
+                failure = failure or why
+        if failure:
+            raise ConfigError(failure)
+    except BaseException:
+        stop(running)
+        raise
+
+
+def outcome(job: submitit.Job, fit: FitJob) -> str | None:
+    """What a finished job means: None when its run finished (complete, or stopped as diverged),
+    else why it failed."""
+    name, where = fit.run.dir.name, f"its error is in {fit.log}"
+    try:
+        code = job.result()
+    except Exception as e:  # the job died (killed, out of memory) or raised
+        return f"{name}: its job {job.job_id} ended without finishing the run ({type(e).__name__}); {where}"
+    if code == DIVERGED_EXIT and read_finished(fit.run.dir) is not None:
+        print(f"clbench compare: {fit.run.dir} diverged (collapsed training); marked in the table")
+        return None
+    if code != 0:
+        return f"clbench fit of {name} failed (exit {code}); {where}"
+    print(f"clbench compare: finished {name}")
+    return None
+
+
+def stop(running: dict[submitit.Job, FitJob]) -> None:
+    """Stops the running jobs: SIGTERM to a local job (its controller passes it to the fit, which
+    records "interrupted"), submitit's cancel after STOP_GRACE_S or on SLURM (scancel)."""
+    for job, fit in running.items():
+        record = records.read_record(fit.run.dir)
+        pid = (record.results.get("pid") if record is not None else None) or "not started"
+        print(f"clbench compare: stopping clbench fit (process {pid}) of {fit.run.dir.name}", file=sys.stderr)
+        if isinstance(job, submitit.LocalJob):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job.job_id), signal.SIGTERM)
+        else:
+            job.cancel(check=False)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(not j.done() for j in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for job in running:
+        if not job.done():
+            job.cancel(check=False)
+    while any(not j.done() for j in running):
+        time.sleep(0.1)
