@@ -23,8 +23,16 @@ random-word examples, with the state a later task trains under:
   attribution update    the same gate folded into AdamW's step; the update mass it removes is
                         measured on every `mass_every`-th step only: "update, mass" measures it on
                         every step (amortised: 1 / mass_every of the difference)
+  ssr                   training_examples: task 1 plus the 20 synthetic examples task 0's end kept
+                        (ssr-s20; their writing at a task's end is not a training step and is not
+                        timed here: BENCHMARKS.md has what the study runs recorded)
+  o_lora                on a second module with LoRA (r 8 on every linear layer, the study's preset)
+                        at the last task of a four-task stream: the three earlier adapters act,
+                        frozen, and every step adds the orthogonality penalty against their A
+                        matrices (lambda_1 5, o_lora-l5); its reference is "lora-seqft", the same
+                        module training model.lora's adapter alone
 
-replay and multitask change only which examples train, so their step is a seqft step on a batch of
+replay, multitask and ssr change only which examples train, so their step is a seqft step on a batch of
 the same shape (batch x tokens, every token labelled); their cost is the number of steps a task
 takes, the "examples" column (at the second task: replay's buffer is TRACE's 10% of task 0, multitask
 trains both tasks; later tasks take more).
@@ -72,15 +80,17 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from clbench.data.tasks import Example, Task, TaskStream  # noqa: E402
 from clbench.module import CLModule  # noqa: E402
-from clbench.strategy import CLStrategy, StrategyContext  # noqa: E402
+from clbench.strategy import CLStrategy, StrategyContext, examples_json, json_tensor  # noqa: E402
 from strategies import REGISTRY, load  # noqa: E402
 from strategies.attribution import Attribution  # noqa: E402
 from strategies.ewc import EWC  # noqa: E402
 from strategies.freeze import Freeze  # noqa: E402
 from strategies.lwf import LwF  # noqa: E402
 from strategies.multitask import Multitask  # noqa: E402
+from strategies.o_lora import OLoRA  # noqa: E402
 from strategies.replay import Replay  # noqa: E402
 from strategies.seqft import SeqFT  # noqa: E402
+from strategies.ssr import SSR  # noqa: E402
 
 BUNDLED = "smollm2-135m-instruct"
 MODELS = (BUNDLED, "tiny")
@@ -127,12 +137,13 @@ class BenchServices:
         return self.module.frozen_copy()
 
 
-def random_stream(n: int, tokens: int, seed: int = 0) -> TaskStream:
-    """Two tasks of n examples each, random words (every example tokenises to more than `tokens`)."""
+def random_stream(n: int, tokens: int, seed: int = 0, tasks: int = 2) -> TaskStream:
+    """`tasks` tasks of n examples each, random words (every example tokenises to more than `tokens`)."""
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud paper light seven green quiet".split()
+    names = ("first", "second", "third", "fourth")[:tasks]
     tasks = []
-    for name in ("first", "second"):
+    for name in names:
         train = [Example(" ".join(rng.choices(words, k=tokens + 8)), rng.choice(words)) for _ in range(n)]
         tasks.append(Task(name=name, train=train, test=train[:1]))
     return TaskStream("bench", tasks)
@@ -186,6 +197,12 @@ def strategy_makers(module: CLModule, ctx0: StrategyContext) -> dict[str, Callab
         strategy.on_task_end(ctx0)
         return strategy
 
+    def ssr() -> CLStrategy:  # ssr-s20 after task 0: 20 kept examples (their text does not matter here)
+        kept = [(0, ex) for ex in ctx0.task.train[:20]]
+        strategy = SSR(synthetic=20)
+        strategy.load_state_dict({"synthetic": json_tensor({"counts": {}, "examples": examples_json(kept)})})
+        return strategy
+
     layers = module.model.config.num_hidden_layers
     makers: dict[str, Callable[[], CLStrategy]] = {
         "seqft": SeqFT,
@@ -198,6 +215,7 @@ def strategy_makers(module: CLModule, ctx0: StrategyContext) -> dict[str, Callab
         "attribution grad": attribution("grad"),
         "attribution update": attribution("update"),
         "update, mass": attribution("update", mass_every=1),
+        "ssr": ssr,
     }
     return makers
 
@@ -281,53 +299,111 @@ def _measure_here(
             covered.add(type(strategy))
             examples[label] = strategy.training_examples(ctx, ctx.task.train)
             del strategy
+        covered.add(OLoRA)  # timed on a LoRA module by lora_rounds
         missing = [name for name in REGISTRY if load(name) not in covered]
         assert not missing, f"bench_gate does not time {missing}"
         tok = module.tokenizer
         data = {label: batches_of(ex, tok, steps + 1, batch, tokens) for label, ex in examples.items()}
-        per_round: list[dict[str, dict[str, float]]] = []
-        labels = list(makers)
-        for r in range(rounds):
-            seconds: dict[str, dict[str, float]] = {}
-            shift = r * max(1, len(labels) // rounds)  # each round starts elsewhere: no strategy always first
-            for label in labels[shift % len(labels) :] + labels[: shift % len(labels)]:
-                strategy = makers[label]()
-                strategy.on_task_start(ctx)  # freeze freezes, LwF copies its teacher, EWC restarts
-                saved = dict(module.carried_optimizer_state)  # freeze's fit keeps only what it trained
-                timer = StepTimer()
-                module.attach(strategy, ctx)
-                loader = DataLoader(data[label], batch_size=None)
-                quiet_trainer(steps + 1, [timer]).fit(module, train_dataloaders=loader)
-                module.carried_optimizer_state = {**saved, **module.carried_optimizer_state}
-                module.attach(SeqFT(), ctx)
-                del strategy  # its state (LwF's teacher, EWC's Fisher, the gate) goes before the next
+        results = timed_rounds(module, ctx, makers, data, rounds, steps, "seqft", log)
+        for label, out in results.items():
+            out["examples"] = len(examples[label]) / len(examples["seqft"])
+        del module, makers, data
+        gc.collect()
+        lora = lora_rounds(name, batch, tokens, rounds, steps, weight_decay, Path(tmp), log)
+        return results | {label: out | {"examples": 1.0} for label, out in lora.items()}
+
+
+def timed_rounds(
+    module: CLModule,
+    ctx: StrategyContext,
+    makers: dict[str, Callable[[], CLStrategy]],
+    data: dict[str, list[dict]],
+    rounds: int,
+    steps: int,
+    reference: str,
+    log: Callable[[str], None] | None,
+) -> dict[str, dict[str, float]]:
+    """Each round fits every strategy for a warm-up and `steps` timed steps, starting at another one
+    each round; per strategy the median over rounds of its step time over `reference`'s."""
+    per_round: list[dict[str, dict[str, float]]] = []
+    labels = list(makers)
+    for r in range(rounds):
+        seconds: dict[str, dict[str, float]] = {}
+        shift = r * max(1, len(labels) // rounds)  # each round starts elsewhere: no strategy always first
+        for label in labels[shift % len(labels) :] + labels[: shift % len(labels)]:
+            strategy = makers[label]()
+            strategy.on_task_start(ctx)  # freeze freezes, LwF copies its teacher, EWC restarts, O-LoRA
+            saved = dict(module.carried_optimizer_state)  # freeze's fit keeps only what it trained
+            timer = StepTimer()
+            module.attach(strategy, ctx)
+            loader = DataLoader(data[label], batch_size=None)
+            quiet_trainer(steps + 1, [timer]).fit(module, train_dataloaders=loader)
+            module.carried_optimizer_state = {**saved, **module.carried_optimizer_state}
+            module.attach(SeqFT(), ctx)
+            del strategy  # its state (LwF's teacher, EWC's Fisher, the gate) goes before the next
+            if not module.adapter_names():
                 for p in module.model.parameters():
                     p.requires_grad_(True)  # what freeze froze
-                gc.collect()
-                # the first step warms up (and measures EWC's value and the update mass)
-                seconds[label] = {clock: statistics.median(v[1:]) for clock, v in timer.times.items()}
-            per_round.append(seconds)
-            if log is not None:
-                log("  round (cpu s/step): " + ", ".join(f"{k} {seconds[k]['cpu']:.3f}" for k in labels))
-        results = {}
-        for label in makers:
-            out: dict[str, float] = {}
-            for clock in CLOCKS:
-                ratios = [r[label][clock] / r["seqft"][clock] for r in per_round]
-                out[clock] = statistics.median(ratios)
-                out[f"{clock}_min"], out[f"{clock}_max"] = min(ratios), max(ratios)
-            out["seconds"] = statistics.median(r[label]["wall"] for r in per_round)
-            out["cpu_seconds"] = statistics.median(r[label]["cpu"] for r in per_round)
-            out["examples"] = len(examples[label]) / len(examples["seqft"])
-            results[label] = out
-        return results
+            gc.collect()
+            # the first step warms up (and measures EWC's value and the update mass)
+            seconds[label] = {clock: statistics.median(v[1:]) for clock, v in timer.times.items()}
+        per_round.append(seconds)
+        if log is not None:
+            log("  round (cpu s/step): " + ", ".join(f"{k} {seconds[k]['cpu']:.3f}" for k in labels))
+    results = {}
+    for label in makers:
+        out: dict[str, float] = {}
+        for clock in CLOCKS:
+            ratios = [r[label][clock] / r[reference][clock] for r in per_round]
+            out[clock] = statistics.median(ratios)
+            out[f"{clock}_min"], out[f"{clock}_max"] = min(ratios), max(ratios)
+        out["seconds"] = statistics.median(r[label]["wall"] for r in per_round)
+        out["cpu_seconds"] = statistics.median(r[label]["cpu"] for r in per_round)
+        results[label] = out
+    return results
+
+
+def lora_rounds(
+    name: str,
+    batch: int,
+    tokens: int,
+    rounds: int,
+    steps: int,
+    weight_decay: float,
+    tmp: Path,
+    log: Callable[[str], None] | None,
+) -> dict[str, dict[str, float]]:
+    """o_lora against lora-seqft: a module with model.lora (r 8, every linear layer) at the last task
+    of a four-task stream, O-LoRA's three earlier adapters active and frozen. lora-seqft trains
+    model.lora's adapter alone on the same module and batches."""
+    from clbench.models import LoRA
+
+    module = CLModule(model=name, lora=LoRA(r=8), weight_decay=weight_decay)
+    stream = random_stream(max(32, batch * (steps + 1)), tokens, tasks=4)
+    ctx = StrategyContext(module, stream, 3, tmp, services=BenchServices(module))
+    OLoRA().prepare_model(ctx)  # adds the adapters of tasks 1-3 (fresh A, B = 0: the cost is the same)
+    adapters = module.adapter_names()
+
+    def lora_seqft() -> CLStrategy:
+        module.set_adapters(adapters[:1], trainable=adapters[:1])
+        return SeqFT()
+
+    def o_lora() -> CLStrategy:
+        strategy = OLoRA(lambda_1=5.0)
+        strategy.prepare_model(ctx)  # finds the adapters prepared above
+        return strategy
+
+    batches = batches_of(ctx.task.train, module.tokenizer, steps + 1, batch, tokens)
+    makers = {"lora-seqft": lora_seqft, "o_lora": o_lora}
+    return timed_rounds(module, ctx, makers, dict.fromkeys(makers, batches), rounds, steps, "lora-seqft", log)
 
 
 def markdown(results: dict[str, dict[str, float]], model: str) -> str:
     """`measure`'s results as a markdown table under a one-line caption."""
     lines = [
         f"Training step time relative to seqft ({model}, bf16-mixed; median over rounds, range in "
-        "brackets), and the training examples of the second task relative to seqft's:",
+        "brackets), and the training examples of the second task relative to seqft's; lora-seqft and "
+        "o_lora relative to lora-seqft (a LoRA module, the last of four tasks):",
         "",
         "| strategy | step time vs seqft (cpu) | step time vs seqft (wall) | s/step (cpu) | examples |",
         "|---|---|---|---|---|",
