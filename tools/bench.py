@@ -29,7 +29,7 @@ command, the commit and the machine, replacing that part only):
   against the bare PyTorch loop and `model.generate` a user would write (tools/bench_overhead.py).
 - ranks_memory, ranks_scoring (once, with the bundled model's run; their models are built in code):
   per-rank peak memory of a Llama with Llama-3.2-1B's widths under FSDP2 on 1, 2 and 4 gloo
-  processes against README's bytes per parameter, and LRP scoring time on 1 and 2 processes
+  processes against docs/memory.md's bytes per parameter, and LRP scoring time on 1 and 2 processes
   (tools/bench_ranks.py).
 """
 
@@ -74,8 +74,10 @@ RUNS: dict[str, list[str]] = {
     "multitask": ["--strategy", "multitask"],
     "attribution": ATTRIBUTION,  # offload "auto": disk when training on the CPU
     "attribution, offload memory": [*ATTRIBUTION, "--strategy.offload", "memory"],
+    "ssr": ["--strategy", "ssr"],  # ssr-s20's settings (the defaults): keeps its starting model
 }
 LORA_RUNS = ("seqft", "attribution", "attribution, offload memory")
+LORA_ONLY = {"o_lora": ["--strategy", "o_lora", "--strategy.lambda_1", "5"]}  # o_lora-l5; needs LoRA
 
 
 # -- memory of whole runs ----------------------------------------------------------------------
@@ -160,8 +162,8 @@ def memory(model: str, model_path: str, folder: Path, lora: bool = True) -> dict
         )
     if lora:
         out["trainable_lora"] = trainable_count(model_path, 8)
-        for name in LORA_RUNS:
-            args = [*RUNS[name], "--model.lora.r", "8"]
+        for name, run in [*((n, RUNS[n]) for n in LORA_RUNS), *LORA_ONLY.items()]:
+            args = [*run, "--model.lora.r", "8"]
             out["lora"][name] = fit_peak_mb(
                 config, args, f"lora-{name.replace(', ', '-').replace(' ', '-')}", folder
             )

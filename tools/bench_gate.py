@@ -30,7 +30,8 @@ random-word examples, with the state a later task trains under:
                         at the last task of a four-task stream: the three earlier adapters act,
                         frozen, and every step adds the orthogonality penalty against their A
                         matrices (lambda_1 5, o_lora-l5); its reference is "lora-seqft", the same
-                        module training model.lora's adapter alone
+                        module training model.lora's adapter alone; "o_lora, no penalty" (lambda_1
+                        0) splits the cost of the acting adapters from the penalty's
 
 replay, multitask and ssr change only which examples train, so their step is a seqft step on a batch of
 the same shape (batch x tokens, every token labelled); their cost is the number of steps a task
@@ -388,13 +389,16 @@ def lora_rounds(
         module.set_adapters(adapters[:1], trainable=adapters[:1])
         return SeqFT()
 
-    def o_lora() -> CLStrategy:
-        strategy = OLoRA(lambda_1=5.0)
-        strategy.prepare_model(ctx)  # finds the adapters prepared above
-        return strategy
+    def o_lora(lambda_1: float) -> Callable[[], CLStrategy]:
+        def make() -> CLStrategy:
+            strategy = OLoRA(lambda_1=lambda_1)
+            strategy.prepare_model(ctx)  # finds the adapters prepared above
+            return strategy
+
+        return make
 
     batches = batches_of(ctx.task.train, module.tokenizer, steps + 1, batch, tokens)
-    makers = {"lora-seqft": lora_seqft, "o_lora": o_lora}
+    makers = {"lora-seqft": lora_seqft, "o_lora": o_lora(5.0), "o_lora, no penalty": o_lora(0.0)}
     return timed_rounds(module, ctx, makers, dict.fromkeys(makers, batches), rounds, steps, "lora-seqft", log)
 
 

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tools/bench_ranks.py memory --ranks 1,2,4 [--write]
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python tools/bench_ranks.py scoring --ranks 1,2 [--write]
 
-memory: README's per-GPU table rests on bytes per parameter (weights, gradients and AdamW moments 16 B,
+memory: docs/memory.md's per-GPU table rests on bytes per parameter (weights, gradients, AdamW moments 16 B,
 EWC's Fisher and anchor 8 B, attribution's R-bar 4 B, its top-K slots 16 B), divided by the number of
 ranks, plus parts every rank holds whole. This checks that model on CPU ranks, where host memory is the
 device memory: a Llama with Llama-3.2-1B's widths (hidden 2048, MLP 8192, vocabulary 128256, 32 heads,
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from shapes import LLAMA_1B, SMOLLM2  # noqa: E402
 
-# README's table: bytes per parameter of each phase's sharded state
+# docs/memory.md's table: bytes per parameter of each phase's sharded state
 TABLE_BYTES = {"seqft": 16, "ewc": 24, "attribution train": 20, "attribution score": 4 + 16}
 PHASES = tuple(TABLE_BYTES)
 
@@ -376,7 +376,8 @@ def memory_markdown(res: dict) -> str:
         f"Llama-3.2-1B widths, {res['layers']} decoder layers, random weights: {params / 1e6:.1f} M "
         f"parameters ({128256 * 2048 / 1e6:.1f} M of them the tied embedding). Per-rank peak resident set "
         "above the "
-        "rank's floor (libraries imported, process group up), GB; the largest rank's. 'table' is README's "
+        "rank's floor (libraries imported, process group up), GB; the largest rank's. 'table' is "
+        "docs/memory.md's "
         "bytes per parameter x parameters / N (the sharded state only); 'rest' is peak - table, what every "
         "rank holds beside its shard (gathered units, their gradients, activations, the engine's model).",
         "",
