@@ -121,6 +121,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, passthrough = p.parse_known_args(argv)
     args.slurm = Slurm(**{f: getattr(args, f"slurm_{f}") for f in vars(Slurm())})
     if args.launcher == "slurm":
+        passthrough += slurm_trainer_args(args.slurm, passthrough)
         args.slurm.check()
     if args.jobs < 1:
         raise ConfigError(f"--jobs: expected a positive integer, got {args.jobs}")
@@ -149,6 +150,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, passthrough
 
 
+def slurm_trainer_args(slurm: Slurm, passthrough: list[str]) -> list[str]:
+    """The Trainer settings a SLURM job's shape fixes (Lightning refuses a job whose tasks per node or
+    nodes differ from its devices or num_nodes): added to every fit, refused when given otherwise."""
+    given = {}
+    for i, arg in enumerate(passthrough):
+        option, _, value = arg.partition("=")
+        if option in ("--trainer.num_nodes", "--trainer.devices"):
+            given[option] = value or (passthrough[i + 1] if i + 1 < len(passthrough) else "")
+    fixed = {"--trainer.num_nodes": str(slurm.nodes)}
+    if slurm.gpus_per_node:
+        fixed["--trainer.devices"] = str(slurm.gpus_per_node)
+    added = []
+    for option, value in fixed.items():
+        if option not in given:
+            added += [option, value]
+        elif given[option] != value:
+            raise ConfigError(
+                f"{option} {given[option]}: the SLURM job has {value} (--slurm.nodes, "
+                "--slurm.gpus_per_node); leave it out and compare sets it"
+            )
+    return added
+
+
 def _read_config(path: str) -> dict:
     from clbench.fit import read_yaml
 
@@ -174,7 +198,7 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
         starts = []
         for run in runs:
             if run.dir in changed or read_finished(run.dir) is None:
-                starts.append((run, run.dir in changed))
+                starts.append(run)
             else:
                 print(f"clbench compare: reusing finished run {run.dir}")
         launch(starts, args.launcher, args.jobs, args.compare_dir / "logs", args.slurm)

@@ -8,21 +8,25 @@ several GPUs is one job of `gpus_per_node` tasks per node, one per rank, which L
 SLURM's environment.
 
 Inside its job a run is an ordinary `clbench fit` (in the job's own process), its console in
-<comparison>/logs/<run>.log. A job that times out or is preempted (SIGUSR2 before the end) is
-requeued by submitit and goes on from its last finished task with `fit --resume`. When a run
-fails, no further job starts, the running ones finish, then compare fails; when compare is stopped
+<comparison>/logs/<run>.log. A job sent SIGUSR2 (before its time limit, or a preemption the
+cluster signals so) is requeued by submitit; whenever a job starts it decides from the run's folder
+(plan.fit_arguments), so a requeued run goes on from its last finished task with `fit --resume`.
+When a run fails, no further job starts (on SLURM: its pending array tasks are cancelled), the
+running ones finish, then compare fails; when compare is stopped
 (Ctrl-C, SIGTERM, an error), it stops its jobs: SIGTERM first, which lets a fit record
 "interrupted", then submitit's cancel.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,22 +88,30 @@ class Slurm:
 
 
 class FitJob(submitit.helpers.Checkpointable):
-    """One run in its job: `clbench fit` with the arguments `fit_arguments` decides when the job
-    starts, its console appended to `log`. Returns the fit's exit status. Checkpointable: on
-    timeout or preemption submitit pickles this same job again, requeues it, and on restart it
-    resumes from the run's last finished task."""
+    """One run in its job: `clbench fit` with the arguments `fit_arguments` decides from the run's
+    folder when the job starts, its console appended to `log`. Returns the fit's exit status (0 when
+    the run was already finished). Checkpointable: on SIGUSR2 (a time limit, or a preemption the
+    cluster signals) submitit pickles this same job again and requeues it; on restart it resumes
+    from the run's last finished task. `devices`: compare's CUDA_VISIBLE_DEVICES (None: unset),
+    which submitit's local executor overwrites for jobs that ask it for no GPU."""
 
-    def __init__(self, run: Run, changed: bool, log: Path, threads: str | None) -> None:
-        self.run, self.changed, self.log, self.threads = run, changed, log, threads
+    def __init__(self, run: Run, log: Path, devices: str | None) -> None:
+        self.run, self.log, self.devices = run, log, devices
 
     def __call__(self) -> int:
-        if self.threads:  # before torch is imported in this process
-            os.environ["OMP_NUM_THREADS"] = self.threads
+        if submitit.JobEnvironment().cluster == "local":  # before anything initialises CUDA
+            if self.devices is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = self.devices
         first_rank = submitit.JobEnvironment().global_rank == 0
         with console_to(self.log):
-            argv = fit_arguments(self.run, self.changed, decides=first_rank)
-            self.changed = False  # a requeued job resumes, or reruns what it started
-            return fit_here(argv)
+            try:
+                argv = fit_arguments(self.run, decides=first_rank)
+            except Exception:
+                traceback.print_exc()  # into the run's log, where compare's message points
+                raise
+            return 0 if argv is None else fit_here(argv)
 
 
 def fit_here(argv: list[str]) -> int:
@@ -141,45 +153,51 @@ def console_to(log: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def job_environment() -> Iterator[None]:
+def job_environment(threads: str | None) -> Iterator[None]:
     """What every job inherits from compare's environment while it is submitted: PYTHONSAFEPATH
     keeps the working directory off the import path (a stray strategies.py there must not shadow
-    clbench's own), in the job and in the ranks Lightning starts."""
-    saved = os.environ.get("PYTHONSAFEPATH")
-    os.environ["PYTHONSAFEPATH"] = "1"
+    clbench's own), in the job and in the ranks Lightning starts; OMP_NUM_THREADS (`threads`) is
+    set before the job's process starts, so every library that reads it at load time sees it."""
+    values = {"PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": threads}
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is not None:
+            os.environ[key] = value
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ["PYTHONSAFEPATH"]
-        else:
-            os.environ["PYTHONSAFEPATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def executor(launcher: str, folder: Path, jobs: int, slurm: Slurm) -> submitit.Executor:
-    """submitit's executor for the runs' jobs; its pickles and own logs go to `folder`."""
+    """submitit's executor for the runs' jobs; its pickles and own logs go to a folder of this
+    invocation's under `folder` (a local job is named by its controller's process id, which a later
+    compare may be given again: its old result must not be read as the new job's)."""
+    folder = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     if launcher == "local":
         ex = submitit.LocalExecutor(folder=folder / "%j")
         ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, stderr_to_stdout=True)
         return ex
     if launcher == "slurm":
         ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
-        ex.update_parameters(**slurm.parameters(jobs, f"clbench-{folder.parent.name}"))
+        ex.update_parameters(**slurm.parameters(jobs, f"clbench-{folder.parent.parent.name}"))
         return ex
     raise ConfigError(f"--launcher: expected local or slurm, got '{launcher}'")
 
 
-def submit(ex: submitit.Executor, fits: list[FitJob]) -> list[submitit.Job]:
-    """The jobs of these runs, submitted together (one SLURM array)."""
-    with job_environment(), ex.batch():
+def submit(ex: submitit.Executor, fits: list[FitJob], threads: str | None = None) -> list[submitit.Job]:
+    """The jobs of these runs, submitted together (one SLURM array), with `threads` torch threads."""
+    with job_environment(threads), ex.batch():
         jobs = [ex.submit(fit) for fit in fits]
     return jobs
 
 
-def launch(
-    starts: list[tuple[Run, bool]], launcher: str, jobs: int, logs: Path, slurm: Slurm | None = None
-) -> None:
-    """Trains (or resumes) every (run, changed) in `starts` to its end; returns when all finished."""
+def launch(starts: list[Run], launcher: str, jobs: int, logs: Path, slurm: Slurm | None = None) -> None:
+    """Trains (or resumes) every run in `starts` to its end; returns when all finished."""
     if not starts:
         return
     slurm = slurm or Slurm()
@@ -187,25 +205,37 @@ def launch(
     if launcher == "local":
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     ex = executor(launcher, logs.parent / "jobs", jobs, slurm)
-    fits = [FitJob(run, changed, logs / f"{run.dir.name}.log", threads) for run, changed in starts]
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    fits = [FitJob(run, logs / f"{run.dir.name}.log", devices) for run in starts]
     running: dict[submitit.Job, FitJob] = {}
     waiting = list(fits) if launcher == "local" else []
     if launcher != "local":  # SLURM keeps `jobs` of the array running
-        running = dict(zip(submit(ex, fits), fits))
+        running = dict(zip(submit(ex, fits, threads), fits))
         for fit in fits:
             print(f"clbench compare: submitted {fit.run.dir.name}: {fit.log}")
     failure: str | None = None
+    echo = Echo() if launcher == "local" and jobs == 1 else None  # one run at a time: its console here
     try:
         while running or (waiting and failure is None):
             while waiting and failure is None and len(running) < jobs:
                 fit = waiting.pop(0)
-                (job,) = submit(ex, [fit])
+                if echo is not None:
+                    echo.start(fit.log)
+                (job,) = submit(ex, [fit], threads)
                 running[job] = fit
                 print(f"clbench compare: started {fit.run.dir.name} ({threads or '?'} threads): {fit.log}")
             time.sleep(POLL_S)
             for job in [j for j in running if j.done()]:
+                if echo is not None:
+                    echo(running[job].log)
                 why = outcome(job, running.pop(job))
+                if why and not failure and launcher != "local":  # no further run of the array starts
+                    for pending in [j for j in running if j.state == "PENDING"]:
+                        pending.cancel(check=False)
                 failure = failure or why
+            if echo is not None:
+                for fit in running.values():
+                    echo(fit.log)
         if failure:
             raise ConfigError(failure)
     except BaseException:
@@ -213,14 +243,40 @@ def launch(
         raise
 
 
+class Echo:
+    """With `--jobs 1` on this machine: what a run's log gained since the last call, on compare's
+    own stdout, so the run's console (lines and progress bars) shows as it happens."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[Path, int] = {}
+        self.decoders: dict[Path, codecs.IncrementalDecoder] = {}  # a character cut between two reads
+
+    def start(self, log: Path) -> None:
+        """From the log's present end: an earlier run's console in it is not shown again."""
+        self.offsets[log] = log.stat().st_size if log.is_file() else 0
+        self.decoders[log] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, log: Path) -> None:
+        try:
+            with open(log, "rb") as f:
+                f.seek(self.offsets.get(log, 0))
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.offsets[log] = self.offsets.get(log, 0) + len(data)
+        sys.stdout.write(self.decoders[log].decode(data))
+        sys.stdout.flush()
+
+
 def outcome(job: submitit.Job, fit: FitJob) -> str | None:
     """What a finished job means: None when its run finished (complete, or stopped as diverged),
     else why it failed."""
     name, where = fit.run.dir.name, f"its error is in {fit.log}"
     try:
-        code = job.result()
-    except Exception as e:  # the job died (killed, out of memory) or raised
+        codes = job.results()  # one per task: a run on several GPUs or nodes has a task per rank
+    except Exception as e:  # the job died (killed, out of memory, cancelled) or raised
         return f"{name}: its job {job.job_id} ended without finishing the run ({type(e).__name__}); {where}"
+    code = next((c for c in codes if c != 0), 0)
     if code == DIVERGED_EXIT and read_finished(fit.run.dir) is not None:
         print(f"clbench compare: {fit.run.dir} diverged (collapsed training); marked in the table")
         return None
@@ -248,5 +304,6 @@ def stop(running: dict[submitit.Job, FitJob]) -> None:
     for job in running:
         if not job.done():
             job.cancel(check=False)
-    while any(not j.done() for j in running):
-        time.sleep(0.1)
+    deadline = time.monotonic() + 6 * STOP_GRACE_S  # a cluster that does not answer: give up waiting
+    while any(not j.done() for j in running) and time.monotonic() < deadline:
+        time.sleep(0.5)

@@ -213,14 +213,20 @@ def _set_holder(f: io.TextIOBase, pid: str) -> None:
     f.flush()
 
 
-def fit_arguments(run: Run, changed: bool, decides: bool = True) -> list[str]:
-    """The `clbench fit` arguments that bring a run that is not reused to its end, decided when its
-    job starts (again, after a requeue): `--resume` for an interrupted run with this invocation's
-    config and a finished task saved; else the full arguments, any earlier run in its folder moved
-    aside first. Only the process that `decides` (a job's first rank) moves anything."""
-    if not changed and resumable(run.dir) and run_change(run) is None:
+def fit_arguments(run: Run, decides: bool = True) -> list[str] | None:
+    """The `clbench fit` arguments that bring a run to its end, decided from its folder when its job
+    starts (again, after a requeue): None when it is finished with this invocation's config and
+    inputs (nothing to do); `--resume` for an interrupted run with them and a finished task saved;
+    else the full arguments, any earlier run in its folder (another config's, or an unfinished one)
+    moved aside first. Only the process that `decides` (a job's first rank) moves anything."""
+    finished = read_finished(run.dir) is not None
+    change = run_change(run) if finished or resumable(run.dir) else "none saved"
+    if finished and change is None:
+        print(f"clbench compare: {run.dir} is finished; nothing to do")
+        return None
+    if not finished and change is None:
         print(f"clbench compare: resuming interrupted run {run.dir}")
         return ["--resume", str(run.dir)]
     if decides and run.dir.is_dir() and any(run.dir.iterdir()):
-        move_aside(run.dir, "changed" if changed else "incomplete")
+        move_aside(run.dir, "changed" if finished else "incomplete")
     return run.argv

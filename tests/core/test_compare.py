@@ -73,20 +73,23 @@ def test_aggregate_and_tables():
     assert rows[0]["runs"] == "runs/seqft-seed1 runs/seqft-seed2"
 
 
-def test_a_run_that_is_not_reused_starts_in_an_empty_folder_and_nothing_is_deleted(tmp_path, capsys):
+def test_a_job_decides_from_the_run_folder_and_nothing_is_deleted(tmp_path, monkeypatch, capsys):
+    """What a run's job does when it starts (or restarts after a requeue), from what its folder holds."""
     runs = tmp_path / "runs"  # a comparison's runs/ folder
     runs.mkdir()
-    for name, status in (("crashed", "running"), ("changed", "complete")):
+    for name, status in (("crashed", "running"), ("changed", "complete"), ("done", "complete")):
         (runs / name).mkdir()
         (runs / name / "results.json").write_text(json.dumps({"status": status, "seed": 1}))
     (runs / "empty").mkdir()
+    monkeypatch.setattr(planning, "run_change", lambda run: "model.lr" if run.dir.name == "changed" else None)
 
-    def start(name, changed=False, decides=True):
-        return fit_arguments(Run("seqft", runs / name, [name]), changed, decides)
+    def start(name, decides=True):
+        return fit_arguments(Run("seqft", runs / name, [name]), decides)
 
+    assert start("done") is None and (runs / "done").is_dir()  # finished as asked: nothing to do
     assert start("crashed", decides=False) == ["crashed"] and (runs / "crashed").is_dir()  # not rank 0
     assert start("crashed") == ["crashed"] and not (runs / "crashed").exists()
-    assert start("changed", changed=True) == ["changed"] and not (runs / "changed").exists()
+    assert start("changed") == ["changed"] and not (runs / "changed").exists()
     assert start("empty") == ["empty"] and (runs / "empty").is_dir()  # nothing to keep
     assert start("missing") == ["missing"]
     for name in ("crashed.incomplete-*", "changed.changed-*"):
@@ -123,6 +126,9 @@ def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, caps
     argv = ["compare", "--config", str(path), "--strategies", "seqft,replay", "--seeds", "1,2"]
     argv += ["--run.checkpoints", "none"]  # passed through to every fit
     assert main(argv) == 0
+    # --jobs 1: each fit's console shows in compare's own, once, as well as in its log
+    shown = capsys.readouterr().out
+    assert shown.count("clbench: seqft on toy: OP") == 2 and shown.count("clbench: replay on toy: OP") == 2
     out = tmp_path / "runs" / "compare-toy"
     names = ["replay-seed1", "replay-seed2", "seqft-seed1", "seqft-seed2"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == names
@@ -219,13 +225,10 @@ def test_an_interrupted_run_with_its_saved_state_is_resumed_not_rerun(tmp_path, 
     (runs / "killed" / "resume" / "complete").write_text("")
     (runs / "killed" / "results.json").write_text(json.dumps({"status": "interrupted", "seed": 1}))
     run = Run("seqft", runs / "killed", ["fresh"])
-    assert fit_arguments(run, False) == ["--resume", str(runs / "killed")]
-    assert fit_arguments(run, True) == ["fresh"]  # --rerun_changed: moved aside, trained afresh
-    assert list((tmp_path / "superseded").glob("killed.changed-*"))
-    (runs / "killed" / "resume").mkdir(parents=True)
-    (runs / "killed" / "resume" / "complete").write_text("")
+    assert fit_arguments(run) == ["--resume", str(runs / "killed")]
+    assert fit_arguments(run) == ["--resume", str(runs / "killed")]  # a requeued job: the same again
     monkeypatch.setattr(planning, "run_change", lambda run: "model.lr")  # another config: rerun it
-    assert fit_arguments(run, False) == ["fresh"]
+    assert fit_arguments(run) == ["fresh"]
     assert list((tmp_path / "superseded").glob("killed.incomplete-*"))
 
 

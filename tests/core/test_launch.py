@@ -49,7 +49,7 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
     args, passthrough = parse_args(argv)
     runs = planned_runs(args, passthrough)
     ex = executor(args.launcher, args.compare_dir / "jobs", args.jobs, args.slurm)
-    fits = [FitJob(run, False, tmp_path / "logs" / f"{run.dir.name}.log", None) for run in runs]
+    fits = [FitJob(run, tmp_path / "logs" / f"{run.dir.name}.log", None) for run in runs]
     jobs = submit(ex, fits)
 
     assert [j.job_id for j in jobs] == ["4242_0", "4242_1", "4242_2"]  # one array, a job per run
@@ -72,7 +72,8 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
     for job, run in zip(jobs, runs):
         submitted = DelayedSubmission.load(job.paths.submitted_pickle)
         assert isinstance(submitted.function, FitJob) and submitted.function.run.argv == run.argv
-        assert run.argv[-2:] == ["--trainer.devices", "4"] and "--seed_everything" in run.argv
+        # the job's shape fixes the Trainer's: Lightning refuses a SLURM job whose tasks differ from it
+        assert run.argv[-4:] == ["--trainer.devices", "4", "--trainer.num_nodes", "2"], run.argv
     (ewc,) = [r for r in runs if r.strategy == "ewc"]
     assert ewc.dir == Path("runs/compare-toy/runs/ewc-seed7")  # the config sets no run.output_dir
 
@@ -83,6 +84,11 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
         (["--slurm.time", "x"], "--slurm.time: invalid int value"),
         (["--slurm.gpus_per_node", "-1"], "--slurm.gpus_per_node: expected"),
         ([], "--launcher slurm: no sbatch on PATH"),
+        (
+            ["--slurm.gpus_per_node", "4", "--trainer.devices", "2"],
+            "--trainer.devices 2: the SLURM job has 4",
+        ),
+        (["--slurm.nodes", "2", "--trainer.num_nodes=1"], "--trainer.num_nodes 1: the SLURM job has 2"),
     ],
 )
 def test_bad_launcher_settings_are_one_line(tmp_path, capsys, monkeypatch, bad, expected):
@@ -108,7 +114,7 @@ def test_a_preempted_local_job_is_requeued_and_resumes_to_the_uninterrupted_run(
     args, passthrough = parse_args([*argv, "--name", "preempted"])
     (run,) = planned_runs(args, passthrough)
     log = tmp_path / "preempted.log"
-    (job,) = submit(executor("local", tmp_path / "jobs", 1, Slurm()), [FitJob(run, False, log, "1")])
+    (job,) = submit(executor("local", tmp_path / "jobs", 1, Slurm()), [FitJob(run, log, None)], threads="1")
     deadline = time.monotonic() + 240
     while not (run.dir / FOLDER / MARKER).is_file():  # the first task finished and is saved
         assert not job.done() and time.monotonic() < deadline, log.read_text()
