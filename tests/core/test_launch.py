@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 from submitit.core.utils import DelayedSubmission
 from test_compare_safety import toy
 from test_fit import write_config
 
 from clbench.cli import main
 from clbench.compare import parse_args
-from clbench.compare.launch import FitJob, Slurm, executor, submit
-from clbench.compare.plan import planned_runs
+from clbench.compare.launch import FitJob, Slurm, executor, outcome, submit
+from clbench.compare.plan import Run, planned_runs
 from clbench.resume import FOLDER, MARKER
 
 SBATCH = """#!/bin/sh
@@ -133,3 +134,14 @@ def test_a_preempted_local_job_is_requeued_and_resumes_to_the_uninterrupted_run(
         for key in ("loss_before", "loss_after", "train_loss"):
             assert b["per_task"][task][key] == a["per_task"][task][key], (task, key)
     assert not Path(run.dir.parent.parent / "superseded").exists()  # resumed, not rerun
+
+
+def test_a_job_with_a_task_per_rank_is_judged_by_every_rank(tmp_path, capsys):
+    """A run on several GPUs or nodes is one job of several tasks: a failure on any rank fails it."""
+    fit = FitJob(Run("seqft", tmp_path / "runs" / "seqft-seed1", []), tmp_path / "seqft-seed1.log", None)
+    ex = executor("local", tmp_path / "jobs", 1, Slurm())
+    ex.update_parameters(tasks_per_node=2)
+    codes = {"all zero": lambda: 0, "rank 1 fails": lambda: 2 * submitit.JobEnvironment().global_rank}
+    jobs = {name: submit(ex, [job])[0] for name, job in codes.items()}
+    assert outcome(jobs["all zero"], fit) is None
+    assert "failed (exit 2)" in outcome(jobs["rank 1 fails"], fit)
