@@ -7,18 +7,13 @@ settings chosen on the eval split (studies/selection.py).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from clbench.arguments import command_parser, parse_command
 from clbench.errors import ConfigError
 from clbench.studies.budget import analyze_budget, markdown
 from clbench.studies.importance import analyze_importance
 from clbench.studies.selection import select
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through clbench's main instead of usage + exit
-        raise ConfigError(message)
 
 
 def check_folder(folder: Path, kind: str) -> None:
@@ -39,21 +34,31 @@ def check_folder(folder: Path, kind: str) -> None:
         raise ConfigError(f"{folder}: holds no runs/ folder: {other} (clbench compare makes them)")
 
 
-def main(argv: list[str]) -> None:
-    p = _Parser(prog="clbench analyze", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="analysis", required=True)
-    imp = sub.add_parser("importance", help="per-layer overlap of a run's importance maps")
-    imp.add_argument("run_dir", type=Path)
-    imp.add_argument("--top", type=float, default=0.05, help="top fraction compared (default 0.05)")
+def parser():
+    """`clbench analyze`'s parser: one jsonargparse subcommand per study."""
+    p = command_parser("clbench analyze", __doc__.split("\n\n")[0])
+    imp = command_parser("clbench analyze importance", "per-layer overlap of a run's importance maps")
+    imp.add_argument("run_dir", type=Path, help="a run folder with importance maps")
+    imp.add_argument("--top", type=float, default=0.05, help="top fraction compared")
     imp.add_argument("--max_elements", type=int, default=1_000_000, help="per-layer subsample size")
-    bud = sub.add_parser("budget", help="the matched-budget study of one or more comparison folders")
-    bud.add_argument("comparison", type=Path, nargs="+")
+    bud = command_parser("clbench analyze budget", "the matched-budget study of comparison folders")
+    bud.add_argument("comparison", type=Path, nargs="+", help="comparison folders (with runs/)")
     bud.add_argument("--baseline", default="seqft", help="the entry each run is paired with by seed")
-    bud.add_argument("--out", type=Path, help="folder of budget_study.md/.png (default: the first one)")
-    sel = sub.add_parser("select", help="each baseline's setting chosen on eval-split comparisons")
-    sel.add_argument("comparison", type=Path, nargs="+")
-    sel.add_argument("--by", default="OP", help="OP (default), BWT or own: the mean over seeds to maximise")
-    args = p.parse_args(argv)
+    bud.add_argument("--out", type=Path | None, help="folder of budget_study.md/.png (unset: the first one)")
+    sel = command_parser("clbench analyze select", "each baseline's setting chosen on eval-split comparisons")
+    sel.add_argument("comparison", type=Path, nargs="+", help="comparison folders (with runs/)")
+    sel.add_argument("--by", default="OP", help="OP, BWT or own: the mean over seeds to maximise")
+    sub = p.add_subcommands(dest="analysis", required=True)
+    sub.add_subcommand("importance", imp, help=imp.description)
+    sub.add_subcommand("budget", bud, help=bud.description)
+    sub.add_subcommand("select", sel, help=sel.description)
+    return p
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_command(parser(), argv)
+    args = cfg[cfg.analysis]
+    args.analysis = cfg.analysis
     if args.analysis == "importance":
         check_folder(args.run_dir, "run")
     else:

@@ -15,9 +15,12 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
+
+if TYPE_CHECKING:
+    from jsonargparse import Namespace
 
 COMMAND_LINE = "command line"
 
@@ -176,3 +179,56 @@ def explain(argv: list[str], message: str) -> str:
         text,
     )
     return f"{where}: {text}"[:600] if where else text[:600]
+
+
+def command_parser(prog: str, description: str):
+    """A jsonargparse parser for `clbench compare | analyze | export` that raises its refusals as
+    argparse.ArgumentError (made one line by clbench's main) instead of printing usage and exiting."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> Namespace:
+    """`parser.parse_args(argv)`, a missing option named as typed (`--config`, not `config`)."""
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        names = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+        if m := re.search(r"the following arguments are required: (.+)", str(e)):
+            missing = ", ".join(names.get(n.strip(), n.strip()) for n in m[1].split(","))
+            raise argparse.ArgumentError(None, f"the following arguments are required: {missing}") from None
+        raise
+
+
+def refusal(message: str) -> str:
+    """A jsonargparse refusal of a command's own option as one line: `--jobs: expected int, got x`."""
+    text = " ".join(ln.strip() for ln in message.splitlines() if ln.strip())
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"""Parser key ["']([\w.]+)["']: """, r"--\1: ", text)
+    return re.sub(r"Expected an? ([\w.\[\], |]+)\. Got value: ", r"expected \1, got ", text)[:600]
+
+
+def split_known(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """argv split into the options `parser` declares (with their values) and the rest, in order.
+
+    jsonargparse has no parse_known_args (a typo in a config would pass unnoticed); compare needs the
+    rest, which it hands to every `fit` run, whose own parser then checks it."""
+    options = {s: a for a in parser._actions for s in a.option_strings}
+    own: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        key = argv[i].split("=", 1)[0]
+        action = options.get(key)
+        target = own if action is not None else rest
+        target.append(argv[i])
+        takes_value = action is None or action.nargs != 0
+        i += 1
+        if "=" not in argv[i - 1] and takes_value:  # its value, or the unknown option's values
+            while i < len(argv) and not argv[i].startswith("--"):
+                target.append(argv[i])
+                i += 1
+                if action is not None:
+                    break
+    return own, rest

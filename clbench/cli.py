@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from clbench.arguments import explain, from_jsonargparse
+from clbench.arguments import command_parser, explain, from_jsonargparse, parse_command, refusal
 from clbench.errors import ConfigError, Diverged
 
 USAGE = """usage: clbench {fit,compare,analyze,export} ...
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentError as e:  # a config key or value jsonargparse refused
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
-        print(f"clbench {command}: error: {_one_line(explain(rest, str(e)))}", file=sys.stderr)
+        message = explain(rest, str(e)) if command == "fit" else refusal(str(e))
+        print(f"clbench {command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except (ConfigError, ValueError, OSError) as e:  # bad input, or a file or model that cannot be read
         if os.environ.get("CLBENCH_TRACEBACK"):
@@ -83,12 +84,10 @@ def _compare(argv: list[str]) -> None:
 def _export(argv: list[str]) -> None:
     from clbench.checkpoint import export_hf
 
-    parser = argparse.ArgumentParser(
-        prog="clbench export", description="A sharded checkpoint as a HF folder."
-    )
+    parser = command_parser("clbench export", "A sharded (FSDP) checkpoint as a Hugging Face folder.")
     parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/taskN-NAME of a run trained with FSDP")
     parser.add_argument("out", help="new folder for the Hugging Face model (config, safetensors, tokenizer)")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
     print(f"clbench: exported to {export_hf(Path(args.checkpoint), Path(args.out))}")
 
 

@@ -31,13 +31,15 @@ have finished, noting (not refusing) those whose config or inputs differ from th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from jsonargparse import Namespace
+
 from clbench import records
+from clbench.arguments import command_parser, parse_command, split_known
 from clbench.compare.launch import Slurm, launch
 from clbench.compare.plan import (
     changed_runs,
@@ -55,22 +57,16 @@ from strategies import class_path
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through clbench's main instead of usage + exit
-        raise ConfigError(message)
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Compare's own options, and the rest to pass through to every `fit`."""
-    epilog = "Other arguments (e.g. --run.checkpoints none) are passed to every `clbench fit` run."
-    p = _Parser(
-        prog="clbench compare", allow_abbrev=False, description=__doc__.split("\n\n")[0], epilog=epilog
-    )
+def parser():
+    """compare's own options (a jsonargparse parser); every other argument is passed to each `fit`."""
+    p = command_parser("clbench compare", __doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the fit config (model, stream, trainer)")
     p.add_argument("--strategies", required=True, help="comma-separated registry names or class paths")
-    p.add_argument("--seeds", help="comma-separated integer seeds (default: the config's seed_everything)")
-    p.add_argument("--output_dir", help="parent of the comparison folder (default: config run.output_dir)")
-    p.add_argument("--name", help="comparison folder name (default: compare-<stream name or config stem>)")
+    p.add_argument("--seeds", help="comma-separated integer seeds (unset: the config's seed_everything)")
+    p.add_argument(
+        "--output_dir", help="parent of the comparison folder (unset: the config's run.output_dir)"
+    )
+    p.add_argument("--name", help="comparison folder name (unset: compare-<stream name or config stem>)")
     p.add_argument(
         "--presets",
         help="folder of per-strategy configs: <entry>.yaml is added to that entry's runs and may set its "
@@ -98,7 +94,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--jobs",
         type=int,
         default=1,
-        help="runs trained side by side (default 1), each with cpu_count // jobs torch threads unless "
+        help="runs trained side by side, each with cpu_count // jobs torch threads unless "
         "OMP_NUM_THREADS is set (on SLURM: the array's parallelism); consoles in <comparison>/logs/<run>.log",
     )
     p.add_argument(
@@ -108,18 +104,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="where the runs' jobs run (submitit): this machine, or SLURM with the --slurm.* resources, "
         "--jobs runs at a time",
     )
-    slurm = p.add_argument_group("SLURM resources of each run's job (with --launcher slurm)")
-    for field, default in vars(Slurm()).items():
-        kind = int if isinstance(default, int) or field in ("cpus_per_task", "mem_gb") else str
-        slurm.add_argument(
-            f"--slurm.{field}",
-            dest=f"slurm_{field}",
-            type=kind,
-            default=default,
-            metavar="MINUTES" if field == "time" else field.upper(),
-        )
-    args, passthrough = p.parse_known_args(argv)
-    args.slurm = Slurm(**{f: getattr(args, f"slurm_{f}") for f in vars(Slurm())})
+    p.add_class_arguments(Slurm, "slurm", help="SLURM resources of each run's job (with --launcher slurm)")
+    p.epilog = "Other arguments (e.g. --run.checkpoints none) are passed to every `clbench fit` run."
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[Namespace, list[str]]:
+    """Compare's own options, and the rest to pass through to every `fit`."""
+    p = parser()
+    own, passthrough = split_known(p, argv)
+    args = parse_command(p, own)
+    args.slurm = p.instantiate_classes(args).slurm  # a Slurm, from --slurm FILE and --slurm.* options
     if args.launcher == "slurm":
         passthrough += slurm_trainer_args(args.slurm, passthrough)
         args.slurm.check()
@@ -212,14 +207,12 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     return results
 
 
-def report(
-    args: argparse.Namespace, passthrough: list[str], runs: dict[str, list[dict]], notes: list[str]
-) -> None:
+def report(args: Namespace, passthrough: list[str], runs: dict[str, list[dict]], notes: list[str]) -> None:
     baseline = short_name(args.baseline) if args.baseline else None
     write_comparison(args.compare_dir, args.config, passthrough, runs, baseline, len(args.seeds), notes)
 
 
-def tabulate_finished(args: argparse.Namespace, passthrough: list[str], runs: list) -> dict[str, list[dict]]:
+def tabulate_finished(args: Namespace, passthrough: list[str], runs: list) -> dict[str, list[dict]]:
     """`--finished_only`: the comparison of the runs that finished, touching no run folder; a run
     whose config or inputs differ from this invocation's is tabulated as it ran and named in the report."""
     results: dict[str, list[dict]] = {}

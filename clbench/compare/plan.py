@@ -5,7 +5,6 @@ Nothing is deleted."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import io
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from jsonargparse import Namespace
 
 from clbench import records
 from clbench.errors import ConfigError
@@ -55,7 +55,7 @@ def read_finished(run_dir: Path) -> dict | None:
     return record.results if record is not None else None
 
 
-def planned_runs(args: argparse.Namespace, passthrough: list[str]) -> list[Run]:
+def planned_runs(args: Namespace, passthrough: list[str]) -> list[Run]:
     """Every strategy x seed with its `fit` arguments: the same for training a run and for checking
     a finished one."""
     runs = []

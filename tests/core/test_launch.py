@@ -45,7 +45,8 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
     monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
     cfg = write_config(tmp_path / "toy.yaml", {"stream": {"name": "toy"}})
     argv = ["--config", str(cfg), "--strategies", "seqft,ewc,replay", "--seeds", "7", "--launcher", "slurm"]
-    argv += ["--jobs", "2", "--slurm.partition", "gpu", "--slurm.gpus_per_node", "4", "--slurm.time", "90"]
+    resources = write_config(tmp_path / "slurm.yaml", {"partition": "gpu", "gpus_per_node": 4, "time": 60})
+    argv += ["--jobs", "2", "--slurm", str(resources), "--slurm.time", "90"]  # a file, then an override
     argv += ["--slurm.nodes", "2", "--slurm.cpus_per_task", "8", "--trainer.devices", "4"]
     args, passthrough = parse_args(argv)
     runs = planned_runs(args, passthrough)
@@ -82,7 +83,7 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
 @pytest.mark.parametrize(
     "bad, expected",
     [
-        (["--slurm.time", "x"], "--slurm.time: invalid int value"),
+        (["--slurm.time", "x"], "--slurm.time: expected int, got x"),
         (["--slurm.gpus_per_node", "-1"], "--slurm.gpus_per_node: expected"),
         ([], "--launcher slurm: no sbatch on PATH"),
         (
