@@ -55,6 +55,18 @@ class RunRecord:
         return name_for(str(path))
 
     @property
+    def entry(self) -> str:
+        """The comparison entry the run belongs to (`run.entry`, which compare sets); for runs
+        recorded before that field, the part of `run.name` before "-seed", as compare named them."""
+        run = self.config.get("run")
+        run = run if isinstance(run, dict) else {}
+        return run.get("entry") or str(run.get("name") or self.folder.name).rsplit("-seed", 1)[0]
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("seed_everything")
+
+    @property
     def score_split(self) -> str:
         stream = self.config.get("stream")
         return (stream.get("score_split") if isinstance(stream, dict) else None) or "test"
@@ -74,6 +86,12 @@ def read_record(folder: Path) -> RunRecord | None:
     except (OSError, ValueError, yaml.YAMLError):
         config = {}
     return RunRecord(folder, results, config if isinstance(config, dict) else {})
+
+
+def comparison_runs(comparison: Path) -> list[Path]:
+    """The run folders of a comparison folder (the folders in its runs/), in name order."""
+    runs = comparison / "runs"
+    return sorted(f for f in runs.iterdir() if f.is_dir()) if runs.is_dir() else []
 
 
 def read_finished(folder: Path) -> RunRecord | None:

@@ -49,6 +49,8 @@ class RunConfig:
         checkpoints: Save the model after every task ("every_task"), only the latest ("last"),
             or never. Only adapters are saved under LoRA.
         num_workers: DataLoader workers.
+        entry: The comparison entry (a strategy name or preset) this run belongs to; `clbench compare`
+            sets it and the studies group runs by it. Changes no result.
         resumable: Keep the state of the last finished task in RUN_DIR/resume (parameters, optimizer
             moments, strategy state, random generators; about 3x the trainable weights on disk) for
             `clbench fit --resume RUN_DIR`; removed when the run completes.
@@ -61,6 +63,7 @@ class RunConfig:
     checkpoints: Literal["every_task", "last", "none"] = "every_task"
     num_workers: int = 0
     resumable: bool = True
+    entry: str | None = None
 
 
 def prepare_run_dir(output_dir: str, name: str) -> Path:

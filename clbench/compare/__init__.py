@@ -54,7 +54,8 @@ from clbench.compare.report import write_comparison
 from clbench.errors import ConfigError
 from strategies import class_path
 
-RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir")  # compare sets these
+# compare sets these for each run
+RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir", "--run.entry")
 
 
 def parser():

@@ -22,7 +22,7 @@ from clbench.errors import ConfigError
 from clbench.identity import differences, run_identity, sha256_text
 from strategies import name_for, placement_only
 
-PER_RUN = ("name", "output_dir")  # run fields that differ between the runs of one comparison
+PER_RUN = ("name", "output_dir", "entry")  # run fields that differ between the runs of one comparison
 
 LOCK = "compare.lock"
 
@@ -65,6 +65,7 @@ def planned_runs(args: Namespace, passthrough: list[str]) -> list[Run]:
         for seed in args.seeds:
             run_dir = args.compare_dir / "runs" / f"{short_name(strategy)}-seed{seed}"
             where = ["--run.output_dir", str(run_dir.parent), "--run.name", run_dir.name]
+            where += ["--run.entry", short_name(strategy)]
             argv = ["--config", args.config, *chosen, "--seed_everything", str(seed), *where, *passthrough]
             runs.append(Run(strategy, run_dir, argv))
     return runs

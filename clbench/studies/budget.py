@@ -30,7 +30,7 @@ from matplotlib import ticker
 from clbench.errors import ConfigError
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
-from clbench.records import read_record
+from clbench.records import comparison_runs, read_record
 from clbench.reporting import plt, save_figure
 
 SOURCES = ("lrp", "grad_x_weight", "fisher", "magnitude", "random")
@@ -54,11 +54,11 @@ def read_run(folder: Path) -> dict | None:
     return {
         "folder": folder,
         "setup": json.dumps(setup, sort_keys=True, default=str),  # what must match to compare runs
-        "name": folder.name.rsplit("-seed", 1)[0],
+        "name": record.entry,
         "class": record.strategy_class,
         "estimator": args.get("estimator", "lrp"),
         "budget": args.get("budget"),
-        "seed": cfg.get("seed_everything"),
+        "seed": record.seed,
         "bwt": results["summary"]["BWT_TRACE"],
         "op": results["summary"]["OP"],
         "own": own_task_score(results["matrix"]),
@@ -82,7 +82,7 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     minus this source (cheaper sources only)."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
     runs = comparable_runs(
-        [r for c in folders for f in sorted((c / "runs").glob("*-seed*")) if (r := read_run(f))]
+        [r for c in folders for f in comparison_runs(c) if (r := read_run(f))]
     )
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:

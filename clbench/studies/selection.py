@@ -21,6 +21,7 @@ from pathlib import Path
 
 from clbench.errors import ConfigError
 from clbench.files import write_atomic
+from clbench.records import comparison_runs
 from clbench.studies.budget import comparable_runs, read_run
 
 KEYS = {"OP": "op", "BWT": "bwt", "own": "own"}
@@ -32,7 +33,7 @@ def candidates(comparisons: list[Path]) -> dict[str, dict[str, list[dict]]]:
     must be like with like (one model setting), not the classes with each other (O-LoRA's LoRA
     presets beside SSR's full fine-tuning ones)."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    folders = [f for c in comparisons for f in sorted((c / "runs").glob("*-seed*"))]
+    folders = [f for c in comparisons for f in comparison_runs(c)]
     runs = [r for f in folders if (r := read_run(f))]
     where = ", ".join(str(c) for c in comparisons)
     for run in runs:

@@ -7,12 +7,14 @@ import json
 import math
 
 import pytest
+import yaml
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
 from clbench.compare import plan as planning
 from clbench.compare.plan import Run, fit_arguments
 from clbench.compare.report import aggregate, csv_text, markdown_table, mean_std
+from clbench.records import read_record
 
 
 def fake_run(seed, op, bwt_trace, bwt_gem, fwt, final_a, train_s, eval_s, mem):
@@ -133,6 +135,9 @@ def test_compare_end_to_end_then_reuse(trace_dir, tiny_model_dir, tmp_path, caps
     names = ["replay-seed1", "replay-seed2", "seqft-seed1", "seqft-seed2"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == names
     assert not (out / "runs" / "seqft-seed1" / "checkpoints").exists()
+    for name in names:  # each run records its entry, which the studies group by
+        assert read_record(out / "runs" / name).entry == name.rsplit("-seed", 1)[0]
+        assert yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["run"]["entry"] in name
     md = (out / "comparison.md").read_text()
     table = [ln.split(" | ")[0] for ln in md.splitlines() if ln.startswith("| ") and "seed 1]" in ln]
     assert table == ["| seqft", "| replay"]  # one row per strategy

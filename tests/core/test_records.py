@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from clbench.records import read_finished, read_record
 
@@ -36,3 +37,30 @@ def test_odd_files_read_as_no_record_or_empty_fields_not_as_a_crash(tmp_path):
     assert record.config == {} and record.identity is None and record.score_split == "test"
     (run / "config.yaml").write_text("stream: [1, 2]\nstrategy: seqft\n")
     assert read_record(run).score_split == "test" and read_record(run).strategy_class == "seqft"
+
+
+def test_the_code_a_run_is_identified_by_leaves_out_only_what_no_fit_imports():
+    """Editing the test kit or a study keeps finished runs reusable, which is right only while no
+    module a fit can import (directly or inside a function) imports them; cli.py dispatches to
+    `analyze` and is the one exception."""
+    import ast
+
+    import clbench
+    import strategies
+    from clbench.identity import NOT_IN_A_FIT, _sources
+
+    core, plugins = Path(clbench.__file__).parent, Path(strategies.__file__).parent
+    hashed = _sources(core) + _sources(plugins)
+    assert core / "runner.py" in hashed and core / "compare" / "launch.py" in hashed
+    assert core / "testing.py" not in hashed and core / "studies" / "budget.py" not in hashed
+    excluded = tuple(f"clbench.{name.removesuffix('.py')}" for name in NOT_IN_A_FIT)
+    offenders = []
+    for path in hashed:
+        if path == core / "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{path}: {n}" for n in names if n.startswith(excluded)]
+    assert offenders == []

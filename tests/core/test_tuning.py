@@ -69,3 +69,22 @@ def test_classes_with_different_model_settings_are_chosen_separately_but_not_mix
     config.write_text(config.read_text().replace("r: 8", "r: 4"))
     with pytest.raises(ConfigError, match="different model settings"):
         select(tmp_path)
+
+
+def test_presets_are_read_from_the_run_record_not_the_folder_name(tmp_path):
+    """compare records each run's entry (run.entry); a run folder renamed or moved keeps its preset.
+    Runs recorded before the field fall back to their run.name, as compare named them."""
+    ewc = "strategies.ewc.EWC"
+    write_run(tmp_path, "ewc-l1e2", 1, 0.46, -0.10, ewc)
+    write_run(tmp_path, "ewc-l1e4", 1, 0.48, -0.05, ewc)
+    renamed = (("ewc-l1e2-seed1", "first", "ewc-l1e2"), ("ewc-l1e4-seed1", "second", "ewc-l1e4"))
+    for old, new, entry in renamed:
+        folder = (tmp_path / "runs" / old).rename(tmp_path / "runs" / new)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["run"] = {"name": old, "entry": entry}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    assert select(tmp_path) == {"ewc": "ewc-l1e4"}
+    config = yaml.safe_load((tmp_path / "runs" / "second" / "config.yaml").read_text())
+    config["run"] = {"name": "ewc-l1e8-seed1"}  # no entry: an older record, named by compare
+    (tmp_path / "runs" / "second" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "| ewc | ewc-l1e8 | 1 | 0.480 |" in (select(tmp_path) and (tmp_path / "selection.md").read_text())
