@@ -277,3 +277,26 @@ def test_jobs_train_side_by_side_with_the_numbers_of_one_at_a_time(
     for a, b in zip(lrp, random):
         assert sorted([a["reused"], b["reused"]]) == [False, True], (a, b)  # computed once
     assert run("side", "lrp-q50")[0]["matrix"] != run("side", "random-q50")[0]["matrix"]
+
+
+def test_compare_keeps_its_own_options_and_passes_every_other_argument_to_each_fit(tmp_path):
+    from clbench.compare import parse_args
+
+    cfg = write_config(tmp_path / "toy.yaml", {"stream": {"name": "toy"}})
+    argv = ["--strategy.ewc_lambda", "-1", "--finished_only", f"--config={cfg}", "--trainer.fast_dev_run"]
+    argv += [
+        "--strategies",
+        "ewc",
+        "--model.lora",
+        "{r: 4}",
+        "--jobs",
+        "2",
+        "--slurm.time=5",
+        "--run.checkpoints",
+    ]
+    argv += ["none"]
+    args, passthrough = parse_args(argv)
+    expected = ["--strategy.ewc_lambda", "-1", "--trainer.fast_dev_run", "--model.lora", "{r: 4}"]
+    assert passthrough == [*expected, "--run.checkpoints", "none"]
+    assert args.finished_only and args.jobs == 2 and args.slurm.time == 5 and args.strategies == ["ewc"]
+    assert args.config == str(cfg)
