@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jsonargparse import ArgumentParser
+
 from clbench.arguments import command_parser, parse_command
 from clbench.errors import ConfigError
 from clbench.studies.budget import analyze_budget, markdown
@@ -34,7 +36,7 @@ def check_folder(folder: Path, kind: str) -> None:
         raise ConfigError(f"{folder}: holds no runs/ folder: {other} (clbench compare makes them)")
 
 
-def parser():
+def parser() -> ArgumentParser:
     """`clbench analyze`'s parser: one jsonargparse subcommand per study."""
     p = command_parser("clbench analyze", __doc__.split("\n\n")[0])
     imp = command_parser("clbench analyze importance", "per-layer overlap of a run's importance maps")

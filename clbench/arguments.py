@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import yaml
 
 if TYPE_CHECKING:
-    from jsonargparse import Namespace
+    from jsonargparse import ArgumentParser, Namespace
 
 COMMAND_LINE = "command line"
 
@@ -181,7 +181,7 @@ def explain(argv: list[str], message: str) -> str:
     return f"{where}: {text}"[:600] if where else text[:600]
 
 
-def command_parser(prog: str, description: str):
+def command_parser(prog: str, description: str) -> ArgumentParser:
     """A jsonargparse parser for `clbench compare | analyze | export` that raises its refusals as
     argparse.ArgumentError (made one line by clbench's main) instead of printing usage and exiting."""
     from jsonargparse import ArgumentParser

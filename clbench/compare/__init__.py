@@ -36,7 +36,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 
 from clbench import records
 from clbench.arguments import command_parser, parse_command, split_known
@@ -58,7 +58,7 @@ from strategies import class_path
 RESERVED = ("--strategy", "--seed_everything", "--run.name", "--run.output_dir", "--run.entry")
 
 
-def parser():
+def parser() -> ArgumentParser:
     """compare's own options (a jsonargparse parser); every other argument is passed to each `fit`."""
     p = command_parser("clbench compare", __doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the fit config (model, stream, trainer)")

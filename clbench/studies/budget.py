@@ -81,9 +81,7 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     standard error) cells, from the finished runs of one or more comparison folders; `lrp_vs` is LRP
     minus this source (cheaper sources only)."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
-    runs = comparable_runs(
-        [r for c in folders for f in comparison_runs(c) if (r := read_run(f))]
-    )
+    runs = comparable_runs([r for c in folders for f in comparison_runs(c) if (r := read_run(f))])
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:
         names = ", ".join(str(c) for c in folders)
