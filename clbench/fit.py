@@ -25,7 +25,7 @@ from clbench.identity import differences, run_identity, sha256_text
 from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
 from clbench.records import read_record
-from clbench.runner import RunConfig, Runner, prepare_run_dir
+from clbench.runner import RunConfig, Runner, unused_run_dir
 from clbench.stopping import StopWatch, sigterm_stops
 from clbench.strategy import CLStrategy
 from strategies import class_path, load, name_for, name_of
@@ -36,7 +36,12 @@ RUN_NAME_ENV = "CLBENCH_RUN_NAME"
 
 
 class CLBenchCLI(LightningCLI):
-    """LightningCLI that adds the stream, the run folder and the continual-learning strategy."""
+    """LightningCLI that adds the stream, the run folder and the continual-learning strategy.
+    `resuming`: the run folder `fit --resume` goes on with (its name, its recorded identity)."""
+
+    def __init__(self, *args, resuming: Path | None = None, **kwargs) -> None:
+        self.resuming = resuming  # LightningCLI parses and calls the hooks below in __init__
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(CLStrategy, "strategy", required=True, instantiate=True)
@@ -47,7 +52,7 @@ class CLBenchCLI(LightningCLI):
         # Check data and the run folder before the (slow) model load, so bad input fails fast.
         cfg = self.config
         self.stream = load_stream(StreamConfig(**_plain(cfg.stream)))
-        cfg.run.name = agreed_run_name(cfg, self.stream.name)
+        cfg.run.name = agreed_run_name(cfg, self.stream.name, self.resuming)
         self.config_text = self.parser.dump(cfg, skip_none=False, skip_validation=True)
         self.identity = None  # written by rank 0 alone, which alone hashes data, model and code
         if dist.rank() == 0:
@@ -55,14 +60,14 @@ class CLBenchCLI(LightningCLI):
             self.identity = run_identity(
                 self.config_text, self.stream, cfg.model.model, cfg.trainer.precision, strategy_class
             )
-            if _resuming is not None:
-                self.identity = check_resumable(_resuming, self.config_text, self.identity)
+            if self.resuming is not None:
+                self.identity = check_resumable(self.resuming, self.config_text, self.identity)
 
 
-def agreed_run_name(cfg: Namespace, stream: str) -> str:
+def agreed_run_name(cfg: Namespace, stream: str, resuming: Path | None = None) -> str:
     """The run folder's name, the same on every rank; rank 0 refuses one that already holds a run."""
-    if _resuming is not None:
-        return _resuming.name
+    if resuming is not None:
+        return resuming.name
     inherited = os.environ.get(RUN_NAME_ENV)
     if inherited and dist.rank() != 0:  # started by rank 0's launcher, which chose and checked it
         return inherited
@@ -80,11 +85,7 @@ def agreed_run_name(cfg: Namespace, stream: str) -> str:
                 )
         name = f"{stream}-{name_for(cfg.strategy.class_path)}-seed{cfg.seed_everything}-{stamp}"
     if dist.rank() == 0:
-        run_dir = Path(cfg.run.output_dir) / name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
-                f"run.name: {run_dir} already holds a run; choose another run.name or remove it"
-            )
+        unused_run_dir(cfg.run.output_dir, name)
     os.environ[RUN_NAME_ENV] = name
     return name
 
@@ -179,7 +180,7 @@ def _resolve_config_strategy(path: str) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def build_cli(argv: list[str]) -> CLBenchCLI:
+def build_cli(argv: list[str], resuming: Path | None = None) -> CLBenchCLI:
     """Parse `fit` arguments and instantiate the module and strategy (no training yet)."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     return CLBenchCLI(
@@ -199,10 +200,8 @@ def build_cli(argv: list[str]) -> CLBenchCLI:
         args=resolve_strategy_args(argv),
         run=False,
         auto_configure_optimizers=False,
+        resuming=resuming,
     )
-
-
-_resuming: Path | None = None  # the run folder `fit --resume` goes on with, while it builds the CLI
 
 
 def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
@@ -311,14 +310,9 @@ def _user_logger(value: object) -> object:
 
 
 def _fit(argv: list[str], watch: StopWatch) -> dict:
-    global _resuming
     argv, resume_dir = resume_args(argv)
-    _resuming = resume_dir
-    try:
-        with run_log(None):  # Lightning's banners for the CLI's own Trainer: the run log repeats them
-            cli = build_cli(argv)
-    finally:
-        _resuming = None
+    with run_log(None):  # Lightning's banners for the CLI's own Trainer: the run log repeats them
+        cli = build_cli(argv, resume_dir)
     cfg = cli.config
     show_bars(cfg.trainer.enable_progress_bar is not False)
     trainer_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
@@ -358,4 +352,4 @@ def _fit(argv: list[str], watch: StopWatch) -> dict:
     return results
 
 
-__all__ = ["fit", "build_cli", "prepare_run_dir"]
+__all__ = ["fit", "build_cli"]

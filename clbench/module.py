@@ -11,6 +11,11 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import GenerationConfig
 
 from clbench import distributed as dist
@@ -71,6 +76,11 @@ def gated_adamw_(
     torch.lerp(stepped, p, held, out=p)
 
 
+# The optimizer state a task hands the next through torch's state_dict API; strict=False lets
+# tensors without carried state start fresh.
+CARRY = StateDictOptions(strict=False)
+
+
 def flat_state(named: dict[str, dict]) -> dict[str, object]:
     """Per-parameter optimizer state as one flat dict ("name::field" keys), for files and offload."""
     return {f"{n}::{k}": v for n, st in named.items() for k, v in st.items()}
@@ -106,6 +116,16 @@ class GatedAdamW(torch.optim.AdamW):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.gate = gate
+
+    @contextmanager
+    def gate_off(self) -> Iterator[None]:
+        """Steps inside ask no gate: torch's set-up step (lr 0, zero grads) in
+        set_optimizer_state_dict is not a training step a strategy may count."""
+        gate, self.gate = self.gate, lambda: None
+        try:
+            yield
+        finally:
+            self.gate = gate
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -389,18 +409,23 @@ class CLModule(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.cl_strategy.on_after_optimizer_step(self.ctx, optimizer)
 
-    def _named_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-        # Keyed by parameter name, so a strategy that freezes or unfreezes tensors between tasks
-        # still gets each surviving tensor's own moments back. The tensors themselves, not copies:
-        # call_trainer drops the finished Trainer's optimizer, so these are their only holders.
-        names = {p: n for n, p in self.model.named_parameters()}
-        return {names[p]: dict(st) for p, st in optimizer.state.items()}
+    def _named_optimizer_state(self, optimizer: GatedAdamW) -> dict[str, dict]:
+        # Keyed by parameter name (torch.distributed.checkpoint's state_dict API: the same names under
+        # FSDP2, the moments sharded DTensors), so a strategy that freezes or unfreezes tensors between
+        # tasks still gets each surviving tensor's own moments back. The tensors themselves, not
+        # copies: call_trainer drops the finished Trainer's optimizer, so these are their only holders.
+        if not optimizer.state:  # no step this task: nothing to carry (and no set-up step to run)
+            return {}
+        return get_optimizer_state_dict(self.model, optimizer, options=CARRY)["state"]
 
-    def _restore_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
-        for name, p in self.model.named_parameters():
-            if p in in_optimizer and name in self.carried_optimizer_state:
-                optimizer.state[p] = dict(self.carried_optimizer_state[name])
+    def _restore_optimizer_state(self, optimizer: GatedAdamW) -> None:
+        # Only the moments cross tasks. The param groups (lr, its schedule's start) are this task's
+        # own: loading the last task's would resume its decayed lr. strict=False: a tensor with no
+        # carried state (newly trainable, a new adapter) starts from AdamW's zero state.
+        with optimizer.gate_off():
+            own = get_optimizer_state_dict(self.model, optimizer, options=CARRY)
+        carried = {"state": self.carried_optimizer_state, "param_groups": own["param_groups"]}
+        set_optimizer_state_dict(self.model, optimizer, carried, options=CARRY)
 
     def frozen_copy(self) -> torch.nn.Module:
         """An evaluation-mode copy of the model that trains nothing (LwF's teacher).

@@ -66,11 +66,18 @@ class RunConfig:
     entry: str | None = None
 
 
-def prepare_run_dir(output_dir: str, name: str) -> Path:
-    """Create a new run folder; refuse one that already holds anything, to never overwrite a run."""
+def unused_run_dir(output_dir: str, name: str) -> Path:
+    """The folder a new run named `name` writes to; a ConfigError when it already holds anything,
+    to never overwrite a run."""
     run_dir = inside(Path(output_dir), Path(output_dir) / safe_name(name, "run.name"), "run.name")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.name: {run_dir} already holds a run; choose another run.name or remove it")
+    return run_dir
+
+
+def prepare_run_dir(output_dir: str, name: str) -> Path:
+    """Create a new run folder (see unused_run_dir)."""
+    run_dir = unused_run_dir(output_dir, name)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -17,11 +17,16 @@ from clbench.testing import quiet_trainer
 
 
 def _fit(module: CLModule, steps: int) -> pl.Trainer:
+    return _fit_with(module, steps)
+
+
+def _fit_with(module: CLModule, steps: int, *callbacks: pl.Callback) -> pl.Trainer:
     task = Task("t", train=[], test=[])
     examples = [Example(f"Upper cat {i}:", "CAT") for i in range(16)]
     data = TokenizedTask(examples, task, module.tokenizer, "raw", True)
     loader = DataLoader(data, batch_size=4, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id))
     trainer = quiet_trainer(steps)
+    trainer.callbacks.extend(callbacks)
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -33,6 +38,42 @@ def test_optimizer_state_kept_or_reset_between_tasks(tiny_model_dir, keep):
     trainer = _fit(module, 2)
     steps = {float(st["step"]) for st in trainer.optimizers[0].state.values()}
     assert steps == ({5.0} if keep else {2.0})  # AdamW's step count carried across the fresh Trainer
+
+
+def test_the_next_task_takes_the_moments_and_keeps_its_own_lr_and_gate(tiny_model_dir):
+    """set_optimizer_state_dict brings the last task's moments (the same tensors), not its param groups:
+    task 1's linear decay ends at lr 0, task 2 starts at its own lr. torch's set-up step (lr 0, zero
+    grads) moves no weight and asks the gate nothing: the strategy sees one gate per real step."""
+    from clbench.strategy import CLStrategy
+
+    class CountingGates(CLStrategy):
+        calls = 0
+
+        def update_gate(self, ctx):
+            CountingGates.calls += 1
+
+    seen = {}
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            optimizer = trainer.optimizers[0]
+            if batch_idx == 0 and "lr" not in seen:
+                seen["lr"] = optimizer.param_groups[0]["lr"]
+                seen["moments"] = {id(v) for st in optimizer.state.values() for v in st.values()}
+                seen["weights"] = [p.detach().clone() for p in pl_module.model.parameters()]
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3, schedule="linear")
+    module.cl_strategy = CountingGates()
+    first = _fit(module, 3)
+    assert first.optimizers[0].param_groups[0]["lr"] == 0.0 and CountingGates.calls == 3
+    carried = {id(v) for st in module.carried_optimizer_state.values() for v in st.values()}
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer = _fit_with(module, 2, FirstStep())
+    assert seen["lr"] == 1e-3  # not task 1's decayed 0.0
+    assert seen["moments"] == carried
+    assert all(torch.equal(a, b) for a, b in zip(seen["weights"], before))
+    assert CountingGates.calls == 5
+    assert {float(st["step"]) for st in trainer.optimizers[0].state.values()} == {5.0}
 
 
 def test_lr_factor_shapes():
