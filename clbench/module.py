@@ -119,8 +119,8 @@ class GatedAdamW(torch.optim.AdamW):
 
     @contextmanager
     def gate_off(self) -> Iterator[None]:
-        """Steps inside ask no gate: torch's set-up step (lr 0, zero grads) in
-        set_optimizer_state_dict is not a training step a strategy may count."""
+        """Steps inside ask no gate: the set-up step (lr 0, zero grads) torch's state_dict API runs
+        on an optimizer with neither state nor gradients is not a training step a strategy counts."""
         gate, self.gate = self.gate, lambda: None
         try:
             yield
@@ -233,6 +233,7 @@ class CLModule(pl.LightningModule):
         # so resume, the runner's side fits and strategies' side computations can carry or set it
         # aside (flat_state / nested_state give it as one flat dict of tensors and back).
         self.carried_optimizer_state: dict[str, dict] = {}
+        self._carry_pending = False  # carried moments not yet in this task's optimizer
         self._share: tuple[dict | None, torch.Tensor | None] = (None, None)  # token_share's last batch
 
     def attach(self, strategy: CLStrategy, ctx: StrategyContext) -> None:
@@ -395,14 +396,19 @@ class CLModule(pl.LightningModule):
         self.model.train()  # HF models load in eval mode and Lightning no longer switches them
 
     def on_train_start(self) -> None:
-        if self.keep_optimizer_state and self.carried_optimizer_state:
-            self._restore_optimizer_state(self.trainer.optimizers[0])
+        # The carried moments go in at the task's first optimizer step, once gradients exist: on an
+        # optimizer with neither state nor gradients torch's loader first runs a set-up step that
+        # allocates a second, zero optimizer state beside the carried one.
+        self._carry_pending = self.keep_optimizer_state and bool(self.carried_optimizer_state)
 
     def on_train_end(self) -> None:
-        if self.keep_optimizer_state:
+        if self.keep_optimizer_state and not self._carry_pending:  # a task without a step keeps it
             self.carried_optimizer_state = self._named_optimizer_state(self.trainer.optimizers[0])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._carry_pending:
+            self._restore_optimizer_state(self.trainer.optimizers[0])
+            self._carry_pending = False
         self.cl_strategy.on_before_optimizer_step(self.ctx, optimizer)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -421,7 +427,8 @@ class CLModule(pl.LightningModule):
     def _restore_optimizer_state(self, optimizer: GatedAdamW) -> None:
         # Only the moments cross tasks. The param groups (lr, its schedule's start) are this task's
         # own: loading the last task's would resume its decayed lr. strict=False: a tensor with no
-        # carried state (newly trainable, a new adapter) starts from AdamW's zero state.
+        # carried state (newly trainable, a new adapter) starts from AdamW's zero state. gate_off:
+        # should no tensor have a gradient, torch's set-up step must not count as a gated step.
         with optimizer.gate_off():
             own = get_optimizer_state_dict(self.model, optimizer, options=CARRY)
         carried = {"state": self.carried_optimizer_state, "param_groups": own["param_groups"]}

@@ -42,37 +42,38 @@ def test_optimizer_state_kept_or_reset_between_tasks(tiny_model_dir, keep):
 
 def test_the_next_task_takes_the_moments_and_keeps_its_own_lr_and_gate(tiny_model_dir):
     """set_optimizer_state_dict brings the last task's moments (the same tensors), not its param groups:
-    task 1's linear decay ends at lr 0, task 2 starts at its own lr. torch's set-up step (lr 0, zero
-    grads) moves no weight and asks the gate nothing: the strategy sees one gate per real step."""
+    task 1's linear decay ends at lr 0, task 2 starts at its own lr. They go in at the first step,
+    when gradients exist, so torch runs no set-up step (a second, zero optimizer state) and the
+    strategy sees one gate per real step."""
     from clbench.strategy import CLStrategy
 
-    class CountingGates(CLStrategy):
-        calls = 0
+    seen, steps = {}, []
+
+    class Watch(CLStrategy):
+        gates = 0
 
         def update_gate(self, ctx):
-            CountingGates.calls += 1
+            Watch.gates += 1
 
-    seen = {}
-
-    class FirstStep(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            optimizer = trainer.optimizers[0]
-            if batch_idx == 0 and "lr" not in seen:
+        def on_before_optimizer_step(self, ctx, optimizer):
+            if "lr" not in seen and module.trainer.max_steps == 2:  # task 2's first step
                 seen["lr"] = optimizer.param_groups[0]["lr"]
                 seen["moments"] = {id(v) for st in optimizer.state.values() for v in st.values()}
-                seen["weights"] = [p.detach().clone() for p in pl_module.model.parameters()]
+                seen["steps"] = {float(st["step"]) for st in optimizer.state.values()}
+
+    class CountSteps(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_pre_hook(lambda *args: steps.append(1))
 
     module = CLModule(model=str(tiny_model_dir), lr=1e-3, schedule="linear")
-    module.cl_strategy = CountingGates()
+    module.cl_strategy = Watch()
     first = _fit(module, 3)
-    assert first.optimizers[0].param_groups[0]["lr"] == 0.0 and CountingGates.calls == 3
+    assert first.optimizers[0].param_groups[0]["lr"] == 0.0 and Watch.gates == 3
     carried = {id(v) for st in module.carried_optimizer_state.values() for v in st.values()}
-    before = [p.detach().clone() for p in module.model.parameters()]
-    trainer = _fit_with(module, 2, FirstStep())
+    trainer = _fit_with(module, 2, CountSteps())
     assert seen["lr"] == 1e-3  # not task 1's decayed 0.0
-    assert seen["moments"] == carried
-    assert all(torch.equal(a, b) for a, b in zip(seen["weights"], before))
-    assert CountingGates.calls == 5
+    assert seen["moments"] == carried and seen["steps"] == {3.0}
+    assert len(steps) == 2 and Watch.gates == 5  # no set-up step
     assert {float(st["step"]) for st in trainer.optimizers[0].state.values()} == {5.0}
 
 
