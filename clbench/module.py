@@ -420,9 +420,12 @@ class CLModule(pl.LightningModule):
         # FSDP2, the moments sharded DTensors), so a strategy that freezes or unfreezes tensors between
         # tasks still gets each surviving tensor's own moments back. The tensors themselves, not
         # copies: call_trainer drops the finished Trainer's optimizer, so these are their only holders.
+        # New dicts around them: the API hands out the optimizer's own, and Lightning's teardown
+        # (one device, DDP) then swaps CPU copies into those, which would be what is carried.
         if not optimizer.state:  # no step this task: nothing to carry (and no set-up step to run)
             return {}
-        return get_optimizer_state_dict(self.model, optimizer, options=CARRY)["state"]
+        state = get_optimizer_state_dict(self.model, optimizer, options=CARRY)["state"]
+        return {name: dict(fields) for name, fields in state.items()}
 
     def _restore_optimizer_state(self, optimizer: GatedAdamW) -> None:
         # Only the moments cross tasks. The param groups (lr, its schedule's start) are this task's

@@ -10,6 +10,7 @@ identical to the reference implementation.)
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,16 +32,22 @@ def first_char(prediction: str, reference: str) -> float:
     return float(bool(pred) and pred == ref)
 
 
+_DEFAULT_DTYPE = threading.Lock()
+
+
 @contextmanager
 def _float64_tensors() -> Iterator[None]:
     """torchmetrics makes each ROUGE score a `torch.tensor` of a Python float, in the default dtype:
-    in float64 it is the exact double rouge_score returns; in float32, 8/13 became 0.61538464."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
+    in float64 it is the exact double rouge_score returns; in float32, 8/13 became 0.61538464.
+    The default dtype is process-wide: the lock keeps two scoring threads from restoring each
+    other's; clbench scores in one thread and creates no tensors in others meanwhile."""
+    with _DEFAULT_DTYPE:
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(before)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
