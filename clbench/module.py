@@ -78,7 +78,7 @@ def gated_adamw_(
 
 # The optimizer state a task hands the next through torch's state_dict API; strict=False lets
 # tensors without carried state start fresh.
-CARRY = StateDictOptions(strict=False)
+_CARRY = StateDictOptions(strict=False)
 
 
 def flat_state(named: dict[str, dict]) -> dict[str, object]:
@@ -116,16 +116,6 @@ class GatedAdamW(torch.optim.AdamW):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.gate = gate
-
-    @contextmanager
-    def gate_off(self) -> Iterator[None]:
-        """Steps inside ask no gate: the set-up step (lr 0, zero grads) torch's state_dict API runs
-        on an optimizer with neither state nor gradients is not a training step a strategy counts."""
-        gate, self.gate = self.gate, lambda: None
-        try:
-            yield
-        finally:
-            self.gate = gate
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -424,18 +414,17 @@ class CLModule(pl.LightningModule):
         # (one device, DDP) then swaps CPU copies into those, which would be what is carried.
         if not optimizer.state:  # no step this task: nothing to carry (and no set-up step to run)
             return {}
-        state = get_optimizer_state_dict(self.model, optimizer, options=CARRY)["state"]
+        state = get_optimizer_state_dict(self.model, optimizer, options=_CARRY)["state"]
         return {name: dict(fields) for name, fields in state.items()}
 
     def _restore_optimizer_state(self, optimizer: GatedAdamW) -> None:
         # Only the moments cross tasks. The param groups (lr, its schedule's start) are this task's
         # own: loading the last task's would resume its decayed lr. strict=False: a tensor with no
-        # carried state (newly trainable, a new adapter) starts from AdamW's zero state. gate_off:
-        # should no tensor have a gradient, torch's set-up step must not count as a gated step.
-        with optimizer.gate_off():
-            own = get_optimizer_state_dict(self.model, optimizer, options=CARRY)
+        # carried state (newly trainable, a new adapter) starts from AdamW's zero state. Called once
+        # the first step's gradients exist, so torch runs no set-up step (see on_train_start).
+        own = get_optimizer_state_dict(self.model, optimizer, options=_CARRY)
         carried = {"state": self.carried_optimizer_state, "param_groups": own["param_groups"]}
-        set_optimizer_state_dict(self.model, optimizer, carried, options=CARRY)
+        set_optimizer_state_dict(self.model, optimizer, carried, options=_CARRY)
 
     def frozen_copy(self) -> torch.nn.Module:
         """An evaluation-mode copy of the model that trains nothing (LwF's teacher).
