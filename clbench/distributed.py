@@ -208,6 +208,24 @@ def apply_fsdp(model: nn.Module, mesh: Any, precision: str) -> None:
     fully_shard(fsdp_root(model), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
 
 
+def follow_trainable(model: nn.Module) -> None:
+    """Make every FSDP2 unit's gradient dtypes follow the mixed-precision policy for the parameters
+    that train now (called when a task's training starts, after the strategy chose them).
+
+    Why: FSDP2 fixes a unit's gradient dtypes once, at the model's first forward, from the parameters
+    that require grad at that moment. A unit with none (O-LoRA freezes every adapter before the
+    starting model is evaluated; any plugin may) keeps no reduce dtype and no original dtype, so its
+    later gradients are reduced in bf16 and handed to fp32 parameters, which torch refuses ("assign a
+    gradient with dtype BFloat16 to a tensor with grad_dtype Float"). FSDP2 has no public call for
+    this; its own per-group initializer is idempotent and is what its lazy init runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                group._init_mp_dtypes()
+
+
 @contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
     """Whole parameters in every FSDP unit inside (for code that reads `module.weight`), then

@@ -386,6 +386,7 @@ class CLModule(pl.LightningModule):
         self.model.train()  # HF models load in eval mode and Lightning no longer switches them
 
     def on_train_start(self) -> None:
+        dist.follow_trainable(self.model)  # what trains may have changed since the first forward
         # The carried moments go in at the task's first optimizer step, once gradients exist: on an
         # optimizer with neither state nor gradients torch's loader first runs a set-up step that
         # allocates a second, zero optimizer state beside the carried one.
