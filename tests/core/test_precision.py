@@ -29,6 +29,15 @@ def test_the_probe_measures_this_cpu(unpinned):
     assert (precision.default_precision() == "bf16-mixed") == (speedup >= precision.BF16_SPEEDUP_NEEDED)
 
 
+def test_the_probe_leaves_the_global_random_state_alone(unpinned):
+    """It may run after seed_everything (bf16 set explicitly): a draw from torch's global generator
+    there changed O-LoRA's later adapters, so one config gave two results."""
+    precision.cpu_bf16_speedup.cache_clear()
+    before = torch.get_rng_state()
+    precision.cpu_bf16_speedup()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_bf16_asked_for_on_a_slow_cpu_is_warned_about(unpinned, monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.05)
     note = precision.slow_bf16_note("bf16-mixed", "cpu")
