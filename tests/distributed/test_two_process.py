@@ -11,88 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from twoproc import clbench, fit, results, start_fit
+from twoproc import LORA, STRATEGY_ARGS, assert_same_run, clbench, fit, results, start_fit
 
 LAST = "task3-upper"
-ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
 CASES = {
-    "seqft": ("--strategy", "seqft"),
-    "replay": ("--strategy", "replay", "--strategy.replay_ratio", "0.5"),
-    "ewc": ("--strategy", "ewc", "--strategy.ewc_lambda", "1e4"),
-    "freeze": ("--strategy", "freeze", "--strategy.lower_layers", "1"),
-    "lwf": ("--strategy", "lwf"),
-    "plugin": ("--strategy", "l2_pull.L2Pull", "--strategy.strength", "0.5"),  # docs/plugins.md's example
-    "attribution-grad": ("--strategy", "attribution", *ATTRIBUTION),
-    "attribution-update": ("--strategy", "attribution", "--strategy.gate_target", "update", *ATTRIBUTION),
+    **{name: STRATEGY_ARGS[name] for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora")},
+    "attribution-grad": STRATEGY_ARGS["attribution"],
+    "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
     # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
     "attribution-budget-disk": (
-        *("--strategy", "attribution", "--strategy.gate_target", "update", "--strategy.budget", "0.3"),
-        *("--strategy.offload", "disk", *ATTRIBUTION),
+        *STRATEGY_ARGS["attribution"],
+        *("--strategy.gate_target", "update", "--strategy.budget", "0.3", "--strategy.offload", "disk"),
     ),
-    "attribution-lora": (
-        "--strategy",
-        "attribution",
-        "--model.lora.r",
-        "4",
-        "--model.lora.dropout",
-        "0",
-        *ATTRIBUTION,
-    ),
-    "o_lora": (
-        "--strategy",
-        "o_lora",
-        "--model.lora.r",
-        "4",
-        "--model.lora.dropout",
-        "0",
-        "--strategy.lambda_2",
-        "0.01",
-    ),
-    # generation by the starting model's sharded copy, answers by the evaluator, k-means of 8 into 4
-    "ssr": ("--strategy", "ssr", *("--strategy.candidates", "8", "--strategy.synthetic", "4")),
+    "attribution-lora": (*STRATEGY_ARGS["attribution"], *LORA),
+    "ssr": STRATEGY_ARGS["ssr"],  # 8 candidates into 4 by k-means
 }
-
-
-def final_parameters(run: Path) -> dict[str, torch.Tensor]:
-    """The model after the last task, from a Hugging Face folder or a sharded (DCP) checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-
-    folder = run / "checkpoints" / LAST
-    if (folder / "model").is_dir():
-        state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
-        dcp.load(state, checkpoint_id=folder / "model")
-        return state
-    adapters = sorted(folder.rglob("adapter_model.safetensors"))  # LoRA, whatever the layout; O-LoRA
-    if adapters:  # keeps each later task's adapter in a subfolder
-        return {
-            f"{a.parent.relative_to(folder)}/{k}": v for a in adapters for k, v in load_file(str(a)).items()
-        }
-    return load_file(str(folder / "model.safetensors"))
-
-
-def assert_same_run(one: Path, two: Path) -> None:
-    a, b = results(one), results(two)
-    assert b["world_size"] == 2 and a["world_size"] == 1
-    assert b["matrix"] == a["matrix"]
-    for task in a["tasks"]:
-        la, lb = a["per_task"][task]["train_loss"], b["per_task"][task]["train_loss"]
-        assert len(la) == len(lb) > 0
-        assert torch.allclose(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6), (task, la, lb)
-    pa, pb = final_parameters(one), final_parameters(two)
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.allclose(pb[name], pa[name], atol=1e-5, rtol=0), name
-    start = start_parameters(one)
-    moved = max((pa[n] - start.get(n, torch.zeros_like(pa[n]))).abs().max().item() for n in pa)
-    assert moved > 1e-3  # the runs really trained (LoRA: B moved away from 0)
-
-
-def start_parameters(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run.parents[2] / "model" / "model.safetensors"))
 
 
 def reference(root: Path, case: str) -> Path:

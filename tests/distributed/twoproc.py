@@ -8,7 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 PER_RANK_BATCH = 4
+LORA = ("--model.lora.r", "4", "--model.lora.dropout", "0")
+ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
+# Every registered strategy and docs/plugins.md's example, with settings that act on the toy stream
+STRATEGY_ARGS = {
+    "seqft": ("--strategy", "seqft"),
+    "replay": ("--strategy", "replay", "--strategy.replay_ratio", "0.5"),
+    "ewc": ("--strategy", "ewc", "--strategy.ewc_lambda", "1e4"),
+    "freeze": ("--strategy", "freeze", "--strategy.lower_layers", "1"),
+    "lwf": ("--strategy", "lwf"),
+    "multitask": ("--strategy", "multitask"),
+    "attribution": ("--strategy", "attribution", *ATTRIBUTION),
+    # generation by the starting model (sharded copy under FSDP2), answers by the evaluator, k-means
+    "ssr": ("--strategy", "ssr", "--strategy.candidates", "8", "--strategy.synthetic", "4"),
+    "plugin": ("--strategy", "l2_pull.L2Pull", "--strategy.strength", "0.5"),
+    "o_lora": ("--strategy", "o_lora", "--strategy.lambda_2", "0.01", *LORA),  # LoRA only
+}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -19,12 +37,13 @@ def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedP
     return out
 
 
-def fit_args(out: str, ranks: int, *args: str) -> list[str]:
-    """`fit` of the toy stream into `out/run`: `ranks` processes with the same global batch."""
+def fit_args(out: str, ranks: int, *args: str, config: str = "toy.yaml", name: str = "run") -> list[str]:
+    """`fit` of a stream (the toy one by default) into `out/name`: `ranks` processes with the same
+    global batch."""
     sharding = ["--trainer.devices", "2"] if ranks == 2 else []
     batch = PER_RANK_BATCH * (2 // ranks)
-    run = ["--stream.batch_size", str(batch), "--run.output_dir", out, "--run.name", "run"]
-    return ["fit", "--config", "toy.yaml", *run, *sharding, *args]
+    run = ["--stream.batch_size", str(batch), "--run.output_dir", out, "--run.name", name]
+    return ["fit", "--config", config, *run, *sharding, *args]
 
 
 def fit(root: Path, out: str, ranks: int, *args: str) -> Path:
@@ -33,12 +52,62 @@ def fit(root: Path, out: str, ranks: int, *args: str) -> Path:
     return root / out / "run"
 
 
-def start_fit(root: Path, out: str, ranks: int, *args: str) -> subprocess.Popen:
+def start_fit(root: Path, out: str, ranks: int, *args: str, config: str = "toy.yaml") -> subprocess.Popen:
     """`fit` started in a session of its own (os.killpg reaches every rank), output discarded."""
-    cmd = [sys.executable, "-m", "clbench", *fit_args(out, ranks, *args)]
+    cmd = [sys.executable, "-m", "clbench", *fit_args(out, ranks, *args, config=config)]
     quiet = subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=root, env=ENV, stdout=quiet, stderr=quiet, start_new_session=True)
 
 
 def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
+
+
+def final_parameters(run: Path) -> dict[str, torch.Tensor]:
+    """The model after the last task, from a Hugging Face folder or a sharded (DCP) checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    tasks = results(run)["tasks"]
+    folder = run / "checkpoints" / f"task{len(tasks)}-{tasks[-1]}"
+    if (folder / "model").is_dir():
+        state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
+        dcp.load(state, checkpoint_id=folder / "model", no_dist=True)
+        return state
+    adapters = sorted(folder.rglob("adapter_model.safetensors"))  # LoRA, whatever the layout; O-LoRA
+    if adapters:  # keeps each later task's adapter in a subfolder
+        return {
+            f"{a.parent.relative_to(folder)}/{k}": v for a in adapters for k, v in load_file(str(a)).items()
+        }
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """Two ranks gave one process's run: the accuracy matrix, every generated answer, every step's
+    loss and the weights."""
+    a, b = results(one), results(two)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert b["matrix"] == a["matrix"]
+    for file in sorted((one / "predictions").rglob("*.jsonl")):  # every answer, not only the scores
+        raw = [
+            [json.loads(line)["raw"] for line in f.read_text().splitlines()]
+            for f in (file, two / file.relative_to(one))
+        ]
+        assert raw[0] == raw[1], file.relative_to(one)
+    for task in a["tasks"]:
+        la, lb = a["per_task"][task]["train_loss"], b["per_task"][task]["train_loss"]
+        assert len(la) == len(lb) > 0
+        assert torch.allclose(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6), (task, la, lb)
+    pa, pb = final_parameters(one), final_parameters(two)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.allclose(pb[name], pa[name], atol=1e-5, rtol=0), name
+    start = start_parameters(one)
+    moved = max((pa[n] - start.get(n, torch.zeros_like(pa[n]))).abs().max().item() for n in pa)
+    assert moved > 1e-3  # the runs really trained (LoRA: B moved away from 0)
+
+
+def start_parameters(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run.parents[2] / "model" / "model.safetensors"))
