@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
+from clbench.arguments import explain, from_jsonargparse
 from clbench.console import run_log, say, show_bars
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, safe_name
@@ -204,6 +205,19 @@ def build_cli(argv: list[str], resuming: Path | None = None) -> CLBenchCLI:
     )
 
 
+def parsed_cli(argv: list[str], resuming: Path | None = None) -> CLBenchCLI:
+    """build_cli, where a value a class refused while the arguments were built (a strategy's or the
+    module's own check in `__init__`, raised through jsonargparse as a ValueError) is bad input: a
+    ConfigError that names the option and where it was given."""
+    try:
+        return build_cli(argv, resuming)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        message = explain(argv, str(e)) if from_jsonargparse(str(e)) else str(e)
+        raise ConfigError(message) from e
+
+
 def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     """`--resume RUN_DIR` as the run's own config, name and folder; the run folder itself when
     resuming. It takes no other argument: a resumed run goes on exactly as it started."""
@@ -312,7 +326,7 @@ def _user_logger(value: object) -> object:
 def _fit(argv: list[str], watch: StopWatch) -> dict:
     argv, resume_dir = resume_args(argv)
     with run_log(None):  # Lightning's banners for the CLI's own Trainer: the run log repeats them
-        cli = build_cli(argv, resume_dir)
+        cli = parsed_cli(argv, resume_dir)
     cfg = cli.config
     show_bars(cfg.trainer.enable_progress_bar is not False)
     trainer_callbacks = list(cli.config_init.trainer.get("callbacks") or [])

@@ -197,7 +197,8 @@ class CLStrategy:
         add LoRA adapters (`ctx.module.add_adapter`). The model is not yet sharded nor sent to the other
         ranks, and a resume restores the weights afterwards, into the same structure. The processes
         are not yet connected (no collective, no service but `ctx.module`) and the run folder may not
-        exist yet: a ValueError here stops the run before anything is written."""
+        exist yet: a ConfigError (clbench.errors) here refuses the model or a setting in one line and
+        stops the run before anything is written."""
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""
