@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from clbench.arguments import command_parser, explain, parse_command, refusal
-from clbench.errors import ConfigError, Diverged
+from clbench.errors import ConfigError, Diverged, RankLost
 
 USAGE = """usage: clbench {fit,compare,analyze,export} ...
 
@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # before torch loads: it reads this once
+        # a further rank's C++ warnings repeat rank 0's, and when rank 0 dies each broken connection
+        # would print a C++ stack; this rank's errors still show (TORCH_CPP_LOG_LEVEL set wins)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"clbench {command}: diverged: {_one_line(e)}", file=sys.stderr)
         return 3
+    except RankLost as e:  # a surviving rank: the gloo or NCCL traceback would only say "connection reset"
+        if os.environ.get("CLBENCH_TRACEBACK"):
+            raise
+        print(f"clbench {command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

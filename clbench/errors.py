@@ -22,6 +22,11 @@ class Diverged(RuntimeError):
     weights: clbench.runner.LossRecorder); the message names the task and the step."""
 
 
+class RankLost(RuntimeError):
+    """Rank 0 of a run on several processes died (a SIGKILL: the kernel's out-of-memory killer, a
+    scheduler) while another rank waited for it; the message says how the run goes on."""
+
+
 # A name that becomes a file or folder name: no separators, no "..", no leading dot. At most
 # MAX_NAME characters, so that the longest file made from it ("task12-<name>.jsonl", a run folder
 # moved aside with a time stamp) stays under the 255 bytes a file name may have.

@@ -27,7 +27,7 @@ from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
 from clbench.records import read_record
 from clbench.runner import RunConfig, Runner, unused_run_dir
-from clbench.stopping import StopWatch, sigterm_stops
+from clbench.stopping import StopWatch, alive, sigterm_stops
 from clbench.strategy import CLStrategy
 from strategies import class_path, load, name_for, name_of
 
@@ -246,7 +246,7 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     if status.get("status") == "complete":
         raise ConfigError(f"--resume: {run_dir} is complete; nothing to resume")
     # the ranks Lightning starts run this command again while rank 0, the resumed run, is running
-    if status.get("status") == "running" and _alive(status.get("pid")) and dist.rank() == 0:
+    if status.get("status") == "running" and alive(status.get("pid")) and dist.rank() == 0:
         raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
     if str(status.get("resumable", "")).startswith("no:"):  # before the model loads
         raise ConfigError(f"--resume: {run_dir} cannot be resumed ({status['resumable'][3:].strip()})")
@@ -257,18 +257,6 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
 def _status(run_dir: Path) -> dict:
     record = read_record(run_dir)
     return record.results if record is not None else {}
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def config_differences(saved: str, current: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import socket
 import time
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -154,7 +155,8 @@ class Recorder:
                 },
             }
         self.timings["peak_memory_mb"] = peak_memory_mb()
-        state = {"status": status, "pid": os.getpid(), "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        state = {"status": status, "pid": os.getpid(), "host": socket.gethostname()}
+        state["heartbeat"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return {
             **state,
             **({"error": error} if error else {}),

@@ -174,9 +174,9 @@ def move_aside(run_dir: Path, why: str) -> None:
 
 def resumable(run_dir: Path) -> bool:
     """An interrupted run with the saved state of a finished task (clbench/resume.py)."""
-    from clbench.resume import FOLDER, MARKER
+    from clbench.resume import has_state
 
-    return any((run_dir / name / MARKER).is_file() for name in (FOLDER, f"{FOLDER}.old"))
+    return has_state(run_dir)
 
 
 @contextlib.contextmanager
