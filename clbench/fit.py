@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
 from clbench.arguments import explain, from_jsonargparse
 from clbench.console import run_log, say, show_bars
+from clbench.data.collate import cut_answers
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, safe_name
 from clbench.identity import differences, run_identity, sha256_text
@@ -325,6 +326,7 @@ def _fit(argv: list[str], watch: StopWatch) -> dict:
 
     context = getattr(dist.fsdp_root(cli.model.model).config, "max_position_embeddings", None)
     notes = fit_to_context(cli.stream, context)
+    notes += cut_answers(cli.stream.tasks, cli.model.tokenizer)
     notes.append(slow_bf16_note(cfg.trainer.precision, cfg.trainer.accelerator))
     for note in filter(None, notes):
         say(f"clbench: warning: {note}")
