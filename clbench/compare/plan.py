@@ -5,6 +5,7 @@ Nothing is deleted."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -84,6 +85,22 @@ def resolved_config(fit_argv: list[str]) -> dict:
             if e.code:
                 raise
     return _comparable(yaml.safe_load(out.getvalue()))
+
+
+def check_fit_arguments(runs: list[Run]) -> None:
+    """Every entry's `fit` arguments parsed once by fit's own parser, without running (its seeds differ
+    in --seed_everything only): a misspelt option, passed through or in a preset, is one line before
+    anything starts or is moved, not a failure in every fit's log once the jobs run."""
+    from clbench.arguments import explain
+
+    first: dict[str, Run] = {}
+    for run in runs:
+        first.setdefault(run.strategy, run)
+    for run in first.values():
+        try:
+            resolved_config(run.argv)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"the fit arguments of {run.strategy}: {explain(run.argv, str(e))}") from e
 
 
 def _comparable(cfg: object) -> dict:

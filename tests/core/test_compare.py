@@ -300,3 +300,33 @@ def test_compare_keeps_its_own_options_and_passes_every_other_argument_to_each_f
     assert passthrough == [*expected, "--run.checkpoints", "none"]
     assert args.finished_only and args.jobs == 2 and args.slurm.time == 5 and args.strategies == ["ewc"]
     assert args.config == str(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--strategies", "seqft,ewc", "--run.chekpoints", "none", "--jobs", "2"],
+            "the fit arguments of seqft: command line: --run.chekpoints: not an option of clbench fit",
+        ),
+        (
+            ["--strategies", "seqft,ewc-x", "--presets", "PRESETS"],
+            "the fit arguments of ewc-x: PRESETS/ewc-x.yaml: strategy.ewc_lambd: not an option of ewc",
+        ),
+        (["--strategies", "seqft,ewc-x", "--presets", "nosuch"], "--presets: nosuch: no such folder"),
+    ],
+)
+def test_fit_arguments_and_presets_are_checked_before_anything_starts(
+    args, expected, trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    """A misspelt option reaches no fit (under --jobs it would fail in every fit's log, after they all
+    started); a presets folder that does not exist is named, not blamed on the strategy."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    write_config(presets / "ewc-x.yaml", {"strategy": {"class_path": "ewc", "init_args": {"ewc_lambd": 3}}})
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, tmp_path / "runs"))
+    args = [str(presets) if a == "PRESETS" else a for a in args]
+    assert main(["compare", "--config", str(cfg), "--seeds", "1,2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.replace("PRESETS", str(presets)) in err, err
+    assert not (tmp_path / "runs").exists()
