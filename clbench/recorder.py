@@ -13,6 +13,7 @@ import platform
 import resource
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -67,9 +68,11 @@ class Recorder:
         seed: int,
         identity: dict | None,
         loggers: RunLoggers,
+        strategy_used: Callable[[], dict] = dict,
     ) -> None:
         self.stream, self.run_dir, self.strategy_name = stream, run_dir, strategy_name
         self.seed, self.identity, self.loggers = seed, identity, loggers
+        self.strategy_used = strategy_used  # the strategy's `used`, asked at every write
         T = len(stream)
         self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.scores: dict[int, dict[str, TaskScore]] = {}
@@ -163,6 +166,7 @@ class Recorder:
             "stream": self.stream.name,
             "score_split": self.stream.score_split,
             "strategy": self.strategy_name,
+            "strategy_used": self.strategy_used(),
             "seed": self.seed,
             "world_size": dist.world_size(),
             "tasks": self.stream.names,

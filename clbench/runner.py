@@ -119,7 +119,9 @@ class Runner:
         )
         self.loggers = RunLoggers(self.run_dir, logger)
         self.evaluator = Evaluator(module, self._prompt_loader, self._quiet_trainer)
-        self.record = Recorder(stream, self.run_dir, self.strategy_name, seed, identity, self.loggers)
+        self.record = Recorder(
+            stream, self.run_dir, self.strategy_name, seed, identity, self.loggers, strategy.used
+        )
 
     @property
     def writes(self) -> bool:

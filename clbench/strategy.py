@@ -231,6 +231,12 @@ class CLStrategy:
     def on_task_end(self, ctx: StrategyContext) -> None:
         """After task t trained, before the matrix row t is evaluated."""
 
+    def used(self) -> dict[str, Any]:
+        """What the strategy really used where that can differ from its settings (a count capped by a
+        task's size, say), as JSON, for results.json's `strategy_used`: two settings that came to the
+        same thing show as the same run (compare's report names such entries). Empty by default."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint with the run (flat name -> tensor, safetensors-ready)."""
         return {}

@@ -330,3 +330,22 @@ def test_fit_arguments_and_presets_are_checked_before_anything_starts(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected.replace("PRESETS", str(presets)) in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_two_entries_that_used_the_same_settings_are_named_as_one_run():
+    from clbench.compare.report import same_runs
+
+    def run(seed: int, demonstrations: int, score: float = 0.5) -> dict:
+        used = {"parity": {"demonstrations": demonstrations, "shots": 3}}
+        return {"seed": seed, "strategy": "ssr", "strategy_used": used, "matrix": [[score]]}
+
+    runs = {
+        "ssr-d16": [run(1, 10), run(2, 10)],
+        "ssr-d32": [run(1, 10), run(2, 10)],  # both capped to the task's 10 examples
+        "ssr-d8": [run(1, 8), run(2, 8)],
+        "seqft": [{"seed": 1, "strategy": "seqft", "strategy_used": {}, "matrix": [[0.5]]}],
+    }
+    assert same_runs(runs) == [
+        "ssr-d16 and ssr-d32 used the same settings on every task (strategy_used in results.json) and got "
+        "the same numbers: one run under two names."
+    ]
