@@ -95,6 +95,10 @@ def export_hf(checkpoint_dir: Path, out: Path) -> Path:
     with warnings.catch_warnings():  # one process is what export is
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=checkpoint_dir / SHARDED_MODEL)  # in place, into the model's tensors
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

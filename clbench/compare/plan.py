@@ -202,7 +202,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
     The kernel drops an flock when its process dies, so the lock of a killed compare is free and is
     taken over; the file names the holder's process id (empty once released) for the messages."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot create the comparison folder ({e.strerror or e})") from None
     path = folder / LOCK
     with open(path, "a+", encoding="utf-8") as f:
         try:

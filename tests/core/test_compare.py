@@ -349,3 +349,13 @@ def test_two_entries_that_used_the_same_settings_are_named_as_one_run():
         "ssr-d16 and ssr-d32 used the same settings on every task (strategy_used in results.json) and got "
         "the same numbers: one run under two names."
     ]
+
+
+def test_a_comparison_folder_that_cannot_be_made_is_one_line(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, tmp_path / "runs"))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--output_dir", f"{cfg}/x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"clbench compare: error: {cfg}/x/compare-toy: cannot create the comparison folder " + (
+        "(Not a directory)"
+    )

@@ -63,3 +63,11 @@ def test_a_whole_checkpoint_exports(sharded_checkpoint, tmp_path):
 
     assert main(["export", str(sharded_checkpoint), str(tmp_path / "out")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size > 0
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(sharded_checkpoint, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(sharded_checkpoint), str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    out = tmp_path / "file" / "out"
+    assert err == f"clbench export: error: {out}: cannot create the output folder (Not a directory)"
