@@ -231,8 +231,8 @@ class Runner:
         marked "interrupted" here, as rank 0 cannot, and the line to print says how to go on; None
         otherwise (rank 0 records the error itself)."""
         record = read_record(self.run_dir) if not self.writes else None
-        if record is None or record.results.get("host") != socket.gethostname():
-            return None
+        if record is None or record.status != "running" or record.results.get("host") != socket.gethostname():
+            return None  # rank 0 recorded its own end (its error), or runs where this rank cannot look
         pid = record.results.get("pid")
         if alive(pid):
             return None
