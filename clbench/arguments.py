@@ -1,10 +1,11 @@
 """One line for an argument `clbench fit` refused: which option, where it was given, what to do.
 
-jsonargparse reports a bad strategy argument as a few hundred characters of union-type trial and
-error with internal class names, and cannot tell whether a value came from a config file or the
-command line. When it refuses, `explain` works the answer out again from the arguments themselves:
-the strategy class and each of its options with the place that set it (the last one wins, as in
-jsonargparse), checked against the class's signature one option at a time.
+jsonargparse reports a bad strategy or logger argument as a few hundred characters of union-type
+trial and error with internal class names, and cannot tell whether a value came from a config file
+or the command line. When it refuses, `explain` works the answer out again from the arguments
+themselves: the class (`--strategy`, `--trainer.logger`) and each of its options with the place that
+set it (the last one wins, as in jsonargparse), checked against the class's signature one option at
+a time.
 """
 
 from __future__ import annotations
