@@ -1,10 +1,11 @@
 """One line for an argument `clbench fit` refused: which option, where it was given, what to do.
 
-jsonargparse reports a bad strategy argument as a few hundred characters of union-type trial and
-error with internal class names, and cannot tell whether a value came from a config file or the
-command line. When it refuses, `explain` works the answer out again from the arguments themselves:
-the strategy class and each of its options with the place that set it (the last one wins, as in
-jsonargparse), checked against the class's signature one option at a time.
+jsonargparse reports a bad strategy or logger argument as a few hundred characters of union-type
+trial and error with internal class names, and cannot tell whether a value came from a config file
+or the command line. When it refuses, `explain` works the answer out again from the arguments
+themselves: the class (`--strategy`, `--trainer.logger`) and each of its options with the place that
+set it (the last one wins, as in jsonargparse), checked against the class's signature one option at
+a time.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def _yaml(path: str) -> object:
         return None
 
 
-def _take_strategy(node: object, origin: str, spec: dict) -> None:
-    """Merge a `strategy` value (a name, or {class_path, init_args}) into `spec`."""
+def _take_class(node: object, origin: str, spec: dict) -> None:
+    """Merge a class value (a name, or {class_path, init_args}) into `spec`."""
     if isinstance(node, str) and node.lstrip().startswith("{"):
         node = yaml.safe_load(node)
     if isinstance(node, str):
@@ -52,25 +53,26 @@ def _take_strategy(node: object, origin: str, spec: dict) -> None:
             spec["args"][key] = Given(value, origin)
 
 
-def strategy_spec(argv: list[str]) -> dict:
-    """The strategy `fit` was asked for: {"cls", "cls_origin", "args": {option: Given}}."""
+def class_spec(argv: list[str], key: str = "strategy") -> dict:
+    """The class `fit` was asked for at dotted option `key` ("strategy", "trainer.logger"):
+    {"cls", "cls_origin", "args": {option: Given}}, each value from where it was set last."""
     spec: dict = {"cls": None, "cls_origin": None, "args": {}}
     i = 0
     while i < len(argv):
         arg, value = argv[i], None
-        key = arg.split("=", 1)[0]
+        flag = arg.split("=", 1)[0]
         if "=" in arg and arg.startswith("--"):
             value = arg.split("=", 1)[1]
         elif i + 1 < len(argv):
             value, i = argv[i + 1], i + 1
-        if key == "--config" and value is not None:
+        if flag == "--config" and value is not None:
             data = _yaml(value)
-            if isinstance(data, dict) and "strategy" in data:
-                _take_strategy(data["strategy"], value, spec)
-        elif key == "--strategy" and value is not None:
-            _take_strategy(value, COMMAND_LINE, spec)
-        elif key.startswith("--strategy.") and value is not None:
-            option = key.removeprefix("--strategy.").removeprefix("init_args.")
+            if _key_in(data, key):
+                _take_class(_value_at(data, key), value, spec)
+        elif flag == f"--{key}" and value is not None:
+            _take_class(value, COMMAND_LINE, spec)
+        elif flag.startswith(f"--{key}.") and value is not None:
+            option = flag.removeprefix(f"--{key}.").removeprefix("init_args.")
             spec["args"][option] = Given(value, COMMAND_LINE)
         i += 1
     return spec
@@ -87,13 +89,54 @@ def _annotation(param: inspect.Parameter) -> str:
     return a if isinstance(a, str) else getattr(a, "__name__", str(a))
 
 
-def explain_strategy(argv: list[str]) -> str | None:
-    """The first wrong strategy option as one line, or None when the strategy's options hold."""
+def _check_options(spec: dict, cls: type, key: str, name: str) -> tuple[str | None, dict]:
+    """The first option in `spec` that `cls` does not take, or whose value does not parse, as one line
+    (None when all hold), and the values parsed so far."""
     from jsonargparse import ArgumentParser
 
+    options = _options(cls)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls)
+    values = {}
+    for option, given in spec["args"].items():
+        where = f"{given.origin}: {key}.{option}"
+        if option not in options:
+            return f"{where}: not an option of {name}; its options: {', '.join(options) or 'none'}", values
+        try:
+            if given.origin == COMMAND_LINE:
+                parsed = parser.parse_args([f"--{option}", str(given.value)])
+            else:
+                parsed = parser.parse_object({option: given.value})
+        except argparse.ArgumentError:
+            shown = json.dumps(given.value) if not isinstance(given.value, str) else repr(given.value)
+            return f"{where}: expected {_annotation(options[option])}, got {shown}", values
+        values[option] = parsed[option]
+    return None, values
+
+
+def explain_logger(argv: list[str]) -> str | None:
+    """A wrong `--trainer.logger` (a class that is not a logger, an option its class does not take or
+    a value of the wrong type) as one line listing what is accepted, or None."""
+    from clbench.loggers import lightning_loggers, logger_class
+
+    spec = class_spec(argv, "trainer.logger")
+    name = spec["cls"]
+    if not isinstance(name, str) or name.lower() in ("true", "false", "null", "none"):
+        return None
+    cls = logger_class(name)
+    if cls is None:
+        return (
+            f"{spec['cls_origin']}: trainer.logger: {name!r} is not a logger; Lightning's: "
+            f"{', '.join(lightning_loggers())} (or the dotted path of a Logger subclass)"
+        )
+    return _check_options(spec, cls, "trainer.logger", cls.__name__)[0]
+
+
+def explain_strategy(argv: list[str]) -> str | None:
+    """The first wrong strategy option as one line, or None when the strategy's options hold."""
     from strategies import class_path, name_for
 
-    spec = strategy_spec(argv)
+    spec = class_spec(argv)
     if spec["cls"] is None:
         return None
     try:
@@ -102,23 +145,9 @@ def explain_strategy(argv: list[str]) -> str | None:
         return f"{spec['cls_origin']}: strategy: {e}"
     module, _, attr = path.rpartition(".")
     cls = getattr(importlib.import_module(module), attr)
-    name, options = name_for(path), _options(cls)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls)
-    values = {}
-    for option, given in spec["args"].items():
-        where = f"{given.origin}: strategy.{option}"
-        if option not in options:
-            return f"{where}: not an option of {name}; its options: {', '.join(options) or 'none'}"
-        try:
-            if given.origin == COMMAND_LINE:
-                parsed = parser.parse_args([f"--{option}", str(given.value)])
-            else:
-                parsed = parser.parse_object({option: given.value})
-        except argparse.ArgumentError:
-            shown = json.dumps(given.value) if not isinstance(given.value, str) else repr(given.value)
-            return f"{where}: expected {_annotation(options[option])}, got {shown}"
-        values[option] = parsed[option]
+    wrong, values = _check_options(spec, cls, "strategy", name_for(path))
+    if wrong:
+        return wrong
     try:
         cls(**values)
     except (ValueError, TypeError) as e:
@@ -134,6 +163,12 @@ def _key_in(node: object, dotted: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def _value_at(node: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def origin_of(argv: list[str], key: str | None) -> str | None:
@@ -164,6 +199,8 @@ def explain(argv: list[str], message: str) -> str:
         found = explain_strategy(argv)
         if found:
             return found
+    if re.search(r"""key ["']trainer\.logger["']""", message) and (found := explain_logger(argv)):
+        return found
     text = " ".join(ln.strip() for ln in message.splitlines() if ln.strip())
     if m := UNRECOGNIZED.search(text):
         return f"{COMMAND_LINE}: {m[1]}: not an option of clbench fit (see clbench fit --help)"

@@ -12,6 +12,7 @@ are gathered and rank 0 writes a peft adapter folder directly.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +67,9 @@ def _save_sharded(
 
 
 def export_hf(checkpoint_dir: Path, out: Path) -> Path:
-    """A sharded (DCP) checkpoint as a Hugging Face folder that `from_pretrained` loads, in one process."""
+    """A sharded (DCP) checkpoint as a Hugging Face folder that `from_pretrained` loads, in one process.
+    Everything is read before anything is written: a checkpoint whose save was cut short is a
+    ConfigError naming what is missing, and `out` is not made."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -79,13 +82,59 @@ def export_hf(checkpoint_dir: Path, out: Path) -> Path:
         raise ConfigError(f"{checkpoint_dir}: not a clbench checkpoint (no {SHARDED_MODEL}/ folder)")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; choose another output folder")
-    config = AutoConfig.from_pretrained(checkpoint_dir)
+    check_saved(checkpoint_dir)
+    try:
+        config = AutoConfig.from_pretrained(checkpoint_dir)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{checkpoint_dir}: {CUT_SHORT}: its config or tokenizer cannot be read ({e})"
+        ) from e
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     state = _untied(model.state_dict())
-    dcp.load(state, checkpoint_id=checkpoint_dir / SHARDED_MODEL)  # in place, into the model's tensors
+    with warnings.catch_warnings():  # one process is what export is
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=checkpoint_dir / SHARDED_MODEL)  # in place, into the model's tensors
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
+
+
+CUT_SHORT = "the save was cut short; export another task's checkpoint, or train this task again"
+
+
+def check_saved(checkpoint_dir: Path) -> None:
+    """A ConfigError naming the first file a sharded checkpoint lacks, or holds cut short: rank 0's
+    config.json, torch.distributed.checkpoint's .metadata (written last, once every rank's shards
+    are), and every byte range of the shards that .metadata lists."""
+    import torch.distributed.checkpoint as dcp
+
+    shards = checkpoint_dir / SHARDED_MODEL
+    for needed in (checkpoint_dir / "config.json", shards / ".metadata"):
+        if not needed.is_file():
+            raise ConfigError(
+                f"{checkpoint_dir}: {needed.relative_to(checkpoint_dir)} is missing: {CUT_SHORT}"
+            )
+    try:
+        storage = dcp.FileSystemReader(str(shards)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - a damaged .metadata raises whatever unpickling raises
+        raise ConfigError(f"{shards / '.metadata'}: unreadable ({type(e).__name__}): {CUT_SHORT}") from e
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = shards / name
+        if not file.is_file():
+            raise ConfigError(f"{checkpoint_dir}: {SHARDED_MODEL}/{name} is missing: {CUT_SHORT}")
+        if file.stat().st_size < end:
+            raise ConfigError(
+                f"{checkpoint_dir}: {SHARDED_MODEL}/{name} holds {file.stat().st_size} of its {end} bytes: "
+                f"{CUT_SHORT}"
+            )
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """`clbench fit | compare | analyze | export`: the command line.
 
 This module only dispatches, so `clbench --help` imports nothing heavy; each command imports its
-own machinery (`fit`: clbench/fit.py, a LightningCLI). Every error a user can cause is one line
-(exit 2); a diverged fit exits 3. Set CLBENCH_TRACEBACK=1 for the full traceback.
+own machinery (`fit`: clbench/fit.py, a LightningCLI). Every error a user can cause (a ConfigError
+or an argument the parser refused) is one line (exit 2); a diverged fit exits 3. Anything else is a
+bug, in clbench or in a strategy's code, and shows its traceback (clbench/errors.py). Set
+CLBENCH_TRACEBACK=1 for the full traceback of one-line errors too.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from clbench.arguments import command_parser, explain, from_jsonargparse, parse_command, refusal
-from clbench.errors import ConfigError, Diverged
+from clbench.arguments import command_parser, explain, parse_command, refusal
+from clbench.errors import ConfigError, Diverged, RankLost
 
 USAGE = """usage: clbench {fit,compare,analyze,export} ...
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # before torch loads: it reads this once
+        # a further rank's C++ warnings repeat rank 0's, and when rank 0 dies each broken connection
+        # would print a C++ stack; this rank's errors still show (TORCH_CPP_LOG_LEVEL set wins)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -53,19 +59,21 @@ def main(argv: list[str] | None = None) -> int:
         message = explain(rest, str(e)) if command == "fit" else refusal(str(e))
         print(f"clbench {command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
-    except (ConfigError, ValueError, OSError) as e:  # bad input, or a file or model that cannot be read
+    except ConfigError as e:  # bad input: the message names the file or option and what to do
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
-        message = str(e)
-        if command == "fit" and not isinstance(e, ConfigError) and from_jsonargparse(message):
-            message = explain(rest, message)  # a strategy's own check, raised through jsonargparse
-        print(f"clbench {command}: error: {_one_line(message)}", file=sys.stderr)
+        print(f"clbench {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Diverged as e:
         if os.environ.get("CLBENCH_TRACEBACK"):
             raise
         print(f"clbench {command}: diverged: {_one_line(e)}", file=sys.stderr)
         return 3
+    except RankLost as e:  # a surviving rank: the gloo or NCCL traceback would only say "connection reset"
+        if os.environ.get("CLBENCH_TRACEBACK"):
+            raise
+        print(f"clbench {command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

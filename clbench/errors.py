@@ -1,4 +1,10 @@
-"""The errors clbench prints as one line: bad input, and a run that stopped on its own terms."""
+"""The errors clbench prints as one line: bad input, and a run that stopped on its own terms.
+
+Everything else is a bug (clbench's, a strategy's, a library's) and shows its whole traceback: a
+one-line message would hide where it came from. So bad input is a ConfigError, never a plain
+ValueError: clbench's own checks raise it, and so does a strategy that refuses a setting or a model
+in a hook (a ValueError from a strategy's `__init__` while the arguments are parsed is taken as
+the refusal of its option, as jsonargparse reports it)."""
 
 from __future__ import annotations
 
@@ -7,12 +13,18 @@ from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """Bad user input (a config value, a data file): the message names the file and field."""
+    """Bad user input (a config value, a data file, a folder given on the command line): the message
+    names the file and field, and clbench prints it as one line (exit 2)."""
 
 
 class Diverged(RuntimeError):
     """Training collapsed (a NaN or infinite loss, or a uniform or blown-up loss with exploded
     weights: clbench.runner.LossRecorder); the message names the task and the step."""
+
+
+class RankLost(RuntimeError):
+    """Rank 0 of a run on several processes died (a SIGKILL: the kernel's out-of-memory killer, a
+    scheduler) while another rank waited for it; the message says how the run goes on."""
 
 
 # A name that becomes a file or folder name: no separators, no "..", no leading dot. At most

@@ -18,7 +18,9 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
+from clbench.arguments import explain, from_jsonargparse
 from clbench.console import run_log, say, show_bars
+from clbench.data.collate import cut_answers
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, safe_name
 from clbench.identity import differences, run_identity, sha256_text
@@ -26,7 +28,7 @@ from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
 from clbench.records import read_record
 from clbench.runner import RunConfig, Runner, unused_run_dir
-from clbench.stopping import StopWatch, sigterm_stops
+from clbench.stopping import StopWatch, alive, sigterm_stops
 from clbench.strategy import CLStrategy
 from strategies import class_path, load, name_for, name_of
 
@@ -204,6 +206,19 @@ def build_cli(argv: list[str], resuming: Path | None = None) -> CLBenchCLI:
     )
 
 
+def parsed_cli(argv: list[str], resuming: Path | None = None) -> CLBenchCLI:
+    """build_cli, where a value a class refused while the arguments were built (a strategy's or the
+    module's own check in `__init__`, raised through jsonargparse as a ValueError) is bad input: a
+    ConfigError that names the option and where it was given."""
+    try:
+        return build_cli(argv, resuming)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        message = explain(argv, str(e)) if from_jsonargparse(str(e)) else str(e)
+        raise ConfigError(message) from e
+
+
 def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     """`--resume RUN_DIR` as the run's own config, name and folder; the run folder itself when
     resuming. It takes no other argument: a resumed run goes on exactly as it started."""
@@ -232,7 +247,7 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
     if status.get("status") == "complete":
         raise ConfigError(f"--resume: {run_dir} is complete; nothing to resume")
     # the ranks Lightning starts run this command again while rank 0, the resumed run, is running
-    if status.get("status") == "running" and _alive(status.get("pid")) and dist.rank() == 0:
+    if status.get("status") == "running" and alive(status.get("pid")) and dist.rank() == 0:
         raise ConfigError(f"--resume: {run_dir} is still running (process {status['pid']})")
     if str(status.get("resumable", "")).startswith("no:"):  # before the model loads
         raise ConfigError(f"--resume: {run_dir} cannot be resumed ({status['resumable'][3:].strip()})")
@@ -243,18 +258,6 @@ def resume_args(argv: list[str]) -> tuple[list[str], Path | None]:
 def _status(run_dir: Path) -> dict:
     record = read_record(run_dir)
     return record.results if record is not None else {}
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def config_differences(saved: str, current: str) -> list[str]:
@@ -312,7 +315,7 @@ def _user_logger(value: object) -> object:
 def _fit(argv: list[str], watch: StopWatch) -> dict:
     argv, resume_dir = resume_args(argv)
     with run_log(None):  # Lightning's banners for the CLI's own Trainer: the run log repeats them
-        cli = build_cli(argv, resume_dir)
+        cli = parsed_cli(argv, resume_dir)
     cfg = cli.config
     show_bars(cfg.trainer.enable_progress_bar is not False)
     trainer_callbacks = list(cli.config_init.trainer.get("callbacks") or [])
@@ -323,6 +326,7 @@ def _fit(argv: list[str], watch: StopWatch) -> dict:
 
     context = getattr(dist.fsdp_root(cli.model.model).config, "max_position_embeddings", None)
     notes = fit_to_context(cli.stream, context)
+    notes += cut_answers(cli.stream.tasks, cli.model.tokenizer)
     notes.append(slow_bf16_note(cfg.trainer.precision, cfg.trainer.accelerator))
     for note in filter(None, notes):
         say(f"clbench: warning: {note}")

@@ -11,11 +11,31 @@ and the summary go to the same logger, at the run's step count when they were me
 
 from __future__ import annotations
 
+import importlib
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+
+def lightning_loggers() -> list[str]:
+    """The loggers Lightning ships, by the names `--trainer.logger` takes."""
+    from lightning.pytorch import loggers
+
+    return sorted(name for name in loggers.__all__ if name != "Logger")
+
+
+def logger_class(name: str) -> type[Logger] | None:
+    """The Logger class `--trainer.logger NAME` means (one of Lightning's by name, or a dotted path),
+    None when there is none."""
+    path = name if "." in name else f"lightning.pytorch.loggers.{name}"
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Logger) else None
 
 
 class TaskView(Logger):

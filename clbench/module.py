@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 
 from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
+from clbench.errors import ConfigError
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
@@ -240,7 +241,7 @@ class CLModule(pl.LightningModule):
         if isinstance(trainer.strategy, ModelParallelStrategy) and not dist.is_fully_sharded(self.model):
             mesh = self.device_mesh
             if mesh["tensor_parallel"].size() > 1:
-                raise ValueError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
+                raise ConfigError("trainer.strategy: clbench shards with FSDP2 only; use strategy 'fsdp'")
             whole = self.model.state_dict() if dist.rank() == 0 else {}  # views of rank 0's host copy
             dist.apply_fsdp(self.model, mesh["data_parallel"], str(trainer.precision))
             if several and dist.any_rank(self._is_empty(), device):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -66,9 +68,11 @@ class Recorder:
         seed: int,
         identity: dict | None,
         loggers: RunLoggers,
+        strategy_used: Callable[[], dict] = dict,
     ) -> None:
         self.stream, self.run_dir, self.strategy_name = stream, run_dir, strategy_name
         self.seed, self.identity, self.loggers = seed, identity, loggers
+        self.strategy_used = strategy_used  # the strategy's `used`, asked at every write
         T = len(stream)
         self.matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.scores: dict[int, dict[str, TaskScore]] = {}
@@ -154,13 +158,15 @@ class Recorder:
                 },
             }
         self.timings["peak_memory_mb"] = peak_memory_mb()
-        state = {"status": status, "pid": os.getpid(), "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        state = {"status": status, "pid": os.getpid(), "host": socket.gethostname()}
+        state["heartbeat"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return {
             **state,
             **({"error": error} if error else {}),
             "stream": self.stream.name,
             "score_split": self.stream.score_split,
             "strategy": self.strategy_name,
+            "strategy_used": self.strategy_used(),
             "seed": self.seed,
             "world_size": dist.world_size(),
             "tasks": self.stream.names,

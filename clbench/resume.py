@@ -122,6 +122,11 @@ def _flat(module: torch.nn.Module, strategy_state: dict) -> dict[str, torch.Tens
     return {**model, **moments, **{f"strategy::{k}": v for k, v in strategy_state.items()}}
 
 
+def has_state(run_dir: Path) -> bool:
+    """Whether the run folder keeps the complete state of a finished task (what --resume needs)."""
+    return any((run_dir / name / MARKER).is_file() for name in (FOLDER, f"{FOLDER}.old"))
+
+
 def load(run_dir: Path) -> ResumeState:
     """The last complete state of a run folder (the previous one when a save was cut short)."""
     complete = [f for f in (run_dir / FOLDER, run_dir / f"{FOLDER}.old") if (f / MARKER).is_file()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,13 +26,15 @@ from clbench import distributed as dist
 from clbench import resume as resume_state
 from clbench.console import run_log, say
 from clbench.data.tasks import Example, Task, TaskStream
-from clbench.errors import ConfigError, Diverged, inside, safe_name
+from clbench.errors import ConfigError, Diverged, RankLost, inside, safe_name
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.files import write_atomic
 from clbench.loggers import RunLoggers
 from clbench.module import CLModule, call_trainer
 from clbench.recorder import Recorder
+from clbench.records import read_record
 from clbench.services import RunServices
+from clbench.stopping import alive, mark_interrupted
 from clbench.strategy import CLStrategy, StrategyContext
 
 
@@ -116,7 +119,9 @@ class Runner:
         )
         self.loggers = RunLoggers(self.run_dir, logger)
         self.evaluator = Evaluator(module, self._prompt_loader, self._quiet_trainer)
-        self.record = Recorder(stream, self.run_dir, self.strategy_name, seed, identity, self.loggers)
+        self.record = Recorder(
+            stream, self.run_dir, self.strategy_name, seed, identity, self.loggers, strategy.used
+        )
 
     @property
     def writes(self) -> bool:
@@ -190,6 +195,8 @@ class Runner:
             self._write("interrupted", type(e).__name__)
             raise
         except BaseException as e:
+            if lost := self._rank0_lost():
+                raise RankLost(lost) from e
             self._write(
                 "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
@@ -217,6 +224,24 @@ class Runner:
             last = t + 1 == len(self.stream)
             self._save_resume_state(t + 1, last)
             self._write("complete" if last else "running")
+
+    def _rank0_lost(self) -> str | None:
+        """On a rank that does not write, after an error: when rank 0, the run's writer, is gone from
+        this machine (killed; a collective with it then fails on every other rank), results.json is
+        marked "interrupted" here, as rank 0 cannot, and the line to print says how to go on; None
+        otherwise (rank 0 records the error itself)."""
+        record = read_record(self.run_dir) if not self.writes else None
+        if record is None or record.status != "running" or record.results.get("host") != socket.gethostname():
+            return None  # rank 0 recorded its own end (its error), or runs where this rank cannot look
+        pid = record.results.get("pid")
+        if alive(pid):
+            return None
+        reason = f"rank 0 (process {pid}) died without an error: killed (the kernel's out-of-memory killer "
+        reason += "sends SIGKILL; see dmesg)"
+        mark_interrupted(self.run_dir, reason)
+        if not resume_state.has_state(self.run_dir):
+            return f"{reason}; {self.run_dir} holds no finished task: start the run again"
+        return f"{reason}; go on from its last finished task with: clbench fit --resume {self.run_dir}"
 
     def _resumable(self) -> str:
         """Whether `fit --resume` can go on with this run, and if not, why (results.json says it)."""

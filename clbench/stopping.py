@@ -36,17 +36,44 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def alive(pid: object) -> bool:
+    """Whether process `pid` runs on this machine (a zombie, killed and not yet waited for, does not)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # the state follows the command name in parentheses, which may itself hold spaces
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def mark_interrupted(run_dir: Path | None, reason: str) -> bool:
+    """results.json says "interrupted" with `reason` when it still said "running", everything else it
+    recorded kept (for a process that is not the run's writer or cannot wait for the loop); whether
+    it did."""
+    results = run_dir / "results.json" if run_dir is not None else None
+    if results is None or not results.is_file():
+        return False
+    try:
+        state = json.loads(results.read_text(encoding="utf-8"))
+        if state.get("status") != "running":
+            return False
+        state.update(status="interrupted", error=reason)
+        write_json(results, state)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def force_stop(run_dir: Path | None, grace_s: float) -> None:
     """Mark the run interrupted (keeping what its last results.json recorded) and end the process."""
-    results = run_dir / "results.json" if run_dir is not None else None
-    if results is not None and results.is_file():
-        try:
-            state = json.loads(results.read_text(encoding="utf-8"))
-            if state.get("status") == "running":
-                state.update(status="interrupted", error=f"SIGTERM: forced exit {grace_s:g} s after it")
-                write_json(results, state)
-        except (OSError, ValueError):
-            pass
+    mark_interrupted(run_dir, f"SIGTERM: forced exit {grace_s:g} s after it")
     print(f"clbench: SIGTERM: still running {grace_s:g} s after it; exiting now", file=sys.stderr, flush=True)
     os._exit(128 + signal.SIGTERM)
 

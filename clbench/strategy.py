@@ -197,7 +197,8 @@ class CLStrategy:
         add LoRA adapters (`ctx.module.add_adapter`). The model is not yet sharded nor sent to the other
         ranks, and a resume restores the weights afterwards, into the same structure. The processes
         are not yet connected (no collective, no service but `ctx.module`) and the run folder may not
-        exist yet: a ValueError here stops the run before anything is written."""
+        exist yet: a ConfigError (clbench.errors) here refuses the model or a setting in one line and
+        stops the run before anything is written."""
 
     def setup(self, ctx: StrategyContext) -> None:
         """Once per run, before the first task (and again after a resume)."""
@@ -229,6 +230,12 @@ class CLStrategy:
 
     def on_task_end(self, ctx: StrategyContext) -> None:
         """After task t trained, before the matrix row t is evaluated."""
+
+    def used(self) -> dict[str, Any]:
+        """What the strategy really used where that can differ from its settings (a count capped by a
+        task's size, say), as JSON, for results.json's `strategy_used`: two settings that came to the
+        same thing show as the same run (compare's report names such entries). Empty by default."""
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint with the run (flat name -> tensor, safetensors-ready)."""

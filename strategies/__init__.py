@@ -39,7 +39,9 @@ def available() -> dict[str, str]:
 
 
 def class_path(name: str) -> str:
-    """The dotted class path of a registry name, entry point or class path; ValueError if unknown."""
+    """The dotted class path of a registry name, entry point or class path; ConfigError if unknown."""
+    from clbench.errors import ConfigError
+
     known = available()
     if name in known:
         return known[name]
@@ -47,13 +49,13 @@ def class_path(name: str) -> str:
         try:
             cls = _class_at(name)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"strategy '{name}' cannot be imported: {e}") from None
+            raise ConfigError(f"strategy '{name}' cannot be imported: {e}") from None
         from clbench.strategy import CLStrategy
 
         if not (isinstance(cls, type) and issubclass(cls, CLStrategy)):
-            raise ValueError(f"strategy '{name}' is not a subclass of strategies.CLStrategy")
+            raise ConfigError(f"strategy '{name}' is not a subclass of strategies.CLStrategy")
         return name
-    raise ValueError(f"unknown strategy '{name}'; known: {', '.join(sorted(known))}")
+    raise ConfigError(f"unknown strategy '{name}'; known: {', '.join(sorted(known))}")
 
 
 def placement_only(path: str) -> tuple[str, ...]:

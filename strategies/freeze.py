@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from clbench.errors import ConfigError
 from clbench.models import layer_index
 from clbench.strategy import CLStrategy, StrategyContext
 
@@ -89,7 +90,7 @@ class Freeze(CLStrategy):
         chosen = {n: p for n, p in named.items() if self._by_name(n)}
         if (self.layers is not None or self.regex is not None) and not chosen:
             layers = sorted(self.layers or [])
-            raise ValueError(f"freeze.layers={layers} / freeze.pattern={self.pattern!r} match no parameter")
+            raise ConfigError(f"freeze.layers={layers} / freeze.pattern={self.pattern!r} match no parameter")
         special = self._special(model)
         chosen.update({n: p for n, p in named.items() if id(p) in special})
         return chosen

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from clbench.distributed import all_reduce_, full, is_sharded, local
+from clbench.errors import ConfigError
 from clbench.files import write_json
 from clbench.strategy import CLStrategy, StrategyContext
 
@@ -97,7 +98,7 @@ class OLoRA(CLStrategy):
             self.adapters = wanted
             return
         if len(names) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"o_lora trains one LoRA adapter per task beside model.lora's: set model.lora "
                 f"(e.g. --model.lora.r 8); the model has adapters {names}"
             )

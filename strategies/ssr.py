@@ -30,7 +30,10 @@ as they are. A demonstration that itself contains "###" cuts the inputs written 
 Temperature 0 writes greedily (diversity then comes only from which demonstrations each prompt shows,
 in what order).
 
-State: the kept examples and the per-task counts (demonstrations, prompts, distinct inputs, kept) as
+`demonstrations` and `shots` above what a task has are capped to it, with a warning; the counts
+each task used are in results.json's `strategy_used` (so two settings capped alike are seen as one).
+
+State: the kept examples and the per-task counts (demonstrations, shots, prompts, distinct inputs, kept) as
 the UTF-8 bytes of one JSON document, as replay keeps its buffer; RUN_DIR/ssr/synthetic.json shows
 them. The starting model's copy is not state: `setup` runs before a resume restores the weights.
 """
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clbench.console import say
 from clbench.data.collate import position_ids_for
 from clbench.data.tasks import Example
 from clbench.distributed import broadcast_object, local
@@ -175,6 +179,12 @@ class SSR(CLStrategy):
         rng = random.Random(f"ssr-{ctx.seed}-{t}")
         demos = rng.sample(ctx.task.train, min(self.demonstrations, len(ctx.task.train)))
         shots = min(self.shots, len(demos))
+        if len(demos) < self.demonstrations:
+            say(
+                f"clbench: warning: ssr: task {ctx.task.name} has {len(demos)} training examples: "
+                f"demonstrations {self.demonstrations} -> {len(demos)}, shots {self.shots} -> {shots} (as "
+                "any larger setting would; results.json's strategy_used records what each task used)"
+            )
         prompts = [icl_prompt(rng.sample(demos, shots)) for _ in range(self.candidates)]
         seed = ctx.seed * 1000 + t
         texts = services.generate_text(
@@ -189,6 +199,7 @@ class SSR(CLStrategy):
         self.examples += [(t, ex) for ex in new]
         self.counts[ctx.task.name] = {
             "demonstrations": len(demos),
+            "shots": shots,
             "prompts": len(prompts),
             "inputs": len(inputs),
             "kept": len(new),
@@ -214,6 +225,11 @@ class SSR(CLStrategy):
         path = Path(ctx.run_dir) / "ssr" / "synthetic.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"counts": self.counts, "examples": rows})
+
+    def used(self) -> dict[str, dict[str, int]]:
+        """Per finished task, the demonstrations and shots drawn (capped by the task's training
+        examples), the prompts written, the distinct inputs and the examples kept."""
+        return self.counts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         doc = {"counts": self.counts, "examples": examples_json(self.examples)}

@@ -43,6 +43,7 @@ from clbench.arguments import command_parser, parse_command, split_known
 from clbench.compare.launch import Slurm, launch
 from clbench.compare.plan import (
     changed_runs,
+    check_fit_arguments,
     folder_lock,
     planned_runs,
     preset_file,
@@ -125,6 +126,8 @@ def parse_args(argv: list[str]) -> tuple[Namespace, list[str]]:
         if arg.split("=", 1)[0] in RESERVED:
             raise ConfigError(f"{arg}: set by compare; use --strategies, --seeds, --output_dir, --name")
     cfg = _read_config(args.config)
+    if args.presets is not None and not Path(args.presets).is_dir():
+        raise ConfigError(f"--presets: {args.presets}: no such folder")
     args.strategies = _split(args.strategies, "strategies")
     for s in args.strategies:
         if preset_file(args.presets, s) is None:
@@ -187,6 +190,7 @@ def main(argv: list[str]) -> dict[str, list[dict]]:
     """`clbench compare`: plan the runs, launch those not reused, then write the comparison."""
     args, passthrough = parse_args(argv)
     runs = planned_runs(args, passthrough)
+    check_fit_arguments(runs)
     if args.finished_only:
         return tabulate_finished(args, passthrough, runs)
     with folder_lock(args.compare_dir), sigterm_raises():

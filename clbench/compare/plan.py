@@ -5,6 +5,7 @@ Nothing is deleted."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -84,6 +85,22 @@ def resolved_config(fit_argv: list[str]) -> dict:
             if e.code:
                 raise
     return _comparable(yaml.safe_load(out.getvalue()))
+
+
+def check_fit_arguments(runs: list[Run]) -> None:
+    """Every entry's `fit` arguments parsed once by fit's own parser, without running (its seeds differ
+    in --seed_everything only): a misspelt option, passed through or in a preset, is one line before
+    anything starts or is moved, not a failure in every fit's log once the jobs run."""
+    from clbench.arguments import explain
+
+    first: dict[str, Run] = {}
+    for run in runs:
+        first.setdefault(run.strategy, run)
+    for run in first.values():
+        try:
+            resolved_config(run.argv)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"the fit arguments of {run.strategy}: {explain(run.argv, str(e))}") from e
 
 
 def _comparable(cfg: object) -> dict:
@@ -174,9 +191,9 @@ def move_aside(run_dir: Path, why: str) -> None:
 
 def resumable(run_dir: Path) -> bool:
     """An interrupted run with the saved state of a finished task (clbench/resume.py)."""
-    from clbench.resume import FOLDER, MARKER
+    from clbench.resume import has_state
 
-    return any((run_dir / name / MARKER).is_file() for name in (FOLDER, f"{FOLDER}.old"))
+    return has_state(run_dir)
 
 
 @contextlib.contextmanager
@@ -185,7 +202,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
     The kernel drops an flock when its process dies, so the lock of a killed compare is free and is
     taken over; the file names the holder's process id (empty once released) for the messages."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot create the comparison folder ({e.strerror or e})") from None
     path = folder / LOCK
     with open(path, "a+", encoding="utf-8") as f:
         try:

@@ -172,6 +172,31 @@ def plot_pareto(rows: list[dict], title: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def same_runs(runs: dict[str, list[dict]]) -> list[str]:
+    """A note per two entries of one strategy that, on every seed both ran, used the same settings
+    (results.json's `strategy_used`, where a strategy records what it really used: SSR's demonstrations
+    capped by a task's size, say) and got the same matrix: one run under two names, which the table
+    would otherwise show as two results."""
+    notes = []
+    names = list(runs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            by_seed = [{r.get("seed"): r for r in runs[name]} for name in (a, b)]
+            seeds = by_seed[0].keys() & by_seed[1].keys()
+            pairs = [(by_seed[0][seed], by_seed[1][seed]) for seed in seeds]
+            if pairs and all(
+                x.get("strategy_used")
+                and (x["strategy"], x["strategy_used"], x["matrix"])
+                == (y.get("strategy"), y.get("strategy_used"), y.get("matrix"))
+                for x, y in pairs
+            ):
+                notes.append(
+                    f"{a} and {b} used the same settings on every task (strategy_used in results.json) "
+                    "and got the same numbers: one run under two names."
+                )
+    return notes
+
+
 def write_comparison(
     folder: Path,
     config: str,
@@ -197,6 +222,9 @@ def write_comparison(
     ]
     if baseline:
         header += [f"Δ columns: per-seed differences to {baseline} on the seeds both ran (paired).", ""]
+    for note in same_runs(runs):
+        print(f"clbench compare: note: {note}")
+        notes = [*notes, note]
     header += [*notes, ""]
     write_atomic(folder / "comparison.md", "\n".join(header) + markdown_table(rows) + "\n")
     write_atomic(folder / "comparison.csv", csv_text(rows))

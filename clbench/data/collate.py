@@ -38,23 +38,39 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """An answer's token ids as training learns them: its text, then EOS."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def leaves_no_room(n_answer: int, task: Task) -> bool:
+    """Whether an answer of `n_answer` ids (EOS included) alone fills the sequence budget,
+    max_prompt_tokens + max_answer_tokens (within the model's context: fit_to_context), and so would
+    leave its prompt no room."""
+    return n_answer >= task.max_prompt_tokens + task.max_answer_tokens
+
+
+def fitted_answer(answer: list[int], task: Task) -> list[int]:
+    """The answer ids a training sequence keeps: all of them, or, when they leave the prompt no room,
+    the first max_answer_tokens, without EOS (the text goes on)."""
+    return answer[: task.max_answer_tokens] if leaves_no_room(len(answer), task) else answer
+
+
 class TokenizedTask(Dataset):
     """A task split tokenised once: items are dicts of prompt ids and answer ids (+ EOS).
 
-    The answer is never cut. The prompt gets at most `max_prompt_tokens`, and less when a long
-    answer would push prompt + answer past `max_prompt_tokens + max_answer_tokens`.
+    The prompt gets at most `max_prompt_tokens`, and less when a long answer would push prompt +
+    answer past `max_prompt_tokens + max_answer_tokens`; an answer too long for any prompt to fit
+    beside it is cut to `max_answer_tokens` (`fitted_answer`; the run warns: `cut_answers`).
     """
 
     def __init__(
         self, examples: Sequence[Example], task: Task, tokenizer, prompt_format: str, with_answer: bool
     ):
         self.items = []
-        eos = tokenizer.eos_token_id
         for ex in examples:
             prompt = format_prompt(tokenizer, ex.prompt, prompt_format)
-            answer = (
-                tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [eos] if with_answer else []
-            )
+            answer = fitted_answer(answer_ids(tokenizer, ex.answer), task) if with_answer else []
             budget = min(
                 task.max_prompt_tokens, task.max_prompt_tokens + task.max_answer_tokens - len(answer)
             )
@@ -99,3 +115,29 @@ class LeftPadCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         batch["max_new_tokens"] = max(it["max_new_tokens"] for it in items)
         return batch
+
+
+def cut_answers(tasks: Sequence[Task], tokenizer) -> list[str]:
+    """A warning per task whose training or eval answers (the splits that train or probe the loss
+    with their answers) `fitted_answer` cuts, with how many: a researcher sees what the data lost."""
+    notes = []
+    for task in tasks:
+        room = task.max_prompt_tokens + task.max_answer_tokens
+        counts = []
+        for split, examples in (("train", task.train), ("eval", task.eval)):
+            ids = (
+                tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
+                if examples
+                else []
+            )
+            cut = sum(leaves_no_room(len(a) + 1, task) for a in ids)  # + 1: EOS
+            if cut:
+                counts.append(f"{cut} of {len(examples)} {split} answers")
+        if counts:
+            notes.append(
+                f"stream.tasks[{task.name}] ({task.source}): {' and '.join(counts)} are at least "
+                f"max_prompt_tokens + max_answer_tokens = {room} tokens long, which leaves their prompt no "
+                f"room in the model's context: training sees their first max_answer_tokens "
+                f"({task.max_answer_tokens}) tokens, without EOS"
+            )
+    return notes

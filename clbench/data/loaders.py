@@ -35,8 +35,10 @@ class TaskConfig:
         n_train: Seeded subsample of the training split (None: all).
         n_eval: Seeded subsample of the eval split.
         n_test: Seeded subsample of the test split.
-        max_prompt_tokens: Longer prompts are cut from the left; the answer is never cut.
-        max_answer_tokens: Answer budget; it only widens the room the prompt is cut to.
+        max_prompt_tokens: Longer prompts are cut from the left.
+        max_answer_tokens: Answer budget: prompt + answer get max_prompt_tokens + max_answer_tokens
+            (a longer answer takes the prompt's room); an answer that alone fills that room is cut to
+            max_answer_tokens, with a warning that counts them.
         max_new_tokens: Generation budget at evaluation.
         postprocess: "strip" (whitespace) or "first_line" (strip, then up to the first newline).
         classification: Closed answer set: reports add valid-label share and majority baseline.

@@ -79,17 +79,28 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
 def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     """{(source, q): {n, seeds, d_bwt, own, d_own, op, removed, vs_random, lrp_vs}} with (mean,
     standard error) cells, from the finished runs of one or more comparison folders; `lrp_vs` is LRP
-    minus this source (cheaper sources only)."""
+    minus this source (cheaper sources only). Nothing to pair (no attribution run with a budget, or
+    none on a seed the baseline ran) is a ConfigError saying which, not an empty table."""
     folders = [comparisons] if isinstance(comparisons, Path) else list(comparisons)
     runs = comparable_runs([r for c in folders for f in comparison_runs(c) if (r := read_run(f))])
     base = {r["seed"]: r for r in runs if r["name"] == baseline}
     if not base:
         names = ", ".join(str(c) for c in folders)
         raise ConfigError(f"{names}: no finished {baseline} run to pair with")
+    budgeted = [r for r in runs if r["class"] == "attribution" and r["budget"] is not None]
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
-    for r in runs:
-        if r["class"] == "attribution" and r["budget"] is not None and r["seed"] in base:
+    for r in budgeted:
+        if r["seed"] in base:
             groups[(r["estimator"], float(r["budget"]))].append(r)
+    if not groups:
+        names = ", ".join(str(c) for c in folders)
+        if not budgeted:
+            entries = ", ".join(sorted({r["name"] for r in runs}))
+            why = f"no finished attribution run with a budget (configs/study/) among its entries {entries}"
+        else:
+            seeds = sorted({r["seed"] for r in budgeted})
+            why = f"the attribution runs with a budget ran seeds {seeds}, the {baseline} runs {sorted(base)}"
+        raise ConfigError(f"{names}: nothing to pair with {baseline} by seed: {why}")
     out = {}
     for key, rs in sorted(groups.items()):
         cheaper = key[0] not in ("lrp", "random")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from clbench import distributed as dist
 from clbench.console import progress
+from clbench.errors import ConfigError
 from clbench.files import atomic_path
 from clbench.gradients import grads_of, squared_grads
 from strategies.attribution.lrp import scoring_scope, stream_parameter_relevance
@@ -458,7 +459,7 @@ class PriorStore:
         return self.root / key.filename()
 
     def load(self, key: PriorKey, signature: str) -> tuple[Tensors, dict] | None:
-        """The stored prior and its metadata, None if absent; ValueError if it does not match."""
+        """The stored prior and its metadata, None if absent; ConfigError if it does not match."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -466,11 +467,11 @@ class PriorStore:
             meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
             prior = {name: f.get_tensor(name) for name in f.keys()}
         if meta.get("key") != json.loads(json.dumps(asdict(key), default=str)):
-            raise ValueError(
+            raise ConfigError(
                 f"prior_dir: {path} was stored for another key; delete it or use another prior_dir"
             )
         if meta.get("signature") != signature:
-            raise ValueError(
+            raise ConfigError(
                 f"prior_dir: {path} was computed for another model (parameter names and shapes hash "
                 f"{meta.get('signature')}, this model {signature}); delete it or use another prior_dir"
             )

@@ -126,3 +126,28 @@ def test_lora_and_full_runs_or_a_run_twice_are_refused(tmp_path):
     write_run(lora, "lora-lrp-q20", 1, -0.05, [0.7, 0.6], attribution("lrp", 0.2), model={"lora": {"r": 8}})
     with pytest.raises(ConfigError, match="different model settings"):
         collect([a, lora])
+
+
+@pytest.mark.parametrize(
+    "runs, why",
+    [
+        (
+            [("ewc", 1, {"class_path": "strategies.ewc.EWC"}), ("attr", 1, attribution("lrp", None))],
+            "no finished attribution run with a budget (configs/study/) among its entries attr, ewc, seqft",
+        ),
+        (
+            [("lrp-q20", 2, attribution("lrp", 0.2))],
+            "the attribution runs with a budget ran seeds [2], the seqft runs [1]",
+        ),
+    ],
+)
+def test_nothing_to_pair_is_one_line_saying_why_and_writes_nothing(tmp_path, capsys, runs, why):
+    from clbench.cli import main as clbench
+
+    write_run(tmp_path, "seqft", 1, -0.1, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    for name, seed, strategy in runs:
+        write_run(tmp_path, name, seed, -0.1, [0.8, 0.6], strategy)
+    assert clbench(["analyze", "budget", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"clbench analyze: error: {tmp_path}: nothing to pair with seqft by seed: {why}"
+    assert not (tmp_path / "budget_study.md").exists() and not (tmp_path / "budget_study.png").exists()

@@ -300,3 +300,62 @@ def test_compare_keeps_its_own_options_and_passes_every_other_argument_to_each_f
     assert passthrough == [*expected, "--run.checkpoints", "none"]
     assert args.finished_only and args.jobs == 2 and args.slurm.time == 5 and args.strategies == ["ewc"]
     assert args.config == str(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--strategies", "seqft,ewc", "--run.chekpoints", "none", "--jobs", "2"],
+            "the fit arguments of seqft: command line: --run.chekpoints: not an option of clbench fit",
+        ),
+        (
+            ["--strategies", "seqft,ewc-x", "--presets", "PRESETS"],
+            "the fit arguments of ewc-x: PRESETS/ewc-x.yaml: strategy.ewc_lambd: not an option of ewc",
+        ),
+        (["--strategies", "seqft,ewc-x", "--presets", "nosuch"], "--presets: nosuch: no such folder"),
+    ],
+)
+def test_fit_arguments_and_presets_are_checked_before_anything_starts(
+    args, expected, trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    """A misspelt option reaches no fit (under --jobs it would fail in every fit's log, after they all
+    started); a presets folder that does not exist is named, not blamed on the strategy."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    write_config(presets / "ewc-x.yaml", {"strategy": {"class_path": "ewc", "init_args": {"ewc_lambd": 3}}})
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, tmp_path / "runs"))
+    args = [str(presets) if a == "PRESETS" else a for a in args]
+    assert main(["compare", "--config", str(cfg), "--seeds", "1,2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.replace("PRESETS", str(presets)) in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_entries_that_used_the_same_settings_are_named_as_one_run():
+    from clbench.compare.report import same_runs
+
+    def run(seed: int, demonstrations: int, score: float = 0.5) -> dict:
+        used = {"parity": {"demonstrations": demonstrations, "shots": 3}}
+        return {"seed": seed, "strategy": "ssr", "strategy_used": used, "matrix": [[score]]}
+
+    runs = {
+        "ssr-d16": [run(1, 10), run(2, 10)],
+        "ssr-d32": [run(1, 10), run(2, 10)],  # both capped to the task's 10 examples
+        "ssr-d8": [run(1, 8), run(2, 8)],
+        "seqft": [{"seed": 1, "strategy": "seqft", "strategy_used": {}, "matrix": [[0.5]]}],
+    }
+    assert same_runs(runs) == [
+        "ssr-d16 and ssr-d32 used the same settings on every task (strategy_used in results.json) and got "
+        "the same numbers: one run under two names."
+    ]
+
+
+def test_a_comparison_folder_that_cannot_be_made_is_one_line(trace_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path / "toy.yaml", toy_config(trace_dir, tiny_model_dir, tmp_path / "runs"))
+    argv = ["compare", "--config", str(cfg), "--strategies", "seqft", "--output_dir", f"{cfg}/x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"clbench compare: error: {cfg}/x/compare-toy: cannot create the comparison folder " + (
+        "(Not a directory)"
+    )

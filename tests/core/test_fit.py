@@ -149,3 +149,26 @@ def test_peak_memory_is_the_process_own_not_a_large_parents(tmp_path):
     )
     # held[-1], not held.sum(): summing uint8 makes an int64 copy (12 GB here; the suite's old peak)
     assert int(held[-1]) == 1 and child < 1400
+
+
+def test_ssr_demonstrations_over_a_task_s_size_are_capped_with_a_warning_and_recorded(
+    trace_dir, tiny_model_dir, tmp_path, capsys
+):
+    """SSR: two settings capped alike are one run: the warning says so, and results.json's strategy_used
+    holds what each task used (compare's report names such entries: test_compare)."""
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["stream"]["tasks"] = [{**t, "epochs": 1} for t in cfg["stream"]["tasks"][:2]]
+    cfg["strategy"] = {"class_path": "ssr", "init_args": {"demonstrations": 30, "shots": 28, "candidates": 4}}
+    cfg["strategy"]["init_args"]["synthetic"] = 2
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: ssr: task parity has 24 training examples: demonstrations 30 -> 24, shots 28 -> 24" in out
+    )
+    used = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())["strategy_used"]
+    assert list(used) == ["parity"]  # nothing is generated after the last task
+    assert {k: used["parity"][k] for k in ("demonstrations", "shots", "prompts")} == {
+        "demonstrations": 24,
+        "shots": 24,
+        "prompts": 4,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from test_fit import toy_config, write_config
 
 from clbench.cli import main
@@ -59,3 +60,38 @@ def test_an_empty_logger_list_logs_nothing_as_lightning_reads_it(tmp_path):
     assert loggers.for_task(0, "parity", 0) is False
     loggers.log({"score/parity": 1.0}, 1, 10)
     assert not (tmp_path / "tensorboard").exists()
+
+
+CSV_OPTIONS = "its options: save_dir, name, version, prefix, flush_logs_every_n_steps"
+LOGGERS = "Lightning's: CSVLogger, CometLogger, LitLogger, MLFlowLogger, TensorBoardLogger, WandbLogger"
+BAD_LOGGERS = {
+    "unknown class": (
+        ["--trainer.logger", "CSVLoggr"],
+        f"command line: trainer.logger: 'CSVLoggr' is not a logger; {LOGGERS} (or the dotted path",
+    ),
+    "misspelt option": (
+        ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dirr", "logs"],
+        f"command line: trainer.logger.save_dirr: not an option of CSVLogger; {CSV_OPTIONS}",
+    ),
+    "misspelt option in the config": (
+        {"class_path": "CSVLogger", "init_args": {"nme": "x"}},
+        f"bad-logger.yaml: trainer.logger.nme: not an option of CSVLogger; {CSV_OPTIONS}",
+    ),
+    "option of the wrong type": (
+        ["--trainer.logger", "CSVLogger", "--trainer.logger.flush_logs_every_n_steps", "often"],
+        "command line: trainer.logger.flush_logs_every_n_steps: expected int, got 'often'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOGGERS))
+def test_a_bad_logger_is_one_line_listing_what_is_accepted(case, trace_dir, tiny_model_dir, tmp_path, capsys):
+    given, expected = BAD_LOGGERS[case]
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    if isinstance(given, dict):
+        cfg["trainer"]["logger"], given = given, []
+    path = write_config(tmp_path / "bad-logger.yaml", cfg)
+    assert main(["fit", "--config", str(path), *given]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "runs").exists()

@@ -100,3 +100,36 @@ def test_compare_child_fits_find_the_plugin_through_pythonpath(trace_dir, tiny_m
     runs = tmp_path / "runs" / "compare-toy" / "runs"
     results = json.loads(next(runs.glob("*/results.json")).read_text())
     assert results["status"] == "complete" and results["strategy"] == "l2pull"
+
+
+BUGGY = '''"""A plugin with a bug: its hook raises mid-run, in the second task's first optimizer step."""
+
+from l2_pull import L2Pull
+
+
+class Buggy(L2Pull):
+    def on_before_optimizer_step(self, ctx, optimizer):
+        if ctx.task_index == 1:
+            raise ValueError("a bug in the plugin's own code")  # line 9
+        super().on_before_optimizer_step(ctx, optimizer)
+'''
+
+
+def test_a_bug_in_a_plugin_s_hook_shows_its_traceback_and_fails_the_run(trace_dir, tiny_model_dir, tmp_path):
+    """A ValueError from a strategy's hook is a bug, not bad input: the traceback names the plugin's
+    file and line (no one-line message hides it), and results.json says "failed"."""
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["stream"]["tasks"] = [{**t, "epochs": 1} for t in cfg["stream"]["tasks"][:2]]
+    path = write_config(tmp_path / "toy.yaml", cfg)
+    folder = write_plugin_example(tmp_path / "plugin")
+    (folder / "buggy.py").write_text(BUGGY, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": "1"}
+    env.pop("CLBENCH_TRACEBACK", None)
+    argv = [sys.executable, "-m", "clbench", "fit", "--config", str(path), "--strategy", "buggy.Buggy"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback (most recent call last)" in out.stderr
+    assert f'File "{folder / "buggy.py"}", line 9, in on_before_optimizer_step' in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "ValueError: a bug in the plugin's own code"
+    results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == "ValueError: a bug in the plugin's own code"

@@ -70,7 +70,7 @@ def test_inputs_come_from_the_starting_model_shown_the_demonstrations(
     assert answers == ctx.services.predict(ctx.task, queries)  # the model after the task answered
     assert answers != make_ctx(starting, stream, 0).services.predict(ctx.task, queries)
     assert ssr.counts == {
-        "alpha": {"demonstrations": 4, "prompts": 12, "inputs": len(written - {""}), "kept": 5}
+        "alpha": {"demonstrations": 4, "shots": 2, "prompts": 12, "inputs": len(written - {""}), "kept": 5}
     }
     assert all(t == 0 for t, _ in ssr.examples)
 
