@@ -41,6 +41,7 @@ DIVERGED_EXIT = 3  # `clbench fit`'s exit status for a run stopped as diverged
 STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before it is cancelled
 POLL_S = 0.5
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # a local job has no time limit of its own
+SIGNAL_S = 120  # SIGUSR2 this long before a job's time limit (a quarter of a shorter limit)
 
 
 @dataclass
@@ -81,7 +82,10 @@ class Slurm:
             "qos": self.qos,
             "constraint": self.constraint,
             "array_parallelism": parallelism,
-            "signal_delay_s": 120,  # SIGUSR2 this long before the time limit: requeue and resume
+            # SIGUSR2 before the time limit: requeue and resume. SLURM checks every 30 s and sends it
+            # up to 60 s early, so at once when the delay is not 30 s shorter than the limit, and
+            # then the job would be requeued again at every start: at most a quarter of the limit.
+            "signal_delay_s": min(SIGNAL_S, 15 * self.time),
             "stderr_to_stdout": True,
         }
         return {k: v for k, v in params.items() if v is not None}
