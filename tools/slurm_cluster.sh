@@ -9,6 +9,7 @@
 # munged, slurmctld and slurmd and waits until the node is idle. Idempotent: what runs is left
 # running, and a slurm.conf this script did not write is never replaced. Jobs run as root.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons, where a non-login PATH leaves them out
 
 STATE=${SLURM_CLUSTER_STATE:-/var/lib/clbench-slurm}  # spool, state, logs and pid files
 CONF=/etc/slurm/slurm.conf
