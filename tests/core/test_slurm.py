@@ -117,9 +117,13 @@ def test_an_array_of_jobs_runs_to_complete_and_keeps_submitit_out_of_the_console
     (invocation,) = (compare.folder / "jobs").iterdir()
     (script,) = invocation.glob("*/*_submission.sh")  # one sbatch: an array, a task per run
     array = script.parent.name
+    spans = []  # each array task's first and last submitit log time
     for task in (0, 1):
         log = (invocation / f"{array}_{task}" / f"{array}_{task}_0_log.out").read_text()
         assert f"JobEnvironment(job_id={array}_{task}," in log and "Job completed successfully" in log, log
+        stamps = re.findall(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\)", log)
+        spans.append((stamps[0], stamps[-1]))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # side by side: --jobs 2
     assert queued("clbench-array") == []
 
     console = compare.console().splitlines()  # compare's own lines only: no sacct, no submitit
