@@ -50,6 +50,15 @@ def queued(name: str) -> list[str]:
     return out.stdout.split()
 
 
+def left_in_queue(name: str, within_s: float = 20) -> list[str]:
+    """This comparison's jobs still in the queue `within_s` after compare ended: a job whose result
+    compare has read may take a moment more to leave (its processes exit, SLURM cleans up)."""
+    deadline = time.monotonic() + within_s
+    while (jobs := queued(name)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return jobs
+
+
 class Compare:
     """`clbench compare` in a process of its own, its console in files (as a user's terminal would
     show it); its jobs are cancelled on the way out, whatever happened."""
@@ -124,7 +133,7 @@ def test_an_array_of_jobs_runs_to_complete_and_keeps_submitit_out_of_the_console
         stamps = re.findall(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\)", log)
         spans.append((stamps[0], stamps[-1]))
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # side by side: --jobs 2
-    assert queued("clbench-array") == []
+    assert left_in_queue("clbench-array") == []
 
     console = compare.console().splitlines()  # compare's own lines only: no sacct, no submitit
     assert console and all(line.startswith("clbench compare: ") for line in console), console
@@ -140,7 +149,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_goes_on_from_its_last_finished_
     matrix and training losses are those of the same run left alone (run beside it on this
     machine), and no task that had finished trains again."""
     tasks = {**toy_tasks(), **{f"{name}2": splits for name, splits in toy_tasks(seed=1).items()}}
-    cfg = toy(tmp_path, write_trace_folder(tmp_path / "TRACE6", tasks), tiny_model_dir, epochs=80)
+    cfg = toy(tmp_path, write_trace_folder(tmp_path / "TRACE6", tasks), tiny_model_dir, epochs=120)
     cfg["stream"]["tasks"] += [
         t | {"name": f"{t['name']}2", "path": f"{t['path']}2"} for t in cfg["stream"]["tasks"]
     ]
@@ -166,7 +175,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_goes_on_from_its_last_finished_
     for k in range(1, 7):  # each task finished once, and never trained again after that
         (row,) = [i for i, line in enumerate(lines) if line.startswith(f"clbench: row {k} (after task {k})")]
         assert not any(line.startswith(f"clbench: task {k}/6") for line in lines[row:]), log
-    assert queued("clbench-limited") == []
+    assert left_in_queue("clbench-limited") == []
 
 
 def test_stopping_compare_cancels_its_jobs_and_the_next_compare_resumes(
@@ -186,7 +195,7 @@ def test_stopping_compare_cancels_its_jobs_and_the_next_compare_resumes(
     assert len(queued("clbench-stopped")) == 2  # one running, one pending
     first.process.send_signal(signal.SIGTERM)
     assert first.wait() == 128 + signal.SIGTERM, first.console()
-    assert queued("clbench-stopped") == []
+    assert left_in_queue("clbench-stopped") == []
     assert json.loads((runs / "seqft-seed1" / "results.json").read_text())["status"] == "interrupted"
     assert not (runs / "seqft-seed2").exists()
 
