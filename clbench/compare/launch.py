@@ -15,15 +15,22 @@ When a run fails, no further job starts (on SLURM: its pending array tasks are c
 running ones finish, then compare fails; when compare is stopped
 (Ctrl-C, SIGTERM, an error), it stops its jobs: SIGTERM first, which lets a fit record
 "interrupted", then submitit's cancel.
+
+On SLURM, compare learns the jobs' states from sacct, or from squeue where the cluster keeps no job
+accounting (there sacct fails at every poll, and a job that ended without a result would never be
+seen to end). submitit's own log lines go to <comparison>/jobs/<invocation>/submitit.log, not to
+compare's console.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
+from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from clbench import records
 from clbench.compare.plan import Run, fit_arguments, read_finished
@@ -41,6 +49,10 @@ DIVERGED_EXIT = 3  # `clbench fit`'s exit status for a run stopped as diverged
 STOP_GRACE_S = 10.0  # a stopped fit gets this long to record "interrupted" before it is cancelled
 POLL_S = 0.5
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # a local job has no time limit of its own
+SIGNAL_S = 120  # SIGUSR2 this long before a job's time limit (a quarter of a shorter limit)
+# squeue's states of a job that has ended (a requeued or preempted one is pending again, not ended)
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
+GONE = "GONE"  # a job squeue no longer lists: it ended MinJobAge ago or more
 
 
 @dataclass
@@ -81,10 +93,50 @@ class Slurm:
             "qos": self.qos,
             "constraint": self.constraint,
             "array_parallelism": parallelism,
-            "signal_delay_s": 120,  # SIGUSR2 this long before the time limit: requeue and resume
+            # SIGUSR2 before the time limit: requeue and resume. SLURM checks every 30 s and sends it
+            # up to 60 s early, so at once when the delay is not 30 s shorter than the limit, and
+            # then the job would be requeued again at every start: at most a quarter of the limit.
+            "signal_delay_s": min(SIGNAL_S, 15 * self.time),
             "stderr_to_stdout": True,
         }
         return {k: v for k, v in params.items() if v is not None}
+
+
+class QueueWatcher(SlurmInfoWatcher):
+    """Job states from squeue, for a cluster that keeps no job accounting. submitit asks sacct only,
+    which then fails at every poll: a job that ends without a result (cancelled, killed, out of
+    time) stays UNKNOWN, never done, and compare would wait for it for ever. squeue lists a job
+    until MinJobAge after its end; a job it no longer lists has ended."""
+
+    def _make_command(self) -> list[str] | None:
+        if super()._make_command() is None:  # no job left to ask about
+            return None
+        return ["squeue", "--me", "--noheader", "--states", "all", "--format", "%i|%T|%N"]
+
+    def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+        text = string.decode() if isinstance(string, bytes) else string
+        listed = super().read_info(f"JobID|State|NodeList\n{text}")  # sacct's layout
+        unfinished = self._registered - self._finished
+        return {**{job: {"State": GONE} for job in unfinished if job not in listed}, **listed}
+
+    def is_done(self, job_id: str, mode: str = "standard") -> bool:
+        return self.get_state(job_id, mode=mode) in ENDED | {GONE}
+
+
+class QueueJob(SlurmJob):
+    """A SLURM job whose state comes from squeue (QueueWatcher)."""
+
+    watcher = QueueWatcher(delay_s=600)
+
+
+def keeps_accounting() -> bool:
+    """Whether the SLURM cluster keeps job accounting, where sacct (submitit's source of job
+    states) answers; when scontrol does not say, submitit's own way is kept."""
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return "accounting_storage/none" not in config.stdout
 
 
 class FitJob(submitit.helpers.Checkpointable):
@@ -185,6 +237,8 @@ def executor(launcher: str, folder: Path, jobs: int, slurm: Slurm) -> submitit.E
     if launcher == "slurm":
         ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
         ex.update_parameters(**slurm.parameters(jobs, f"clbench-{folder.parent.parent.name}"))
+        if not keeps_accounting():
+            ex.job_class = QueueJob
         return ex
     raise ConfigError(f"--launcher: expected local or slurm, got '{launcher}'")
 
@@ -193,6 +247,8 @@ def submit(ex: submitit.Executor, fits: list[FitJob], threads: str | None = None
     """The jobs of these runs, submitted together (one SLURM array), with `threads` torch threads."""
     with job_environment(threads), ex.batch():
         jobs = [ex.submit(fit) for fit in fits]
+    if ex.job_class is QueueJob:  # submitit makes an array's jobs SlurmJobs, whatever the executor's class
+        jobs = [QueueJob(folder=ex.folder, job_id=job.job_id, tasks=range(job.num_tasks)) for job in jobs]
     return jobs
 
 
@@ -205,6 +261,17 @@ def launch(starts: list[Run], launcher: str, jobs: int, logs: Path, slurm: Slurm
     if launcher == "local":
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     ex = executor(launcher, logs.parent / "jobs", jobs, slurm)
+    with submitit_log(Path(ex.folder).parent / "submitit.log"):
+        if launcher == "slurm":
+            source = "squeue (no job accounting here)" if ex.job_class is QueueJob else "sacct"
+            logging.getLogger("submitit").info(f"job states from {source}")
+        run_jobs(ex, starts, launcher, jobs, logs, threads)
+
+
+def run_jobs(
+    ex: submitit.Executor, starts: list[Run], launcher: str, jobs: int, logs: Path, threads: str | None
+) -> None:
+    """launch's loop: submits the runs' jobs and waits for them, stopping them all on the way out."""
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     fits = [FitJob(run, logs / f"{run.dir.name}.log", devices) for run in starts]
     running: dict[submitit.Job, FitJob] = {}
@@ -241,6 +308,23 @@ def launch(starts: list[Run], launcher: str, jobs: int, logs: Path, slurm: Slurm
     except BaseException:
         stop(running)
         raise
+
+
+@contextlib.contextmanager
+def submitit_log(path: Path) -> Iterator[None]:
+    """submitit's own log lines (on a cluster without job accounting, a failed sacct at every poll)
+    go to `path` in the jobs folder for the block, not to compare's console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("submitit")
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved
+        handler.close()
 
 
 class Echo:
@@ -298,12 +382,16 @@ def stop(running: dict[submitit.Job, FitJob]) -> None:
                 os.kill(int(job.job_id), signal.SIGTERM)
         else:
             job.cancel(check=False)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while any(not j.done() for j in running) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_done(running, STOP_GRACE_S)
     for job in running:
         if not job.done():
             job.cancel(check=False)
-    deadline = time.monotonic() + 6 * STOP_GRACE_S  # a cluster that does not answer: give up waiting
-    while any(not j.done() for j in running) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until_done(running, 6 * STOP_GRACE_S)  # a cluster that does not answer: give up waiting
+
+
+def wait_until_done(jobs: dict[submitit.Job, FitJob], timeout_s: float) -> None:
+    """Waits up to `timeout_s` for the jobs to end, asking the cluster at every poll: submitit asks
+    it only minutes apart while a job has long been running."""
+    deadline = time.monotonic() + timeout_s
+    while any(not j.done(force_check=True) for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)

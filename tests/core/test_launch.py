@@ -80,6 +80,13 @@ def test_slurm_runs_are_one_array_of_jobs_with_the_resources_and_fit_arguments(t
     assert ewc.dir == Path("runs/compare-toy/runs/ewc-seed7")  # the config sets no run.output_dir
 
 
+@pytest.mark.parametrize("minutes, delay", [(1, 15), (4, 60), (90, 120)])
+def test_the_requeue_signal_comes_well_inside_the_time_limit(minutes, delay):
+    """SLURM checks time limits every 30 s and signals up to 60 s early: a delay not 30 s shorter
+    than the limit would signal every start of the job at once, which would requeue it for ever."""
+    assert Slurm(time=minutes).parameters(1, "clbench-x")["signal_delay_s"] == delay
+
+
 @pytest.mark.parametrize(
     "bad, expected",
     [
