@@ -78,3 +78,15 @@ def test_step_meter_in_a_fit_and_the_table(gpu_perf, trace_dir, tiny_model_dir, 
     assert row["mfu"] is None and row["reserved_gib"] is None and row["steps"] == 4
     line = gpu_perf.table([row]).splitlines()[2]
     assert line.startswith("| run | seqft | ") and "(peak RSS) / n/a" in line and line.endswith("| n/a |")
+
+
+def test_a_real_shapes_vocabulary_may_exceed_the_tokenizers(tmp_path):
+    from transformers import AutoConfig
+
+    from clbench.testing import save_tiny_model
+
+    corpus = ["Is 4 even? Answer: yes", "Reverse cat: tac"] * 8
+    folder = save_tiny_model(tmp_path / "m", corpus, vocab_size=1000, tie_word_embeddings=True)
+    assert AutoConfig.from_pretrained(folder).vocab_size == 1000
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        save_tiny_model(tmp_path / "small", corpus, vocab_size=10)
