@@ -163,7 +163,7 @@ def row(run: Path) -> dict:
     tokens_per_s = tokens / sum(seconds)
     peak = bf16_peak(record["device"])
     return {
-        "run": run.name,
+        "run": f"{run.parent.name}/{run.name}",
         "strategy": strategy,
         "parameters": last["parameters"],
         "precision": record["precision"],
