@@ -1,7 +1,8 @@
 """The shapes of real models the benchmarks build with random weights (LlamaConfig fields), kept
 in one place: Llama-3.2-1B and -3B (configs/trace.yaml's model) and the bundled SmolLM2-135M."""
 
-# What Llama 3.2's config.json sets beside the widths: RMSNorm's epsilon, and rope theta 500000 with
+# What Llama 3.2's config.json sets beside the widths (LLAMA_3B's; tools/bench_ranks.py builds LLAMA_1B's
+# widths at 1024 positions, below this scaling's 8192): RMSNorm's epsilon, and rope theta 500000 with
 # the "llama3" frequency scaling over 131072 positions (the legacy field names, which transformers 4.56
 # and 5 both read).
 LLAMA32 = dict(
@@ -25,7 +26,6 @@ LLAMA_1B = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
     tie_word_embeddings=True,
-    **LLAMA32,
 )
 LLAMA_3B = dict(
     vocab_size=128256,
@@ -45,4 +45,7 @@ SMOLLM2 = dict(
     num_attention_heads=9,
     num_key_value_heads=3,
     tie_word_embeddings=True,
+    rms_norm_eps=1e-5,  # these three as its GGUF file's metadata gives them
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
 )
