@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clbench import distributed as dist  # registers the "fsdp" / "fsdp2" trainer strategies
@@ -44,6 +45,14 @@ class CLBenchCLI(LightningCLI):
     def __init__(self, *args, resuming: Path | None = None, **kwargs) -> None:
         self.resuming = resuming  # LightningCLI parses and calls the hooks below in __init__
         super().__init__(*args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """LightningCLI hands the config's `trainer.callbacks` list itself to the Trainer, which appends
+        its defaults (checkpointing, progress bar) to it; the runner's trainers take that list again,
+        so each trainer gets a copy and the list keeps the user's callbacks alone."""
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        kwargs.setdefault("callbacks", list(callbacks or []))
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_subclass_arguments(CLStrategy, "strategy", required=True, instantiate=True)

@@ -90,11 +90,15 @@ def tiny_llama(vocab_size: int, seed: int = 0, tied: bool = False, **overrides) 
 
 def save_tiny_model(folder: Path, corpus: list[str], **overrides) -> Path:
     """A tiny Llama and a tokenizer learnt from `corpus`, saved as a hub model is: `folder` can be
-    given as model.model."""
+    given as model.model. `overrides` are LlamaConfig fields: a real model's shape with random
+    weights (tools/shapes.py), whose `vocab_size` may exceed the tokenizer's, as real models pad it."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(corpus)
     tok.save_pretrained(folder)
-    tiny_llama(len(tok), **overrides).save_pretrained(folder)
+    vocab_size = overrides.pop("vocab_size", len(tok))
+    if vocab_size < len(tok):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tok)}")
+    tiny_llama(vocab_size, **overrides).save_pretrained(folder)
     return folder
 
 
