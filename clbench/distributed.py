@@ -178,9 +178,12 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     base = fsdp_root(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in names]
-    if not units:
-        raise ValueError(
-            f"fsdp: cannot find the decoder layers of {type(base).__name__} (no _no_split_modules)"
+    if not units:  # the model chosen, not a bug: one line
+        from clbench.errors import ConfigError
+
+        raise ConfigError(
+            f"trainer.strategy fsdp: cannot find the decoder layers of {type(base).__name__} (it declares "
+            "no _no_split_modules); use ddp or one process"
         )
     return units
 

@@ -364,3 +364,13 @@ def test_one_test_example_reports_no_standard_error(trace_dir, tiny_model_dir, t
     run = tmp_path / "runs" / "run"
     assert strict_json(run / "results.json")["per_task"]["parity"]["final_stderr"] is None
     assert re.search(r"\| parity \| exact_match \| 1 \| .* \| n/a \|", (run / "results.md").read_text())
+
+
+def test_fsdp_on_a_model_without_decoder_layers_is_bad_input_not_a_bug():
+    from torch import nn
+
+    from clbench.distributed import fsdp_units
+    from clbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot find the decoder layers of Linear"):
+        fsdp_units(nn.Linear(2, 2))
