@@ -222,8 +222,11 @@ class Runner:
             self._evaluate_row(t + 1)
             self._checkpoint(t, task)
             last = t + 1 == len(self.stream)
-            self._save_resume_state(t + 1, last)
+            if not last:
+                self._save_resume_state(t + 1)
             self._write("complete" if last else "running")
+        if self.writes:  # only once results.json says complete: a kill before that still resumes
+            shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
 
     def _rank0_lost(self) -> str | None:
         """On a rank that does not write, after an error: when rank 0, the run's writer, is gone from
@@ -254,14 +257,10 @@ class Runner:
         if self.writes and self.run_dir.is_dir():
             self.record.write(status, error, self._resumable())
 
-    def _save_resume_state(self, done: int, last: bool) -> None:
-        """The state after `done` tasks, for --resume; removed once the run is complete."""
+    def _save_resume_state(self, done: int) -> None:
+        """The state after `done` tasks, for --resume (removed once the run is complete)."""
         sharded = dist.is_fully_sharded(self.module.model)  # then every rank writes its shards
         if self._resumable() != "yes" or not (self.writes or sharded):
-            return
-        if last:
-            if self.writes:
-                shutil.rmtree(self.run_dir / resume_state.FOLDER, ignore_errors=True)
             return
         resume_state.save(
             self.run_dir, self.module, self.strategy.state_dict(), self.record.bookkeeping(), done

@@ -222,3 +222,28 @@ def test_a_sharded_resume_state_refuses_what_it_could_not_give_back():
     _check_shardable({"model::w": torch.ones(2), "optimizer::w::step": torch.tensor(3.0)})
     with pytest.raises(RuntimeError, match="optimizer::w::lr is not a tensor"):
         _check_shardable({"model::w": torch.ones(2), "optimizer::w::lr": 0.1})
+
+
+def test_the_state_is_kept_until_results_say_complete(trace_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """A kill (a scheduler's time limit) between the last task and results.json's "complete" must
+    leave a run that resumes: SLURM's requeue found one with neither and trained it all again."""
+    from clbench.resume import has_state
+    from clbench.runner import Runner
+
+    seen = []
+    real = Runner._write
+
+    def write(self, status, error=None):
+        seen.append((status, has_state(self.run_dir)))
+        real(self, status, error)
+
+    monkeypatch.setattr(Runner, "_write", write)
+    cfg = config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft")
+    for t in cfg["stream"]["tasks"]:
+        t["epochs"] = 1
+    assert main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    assert ("complete", True) in seen  # the state of the task before the last, still there
+    assert (
+        not has_state(tmp_path / "runs" / "run")
+        and results(tmp_path / "runs" / "run")["status"] == "complete"
+    )

@@ -172,9 +172,15 @@ def test_a_job_at_its_time_limit_is_requeued_and_goes_on_from_its_last_finished_
     resumed = [int(k) for k in re.findall(r"resuming \S+ after task (\d+)/6", log)]
     assert resumed and resumed == sorted(resumed), log  # went on, never back (a slow start may not)
     lines = log.splitlines()
-    for k in range(1, 7):  # each task finished once, and never trained again after that
-        (row,) = [i for i, line in enumerate(lines) if line.startswith(f"clbench: row {k} (after task {k})")]
-        assert not any(line.startswith(f"clbench: task {k}/6") for line in lines[row:]), log
+    (end,) = [i for i, line in enumerate(lines) if line.startswith("clbench: row 6 (after task 6)")][:1]
+    assert not any(x.startswith("clbench: task") for x in lines[end:]), log  # a finished run is not redone
+    for i, line in enumerate(lines):  # each start went on after a finished task, never trained one again
+        if match := re.match(r"clbench: resuming \S+ after task (\d+)/6", line):
+            k = int(match[1])
+            assert any(x.startswith(f"clbench: row {k} (after task {k})") for x in lines[:i]), log
+            assert not any(re.match(rf"clbench: task [1-{k}]/6", x) for x in lines[i:]), log
+    for k in range(1, 7):
+        assert any(line.startswith(f"clbench: row {k} (after task {k})") for line in lines), log
     assert left_in_queue("clbench-limited") == []
 
 
