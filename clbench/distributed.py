@@ -225,7 +225,9 @@ def follow_trainable(model: nn.Module) -> None:
 
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
-            for group in unit._get_fsdp_state()._fsdp_param_groups:
+            state = unit._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)  # torch before 2.10: one group or None
+            for group in groups if groups is not None else filter(None, [state._fsdp_param_group]):
                 group._init_mp_dtypes()
 
 

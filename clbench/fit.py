@@ -167,6 +167,8 @@ def read_yaml(path: str) -> object:
         return yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a UTF-8 text file ({e})") from None
 
 
 def _resolve_config_strategy(path: str) -> str:

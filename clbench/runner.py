@@ -192,7 +192,8 @@ class Runner:
             self._write("diverged", str(e))
             raise
         except (KeyboardInterrupt, SystemExit) as e:
-            self._write("interrupted", type(e).__name__)
+            if not self.complete:  # a signal during the clean-up after "complete" changes nothing
+                self._write("interrupted", type(e).__name__)
             raise
         except BaseException as e:
             if lost := self._rank0_lost():
@@ -256,6 +257,7 @@ class Runner:
         """results.json says `status` (rank 0, once the run folder exists)."""
         if self.writes and self.run_dir.is_dir():
             self.record.write(status, error, self._resumable())
+        self.complete = status == "complete"
 
     def _save_resume_state(self, done: int) -> None:
         """The state after `done` tasks, for --resume (removed once the run is complete)."""

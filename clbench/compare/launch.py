@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import getpass
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,7 +113,8 @@ class QueueWatcher(SlurmInfoWatcher):
     def _make_command(self) -> list[str] | None:
         if super()._make_command() is None:  # no job left to ask about
             return None
-        return ["squeue", "--me", "--noheader", "--states", "all", "--format", "%i|%T|%N"]
+        user = getpass.getuser()  # not --me: Slurm before 20.11 lacks it; -a: hidden partitions too
+        return ["squeue", "-a", "-u", user, "--noheader", "--states", "all", "--format", "%i|%T|%N"]
 
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string
@@ -136,7 +139,14 @@ def keeps_accounting() -> bool:
         config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return True
-    return "accounting_storage/none" not in config.stdout
+    return accounting_in(config.stdout)
+
+
+def accounting_in(config: str) -> bool:
+    """Whether `scontrol show config`'s text names an accounting storage (Slurm 22 writes
+    accounting_storage/none for none, later releases (null) or nothing); True when it does not say."""
+    match = re.search(r"^AccountingStorageType\s*=[ \t]*(\S*)", config, re.M)
+    return match is None or match[1] not in ("", "(null)", "accounting_storage/none")
 
 
 class FitJob(submitit.helpers.Checkpointable):

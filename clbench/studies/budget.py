@@ -278,7 +278,10 @@ def analyze_budget(comparisons: list[Path], baseline: str = "seqft", out: Path |
             raise ConfigError(f"{comparison}: not a comparison folder (no runs/ inside)")
     study = collect(comparisons, baseline)
     out = out or comparisons[0]
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     write_atomic(out / "budget_study.md", markdown(study, baseline))
     plot(study, out / "budget_study.png", baseline)
     return study

@@ -374,3 +374,11 @@ def test_fsdp_on_a_model_without_decoder_layers_is_bad_input_not_a_bug():
 
     with pytest.raises(ConfigError, match="cannot find the decoder layers of Linear"):
         fsdp_units(nn.Linear(2, 2))
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(b"model:\n  lr: \xff\xfe\n")
+    assert main(["fit", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}: cannot be read as a UTF-8 text file" in err

@@ -151,3 +151,14 @@ def test_nothing_to_pair_is_one_line_saying_why_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err == f"clbench analyze: error: {tmp_path}: nothing to pair with seqft by seed: {why}"
     assert not (tmp_path / "budget_study.md").exists() and not (tmp_path / "budget_study.png").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    from clbench.cli import main as clbench
+
+    write_run(tmp_path, "seqft", 1, -0.1, [0.8, 0.6], {"class_path": "strategies.seqft.SeqFT"})
+    write_run(tmp_path, "magnitude-q05", 1, -0.08, [0.8, 0.6], attribution("magnitude", 0.05), removed=[0.05])
+    (tmp_path / "afile").write_text("x")
+    assert clbench(["analyze", "budget", str(tmp_path), "--out", str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot create the folder" in err

@@ -18,7 +18,7 @@ from test_fit import write_config
 
 from clbench.cli import main
 from clbench.compare import parse_args
-from clbench.compare.launch import FitJob, Slurm, executor, outcome, submit
+from clbench.compare.launch import FitJob, Slurm, accounting_in, executor, outcome, submit
 from clbench.compare.plan import Run, planned_runs
 from clbench.resume import FOLDER, MARKER
 
@@ -153,3 +153,22 @@ def test_a_job_with_a_task_per_rank_is_judged_by_every_rank(tmp_path, capsys):
     jobs = {name: submit(ex, [job])[0] for name, job in codes.items()}
     assert outcome(jobs["all zero"], fit) is None
     assert "failed (exit 2)" in outcome(jobs["rank 1 fails"], fit)
+
+
+@pytest.mark.parametrize(
+    "line, keeps",
+    [
+        ("AccountingStorageType   = accounting_storage/none", False),  # Slurm 22 (Debian 12)
+        ("AccountingStorageType   = (null)", False),  # later releases without accounting
+        ("AccountingStorageType   = ", False),
+        ("AccountingStorageType   = accounting_storage/slurmdbd", True),
+        ("ClusterName = x", True),  # not said: submitit's own way (sacct)
+    ],
+)
+def test_a_cluster_without_accounting_is_recognised_however_slurm_says_it(line, keeps):
+    """Without accounting sacct never answers, and a job that ended with no result would keep
+    compare waiting: job states must then come from squeue."""
+    assert (
+        accounting_in(f"Configuration data as of now\nAuthType = auth/munge\n{line}\nBurstBuffer = x\n")
+        is keeps
+    )

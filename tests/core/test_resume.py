@@ -247,3 +247,24 @@ def test_the_state_is_kept_until_results_say_complete(trace_dir, tiny_model_dir,
         not has_state(tmp_path / "runs" / "run")
         and results(tmp_path / "runs" / "run")["status"] == "complete"
     )
+
+
+def test_a_signal_after_complete_leaves_it_complete(trace_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """SLURM's time-limit signal (submitit exits the job) during the clean-up after results.json
+    said "complete": the run stays complete, not "interrupted" with its state half removed."""
+    import clbench.runner
+
+    real = clbench.runner.shutil.rmtree
+
+    def stopped(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if Path(path).name == "resume":
+            raise SystemExit(143)
+
+    monkeypatch.setattr(clbench.runner.shutil, "rmtree", stopped)
+    cfg = config(trace_dir, tiny_model_dir, tmp_path / "runs", "seqft")
+    for t in cfg["stream"]["tasks"]:
+        t["epochs"] = 1
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert results(tmp_path / "runs" / "run")["status"] == "complete"
