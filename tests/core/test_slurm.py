@@ -141,33 +141,47 @@ def test_an_array_of_jobs_runs_to_complete_and_keeps_submitit_out_of_the_console
     assert "job states from squeue (no job accounting here)" in jobs_log and "sacct" not in jobs_log, jobs_log
 
 
+# seqft that waits before each task: six tasks take over 45 s on any CPU, so the time limit is met
+PACED = """
+import time
+from strategies.seqft import SeqFT
+
+class Paced(SeqFT):
+    def on_task_start(self, ctx):
+        time.sleep(7)
+"""
+
+
 def test_a_job_at_its_time_limit_is_requeued_and_goes_on_from_its_last_finished_task(
-    tiny_model_dir, tmp_path, compares
+    tiny_model_dir, tmp_path, compares, monkeypatch
 ):
     """A one-minute job: SLURM sends SIGUSR2 15 to 45 s after it starts, submitit requeues it and
     the next start resumes the run after its last finished task, until all six tasks are done. The
     matrix and training losses are those of the same run left alone (run beside it on this
-    machine), and no task that had finished trains again."""
+    machine), and no task that had finished trains again. The run waits 7 s before each task, so
+    that it outlasts the signal however fast the machine (it once finished first on an idle one)."""
+    (tmp_path / "paced.py").write_text(PACED)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # compare's jobs inherit sbatch's environment
     tasks = {**toy_tasks(), **{f"{name}2": splits for name, splits in toy_tasks(seed=1).items()}}
-    cfg = toy(tmp_path, write_trace_folder(tmp_path / "TRACE6", tasks), tiny_model_dir, epochs=120)
+    cfg = toy(tmp_path, write_trace_folder(tmp_path / "TRACE6", tasks), tiny_model_dir, epochs=40)
     cfg["stream"]["tasks"] += [
         t | {"name": f"{t['name']}2", "path": f"{t['path']}2"} for t in cfg["stream"]["tasks"]
     ]
     path = write_config(tmp_path / "six.yaml", cfg)
-    argv = ["--config", str(path), "--strategies", "seqft", "--seeds", "1", "--run.checkpoints", "none"]
+    argv = ["--config", str(path), "--strategies", "paced.Paced", "--seeds", "1", "--run.checkpoints", "none"]
     alone = compares(argv, "alone")
     limited = compares([*argv, "--launcher", "slurm", "--slurm.time", "1"], "limited")
     assert alone.wait() == 0, alone.console()
     assert limited.wait() == 0, limited.console()
 
     a, b = (
-        json.loads((c.folder / "runs" / "seqft-seed1" / "results.json").read_text()) for c in (alone, limited)
+        json.loads((c.folder / "runs" / "paced-seed1" / "results.json").read_text()) for c in (alone, limited)
     )
     assert b["status"] == "complete" and b["matrix"] == a["matrix"]
     for task in a["tasks"]:
         assert b["per_task"][task]["train_loss"] == a["per_task"][task]["train_loss"], task
 
-    log = (limited.folder / "logs" / "seqft-seed1.log").read_text()
+    log = (limited.folder / "logs" / "paced-seed1.log").read_text()
     assert "Job has timed out" in log and "Requeued job" in log, log  # SLURM's time limit, not a failure
     resumed = [int(k) for k in re.findall(r"resuming \S+ after task (\d+)/6", log)]
     assert resumed and resumed == sorted(resumed), log  # went on, never back (a slow start may not)
