@@ -216,7 +216,7 @@ def follow_trainable(model: nn.Module) -> None:
     that train now (called when a task's training starts, after the strategy chose them).
 
     Why: FSDP2 fixes a unit's gradient dtypes once, at the model's first forward, from the parameters
-    that require grad at that moment. A unit with none (O-LoRA freezes every adapter before the
+    that require grad at that moment. A unit with none (a strategy that freezes every adapter before the
     starting model is evaluated; any plugin may) keeps no reduce dtype and no original dtype, so its
     later gradients are reduced in bf16 and handed to fp32 parameters, which torch refuses ("assign a
     gradient with dtype BFloat16 to a tensor with grad_dtype Float"). FSDP2 has no public call for

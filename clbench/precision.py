@@ -26,7 +26,7 @@ BF16_SPEEDUP_NEEDED = 1.25
 def _matmul_seconds(dtype: torch.dtype, n: int = 256, repeats: int = 2) -> float:
     # A generator of its own: the timing runs after seed_everything when the precision is set
     # explicitly, and drawing from torch's global one there would change every later random draw
-    # (O-LoRA's adapters are initialised after it) by whether and when the timing ran.
+    # (a strategy's adapters may be initialised after it) by whether and when the timing ran.
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, 2 * n, generator=g).to(dtype), torch.randn(2 * n, n, generator=g).to(dtype)
     a @ b  # warm-up: kernel selection, first-touch allocation

@@ -21,13 +21,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from twoproc import ENV, LORA, STRATEGY_ARGS, assert_same_run, clbench, fit_args, results, start_fit
+from twoproc import (
+    ENV,
+    LORA,
+    STRATEGY_ARGS,
+    assert_same_run,
+    clbench,
+    fit_args,
+    results,
+    start_fit,
+    wait_for_first_task,
+)
 
 import strategies
 
@@ -140,11 +149,7 @@ def test_bf16_fsdp2_killed_after_task_1_resumes_to_the_uninterrupted_run(matrix,
     args = ("--trainer.strategy", "fsdp", "--trainer.precision", "bf16-mixed", *VARIANTS[variant])
     proc = start_fit(toy_setup, out, 2, *args, config="matrix.yaml")
     run = toy_setup / out / "run"
-    saved = run / "resume" / "state.json"
-    deadline = time.time() + 240
-    while not (saved.is_file() and json.loads(saved.read_text())["done"] >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
-        time.sleep(0.05)
+    wait_for_first_task(proc, run)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert results(run)["status"] == "running"

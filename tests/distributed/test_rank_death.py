@@ -3,14 +3,13 @@ the surviving rank says so in one line, results.json stops claiming "running", a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from twoproc import ENV, clbench, fit_args, results
+from twoproc import ENV, clbench, fit_args, results, wait_for_first_task
 
 
 def test_rank_1_reports_rank_0_s_death_in_one_line_and_the_run_resumes(toy_setup):
@@ -27,10 +26,7 @@ def test_rank_1_reports_rank_0_s_death_in_one_line_and_the_run_resumes(toy_setup
             cmd, cwd=toy_setup, env=ENV, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
         )
     try:
-        saved, deadline = run / "resume" / "state.json", time.time() + 240
-        while not (saved.is_file() and json.loads(saved.read_text())["done"] >= 1):
-            assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_first_task(proc, run, lambda: err.read_text()[-3000:])
         proc.kill()  # rank 0 alone; rank 1, its child, lives on and finds it gone at its next collective
         proc.wait(timeout=30)
         deadline = time.time() + 120

@@ -7,11 +7,19 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from twoproc import LORA, STRATEGY_ARGS, assert_same_run, clbench, fit, results, start_fit
+from twoproc import (
+    LORA,
+    STRATEGY_ARGS,
+    assert_same_run,
+    clbench,
+    fit,
+    results,
+    start_fit,
+    wait_for_first_task,
+)
 
 LAST = "task3-upper"
 CASES = {
@@ -143,11 +151,7 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case,
     one = reference(toy_setup, case)
     run = toy_setup / case / f"killed-{sharding}" / "run"
     proc = start_fit(toy_setup, f"{case}/killed-{sharding}", 2, "--trainer.strategy", sharding, *CASES[case])
-    saved = run / "resume" / "state.json"
-    deadline = time.time() + 240
-    while not (saved.is_file() and json.loads(saved.read_text())["done"] >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
-        time.sleep(0.05)
+    wait_for_first_task(proc, run)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks: rank 1 is rank 0's child, in its session
     proc.wait(timeout=30)
     assert results(run)["status"] == "running"  # killed: nothing could write otherwise

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,6 +59,14 @@ def start_fit(root: Path, out: str, ranks: int, *args: str, config: str = "toy.y
     cmd = [sys.executable, "-m", "clbench", *fit_args(out, ranks, *args, config=config)]
     quiet = subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=root, env=ENV, stdout=quiet, stderr=quiet, start_new_session=True)
+
+
+def wait_for_first_task(proc: subprocess.Popen, run: Path, why: Callable[[], str] = lambda: "") -> None:
+    """Until `run` has saved the state of its first task (the kill point of the resume tests)."""
+    saved, deadline = run / "resume" / "state.json", time.time() + 240
+    while not (saved.is_file() and json.loads(saved.read_text())["done"] >= 1):
+        assert proc.poll() is None and time.time() < deadline, why() or "the run ended before the kill point"
+        time.sleep(0.05)
 
 
 def results(run: Path) -> dict:
