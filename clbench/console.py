@@ -14,7 +14,7 @@ from clbench import distributed as dist
 
 LOG = logging.getLogger("clbench")
 BARS = {"on": True}  # off with the run's trainer.enable_progress_bar false (show_bars)
-QUIET = ("lightning.pytorch", "lightning.fabric", "py.warnings")  # loggers sent to the run log
+QUIET = ("lightning.pytorch", "lightning.fabric", "py.warnings", "lm_eval")  # loggers sent to the run log
 
 
 def say(message: str) -> None:

@@ -24,6 +24,7 @@ from clbench.console import run_log, say, show_bars
 from clbench.data.collate import cut_answers
 from clbench.data.loaders import StreamConfig, fit_to_context, load_stream
 from clbench.errors import ConfigError, safe_name
+from clbench.evaluation.general import GeneralConfig, check_tasks
 from clbench.identity import differences, run_identity, sha256_text
 from clbench.module import CLModule
 from clbench.precision import default_precision, slow_bf16_note
@@ -58,18 +59,26 @@ class CLBenchCLI(LightningCLI):
         parser.add_subclass_arguments(CLStrategy, "strategy", required=True, instantiate=True)
         parser.add_class_arguments(StreamConfig, "stream")
         parser.add_class_arguments(RunConfig, "run")
+        parser.add_class_arguments(GeneralConfig, "general")
 
     def before_instantiate_classes(self) -> None:
         # Check data and the run folder before the (slow) model load, so bad input fails fast.
         cfg = self.config
         self.stream = load_stream(StreamConfig(**_plain(cfg.stream)))
+        self.general = GeneralConfig(**cfg.general.as_dict())
+        check_tasks(self.general)
         cfg.run.name = agreed_run_name(cfg, self.stream.name, self.resuming)
         self.config_text = self.parser.dump(cfg, skip_none=False, skip_validation=True)
         self.identity = None  # written by rank 0 alone, which alone hashes data, model and code
         if dist.rank() == 0:
             strategy_class = load(cfg.strategy.class_path)
             self.identity = run_identity(
-                self.config_text, self.stream, cfg.model.model, cfg.trainer.precision, strategy_class
+                self.config_text,
+                self.stream,
+                cfg.model.model,
+                cfg.trainer.precision,
+                strategy_class,
+                self.general.tasks,
             )
             if self.resuming is not None:
                 self.identity = check_resumable(self.resuming, self.config_text, self.identity)
@@ -355,6 +364,7 @@ def _fit(argv: list[str], watch: StopWatch) -> dict:
         strategy_name=name_of(strategy),
         identity=cli.identity,
         logger=_user_logger(cli.config_init.trainer.get("logger")),
+        general_cfg=cli.general,
     )
     watch.run_dir = runner.run_dir if runner.writes else None
     results = runner.run(cli.config_text, resume=resume_dir is not None)

@@ -12,6 +12,9 @@ comparison would give it, so a number is never carried over from other data, cod
   cached revision;
 - code: the SHA-256 of clbench's and strategies' Python sources (and of a plugin strategy's file),
   with clbench's version and git commit for the reader;
+- general ability (general.tasks): per lm-eval task, the hash of a local task file's folder (its
+  YAML, data and helpers) or of the registry task's YAML, and lm-eval's version (a registry task's
+  data come from the hub by name: their revision is lm-eval's concern, not hashed here);
 - precision and the versions of the libraries that compute the numbers.
 
 The machine (CPU model) is recorded for the reader but not compared: bf16 numbers differ a little
@@ -165,13 +168,47 @@ def machine() -> str:
     return f"{cpu}; {gpu}" if gpu else cpu
 
 
+def folder_sha256(folder: Path) -> str:
+    """One hash over a folder's files (names and contents, sorted; caches left out)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{f.relative_to(folder)}\0".encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def general_identity(entries: list[str]) -> dict:
+    """What the general-ability evaluation reads: per entry, the hash of a local task file's folder
+    or of the registry task's YAML; lm-eval's version."""
+    from clbench.evaluation import general
+
+    tasks = {}
+    for entry in entries:
+        path = general.local_task_file(entry)
+        if path is not None:
+            folder = folder_sha256(path.resolve().parent)
+            tasks[entry] = {"task": general.task_name(entry), "folder_sha256": folder}
+            continue
+        info = general.task_manager(entries).task_index.get(entry, {})
+        yaml_path = info.get("yaml_path")
+        found = isinstance(yaml_path, str) and Path(yaml_path).is_file()
+        tasks[entry] = {"task": entry, "yaml_sha256": file_sha256(Path(yaml_path)) if found else None}
+    return {"lm_eval": _version("lm_eval"), "tasks": tasks}
+
+
 def run_identity(
-    config_text: str, stream: TaskStream, model: str, precision: str, strategy_class: type | None
+    config_text: str,
+    stream: TaskStream,
+    model: str,
+    precision: str,
+    strategy_class: type | None,
+    general_tasks: list[str] | None = None,
 ) -> dict:
     """The identity of a run that starts with this config, data, model and code."""
     return {
         "config_sha256": sha256_text(config_text),
         "data": data_identity(stream),
+        "general": general_identity(general_tasks) if general_tasks else None,
         "model": model_identity(model),
         "code": code_identity(strategy_class),
         "precision": str(precision),
@@ -212,6 +249,14 @@ def differences(saved: dict | None, current: dict) -> list[str]:
         if old_code.get(key) != new_code.get(key):
             then, now = old_code.get("git_commit") or "?", new_code.get("git_commit") or "?"
             out.append(label + (f" (commit {then} then, {now} now)" if key == "source_sha256" else ""))
+    old_general, new_general = saved.get("general") or {}, current.get("general") or {}
+    if old_general != new_general:
+        then, now = old_general.get("tasks") or {}, new_general.get("tasks") or {}
+        which = sorted(e for e in then.keys() | now.keys() if then.get(e) != now.get(e))
+        if which:
+            out.append(f"the general-ability tasks ({', '.join(which)})")
+        if old_general.get("lm_eval") != new_general.get("lm_eval"):
+            out.append(f"lm_eval {old_general.get('lm_eval')} then, {new_general.get('lm_eval')} now")
     if saved.get("precision") != current["precision"]:
         out.append(f"precision ({saved.get('precision')} then, {current['precision']} now)")
     old_v, new_v = saved.get("versions") or {}, current["versions"]

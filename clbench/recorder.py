@@ -22,13 +22,14 @@ import torch
 
 from clbench import distributed as dist
 from clbench.data.tasks import TaskStream
+from clbench.evaluation import general
 from clbench.evaluation.evaluator import TaskScore
 from clbench.evaluation.matrix import summarize
 from clbench.files import write_atomic, write_json
 from clbench.loggers import RunLoggers
 from clbench.reporting import plot_heatmap, results_markdown
 
-PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "clbench")
+PACKAGES = ("torch", "lightning", "transformers", "peft", "datasets", "torchmetrics", "lm_eval", "clbench")
 
 
 def package_versions() -> dict[str, str]:
@@ -69,8 +70,13 @@ class Recorder:
         identity: dict | None,
         loggers: RunLoggers,
         strategy_used: Callable[[], dict] = dict,
+        general_cfg: general.GeneralConfig | None = None,
     ) -> None:
         self.stream, self.run_dir, self.strategy_name = stream, run_dir, strategy_name
+        self.general_cfg = general_cfg if general_cfg is not None and general_cfg.tasks else None
+        self.general: dict[int, dict[str, dict]] = {}  # row -> lm-eval's scores (general.evaluate)
+        entries = self.general_cfg.tasks if self.general_cfg else []
+        self.general_names = [general.task_name(e) for e in entries]
         self.seed, self.identity, self.loggers = seed, identity, loggers
         self.strategy_used = strategy_used  # the strategy's `used`, asked at every write
         T = len(stream)
@@ -105,6 +111,14 @@ class Recorder:
             self.loggers.log({f"score/{n}": s.score for n, s in scores.items()}, row, self.steps_done())
         self.timings["eval_s"] += seconds
 
+    def general_evaluated(self, row: int, scores: dict[str, dict], seconds: float, writes: bool) -> None:
+        """The general-ability scores at row `row` (0: before the stream), logged where the run logs."""
+        self.general[row] = scores
+        if writes:
+            values = {f"general/{t}/{k}": m["value"] for t, ms in scores.items() for k, m in ms.items()}
+            self.loggers.log(values, row, self.steps_done())
+        self.timings["general_s"] = self.timings.get("general_s", 0.0) + seconds
+
     def steps_done(self) -> int:
         """The run's optimizer steps so far (the tasks trained, resumed ones included)."""
         return sum(self.timings["steps"].values())
@@ -119,6 +133,7 @@ class Recorder:
             "train_loss": self.train_loss,
             "weight_growth": self.weight_growth,
             "timings": self.timings,
+            "general": {str(r): scores for r, scores in self.general.items()},
         }
 
     def restore(self, saved: dict) -> None:
@@ -130,6 +145,7 @@ class Recorder:
         self.losses = {n: tuple(v) for n, v in saved["losses"].items()}
         self.train_loss, self.timings = saved["train_loss"], saved["timings"]
         self.weight_growth = saved.get("weight_growth", {})
+        self.general = {int(r): scores for r, scores in saved.get("general", {}).items()}
 
     def results(self, status: str, error: str | None, resumable: str) -> dict:
         """results.json's content: where the run stands and everything measured so far."""
@@ -174,9 +190,32 @@ class Recorder:
             "summary": summarize(self.matrix) if done else None,
             "per_task": per_task,
             "timings": self.timings,
+            "general": self._general_results(),
             "versions": package_versions(),
             "identity": self.identity,
             "resumable": resumable,
+        }
+
+    def _general_results(self) -> dict | None:
+        """What general ability was asked for and measured: lm-eval's scores per row of the stream
+        (0: before it, T: after its last task), and the change from before to after."""
+        cfg = self.general_cfg
+        if cfg is None:
+            return None
+        T = len(self.stream)
+        before, after = self.general.get(0), self.general.get(T)
+        done = before is not None and after is not None
+        return {
+            "tasks": self.general_names,
+            "entries": list(cfg.tasks),
+            "limit": cfg.limit,
+            "num_fewshot": cfg.num_fewshot,
+            "batch_size": cfg.batch_size,
+            "every_task": cfg.every_task,
+            "lm_eval": package_versions().get("lm_eval"),
+            "rows": {str(r): scores for r, scores in sorted(self.general.items())},
+            "change": general.change(before, after) if done else None,
+            "mean_change": general.mean_change(before, after) if done else None,
         }
 
     def write(self, status: str, error: str | None, resumable: str) -> None:

@@ -67,12 +67,64 @@ def results_markdown(results: dict) -> str:
             f"| {_fmt(d['majority_baseline'])} | {_fmt(d['loss_before'])} → {_fmt(d['loss_after'])} |"
         )
     out += _label_share_table(results)
+    out += general_table(results)
     out += [
         "",
         f"Predictions: `predictions/after_<t>/<task>.jsonl`. Package versions: {results['versions']}",
         "",
     ]
     return "\n".join(out)
+
+
+def general_table(results: dict) -> list[str]:
+    """General ability as lm-eval measured it (value ± standard error), before the stream, after
+    each task where measured and after it, with the change: what the stream cost the model outside
+    its own tasks."""
+    g = results.get("general")
+    if not g:
+        return []
+    T = len(results["tasks"])
+    rows = sorted(int(r) for r in g["rows"])
+    label = {
+        r: "before" if r == 0 else ("after" if r == T else f"after {r}. {results['tasks'][r - 1]}")
+        for r in rows
+    }
+    shots = "each task's default" if g["num_fewshot"] is None else g["num_fewshot"]
+    settings = f"lm-eval {g.get('lm_eval')}, num_fewshot {shots}, limit {g['limit'] or 'none'}"
+    out = [
+        "",
+        "## General ability (lm-eval)",
+        "",
+        f"Tasks outside the stream, scored by lm-evaluation-harness ({settings}); value ± standard error as",
+        "lm-eval reports it. Change = after − before. Samples: `general/after_<row>/<task>.jsonl`.",
+        "",
+        "| task | metric | " + " | ".join(label[r] for r in rows) + " | change |",
+        "|---" * (len(rows) + 3) + "|",
+    ]
+    change = g.get("change") or {}
+    first = g["rows"][str(rows[0])] if rows else {}
+    for task, metrics in first.items():
+        for key in metrics:
+            cells = []
+            for r in rows:
+                m = g["rows"][str(r)].get(task, {}).get(key)
+                cells.append(
+                    "–"
+                    if m is None
+                    else _fmt(m["value"]) + (f" ± {_fmt(m['stderr'])}" if m["stderr"] is not None else "")
+                )
+            delta = change.get(task, {}).get(key)
+            out.append(
+                f"| {task} | {key} | "
+                + " | ".join(cells)
+                + f" | {'–' if delta is None else f'{delta:+.3f}'} |"
+            )
+    if g.get("mean_change") is not None:
+        out += [
+            "",
+            f"Mean change of each task's primary metric (a gain is positive): {g['mean_change']:+.3f}.",
+        ]
+    return out
 
 
 def _label_share_table(results: dict) -> list[str]:

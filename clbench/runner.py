@@ -27,10 +27,11 @@ from clbench import resume as resume_state
 from clbench.console import run_log, say
 from clbench.data.tasks import Example, Task, TaskStream
 from clbench.errors import ConfigError, Diverged, RankLost, inside, safe_name
+from clbench.evaluation import general
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.files import write_atomic
 from clbench.loggers import RunLoggers
-from clbench.module import CLModule, call_trainer
+from clbench.module import CLModule, cached_casts, call_trainer
 from clbench.recorder import Recorder
 from clbench.records import read_record
 from clbench.services import RunServices
@@ -108,8 +109,10 @@ class Runner:
         strategy_name: str | None = None,
         identity: dict | None = None,
         logger: Logger | list[Logger] | bool | None = None,
+        general_cfg: general.GeneralConfig | None = None,
     ) -> None:
         self.module, self.stream, self.strategy = module, stream, strategy
+        self.general_cfg = general_cfg or general.GeneralConfig()
         self.trainer_factory, self.run_cfg = trainer_factory, run or RunConfig()
         self.prompt_format, self.batch_size, self.eval_batch_size = prompt_format, batch_size, eval_batch_size
         self.seed, self.identity = seed, identity
@@ -120,7 +123,14 @@ class Runner:
         self.loggers = RunLoggers(self.run_dir, logger)
         self.evaluator = Evaluator(module, self._prompt_loader, self._quiet_trainer)
         self.record = Recorder(
-            stream, self.run_dir, self.strategy_name, seed, identity, self.loggers, strategy.used
+            stream,
+            self.run_dir,
+            self.strategy_name,
+            seed,
+            identity,
+            self.loggers,
+            strategy.used,
+            self.general_cfg,
         )
 
     @property
@@ -214,13 +224,17 @@ class Runner:
             self.strategy.load_state_dict(resume_state.restore(state, self.module))
             start = state.done
             say(f"clbench: resuming {self.run_dir} after task {start}/{len(self.stream)}")
-        elif self.run_cfg.evaluate_start:
-            self._evaluate_row(0)
+        else:
+            if self.run_cfg.evaluate_start:
+                self._evaluate_row(0)
+            self._evaluate_general(0)
             self._write("running")
         for t in range(start, len(self.stream)):
             task = self.stream.tasks[t]
             self._train_task(t, task)
             self._evaluate_row(t + 1)
+            if self.general_cfg.every_task or t + 1 == len(self.stream):
+                self._evaluate_general(t + 1)
             self._checkpoint(t, task)
             last = t + 1 == len(self.stream)
             if not last:
@@ -347,6 +361,24 @@ class Runner:
         line = ", ".join(f"{n} {s.score:.3f}" for n, s in scores.items())
         say(f"clbench: row {row} ({'start' if row == 0 else 'after task ' + str(row)}): {line}")
         self.record.evaluated(row, scores, time.perf_counter() - start, self.writes)
+
+    def _evaluate_general(self, row: int) -> None:
+        """General ability at row `row` through lm-eval (clbench/evaluation/general.py), on the model's
+        device and under the run's precision, as the stream's own evaluation runs."""
+        if not self.general_cfg.tasks:
+            return
+        start = time.perf_counter()
+        trainer = self._quiet_trainer()
+        device = trainer.strategy.root_device
+        if not dist.is_fully_sharded(self.module.model):  # Lightning leaves it on the CPU between calls
+            self.module.to(device)
+        samples = self.run_dir / "general" / f"after_{row}" if self.writes else None
+        with trainer.precision_plugin.forward_context(), cached_casts(device.type):
+            scores = general.evaluate(self.module.model, self.module.tokenizer, self.general_cfg, samples)
+        heads = {t: (k, ms[k]["value"]) for t, ms in scores.items() if (k := general.primary(ms))}
+        line = "; ".join(f"{t} {k} {v:.3f}" for t, (k, v) in heads.items())
+        say(f"clbench: general ability ({'start' if row == 0 else 'after task ' + str(row)}): {line}")
+        self.record.general_evaluated(row, scores, time.perf_counter() - start, self.writes)
 
     def _checkpoint(self, t: int, task: Task) -> None:
         if self.run_cfg.checkpoints == "none":
