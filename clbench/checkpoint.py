@@ -36,11 +36,13 @@ def save(
         state = {k: dist.full(v).cpu() for k, v in strategy_state.items()}
         if writes:
             model.save_pretrained(folder, state_dict=adapters)
+            module.tokenizer.save_pretrained(folder)
             _save_plain(state, folder)
     elif dist.is_fully_sharded(model):
         _save_sharded(module, strategy_state, folder, writes)
-    elif writes:
+    elif writes:  # with its tokenizer: a folder that from_pretrained and lm_eval load as it is
         model.save_pretrained(folder)
+        module.tokenizer.save_pretrained(folder)
         _save_plain(strategy_state, folder)
     dist.barrier()  # a checkpoint is complete on every rank before anyone goes on
 

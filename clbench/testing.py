@@ -139,6 +139,74 @@ def write_trace_folder(root: Path, tasks: dict[str, dict[str, list[dict]]]) -> P
     return root
 
 
+GENERAL_LOADER = """import json
+from pathlib import Path
+
+import datasets
+
+
+def load(**kwargs):
+    here = Path(__file__).parent / "toy_general"
+    read = lambda split: [json.loads(x) for x in (here / f"{split}.jsonl").read_text().splitlines()]
+    return datasets.DatasetDict({s: datasets.Dataset.from_list(read(s)) for s in ("train", "test")})
+"""
+
+GENERAL_TASKS = {
+    "toy_sum": """task: toy_sum
+custom_dataset: !function toy_general.load
+output_type: generate_until
+fewshot_split: train
+test_split: test
+num_fewshot: 2
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n", "Question:"], do_sample: false, max_gen_toks: 6}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+filter_list:
+  - name: number
+    filter: [{function: regex, group_select: -1, regex_pattern: "(-?[0-9]+)"}, {function: take_first}]
+metadata: {version: 1.0}
+""",
+    "toy_choice": """task: toy_choice
+custom_dataset: !function toy_general.load
+output_type: multiple_choice
+fewshot_split: train
+test_split: test
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+metadata: {version: 1.0}
+""",
+}
+
+
+def write_general_tasks(folder: Path, n_test: int = 12, seed: int = 0) -> list[str]:
+    """Two tiny lm-eval local tasks, as data/general ships them (a YAML each, data read by a
+    loader beside them): toy_sum (generate a number, exact match) and toy_choice (4-way multiple
+    choice by log-likelihood). Returns the YAML paths, as general.tasks takes them."""
+    rng = random.Random(seed)
+    data = folder / "toy_general"
+    data.mkdir(parents=True, exist_ok=True)
+    (folder / "toy_general.py").write_text(GENERAL_LOADER, encoding="utf-8")
+    for split, n in (("train", 4), ("test", n_test)):
+        rows = []
+        for _ in range(n):
+            a, b = rng.randrange(1, 20), rng.randrange(1, 20)
+            choices = [str(a + b), str(a + b + 1), str(a * b), str(a)]
+            rows.append(
+                {"question": f"What is {a} plus {b}?", "answer": str(a + b), "choices": choices, "label": 0}
+            )
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    paths = []
+    for name, text in GENERAL_TASKS.items():
+        (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
+        paths.append(str(folder / f"{name}.yaml"))
+    return paths
+
+
 def quiet_trainer(steps: int, accumulate: int = 1, clip: float | None = None) -> pl.Trainer:
     """A CPU Lightning Trainer for a few steps, with no logger, checkpoint or progress bar."""
     import lightning.pytorch as pl

@@ -8,6 +8,7 @@ import io
 import math
 from pathlib import Path
 
+from clbench.evaluation.general import primary
 from clbench.evaluation.matrix import own_task_score
 from clbench.files import write_atomic
 from clbench.reporting import save_figure
@@ -15,6 +16,7 @@ from clbench.reporting import save_figure
 METRICS = {"OP": "OP", "BWT (TRACE)": "BWT_TRACE", "BWT (GEM)": "BWT_GEM", "FWT": "FWT"}
 
 OWN = "own-task score"  # mean of the matrix's diagonal: how well each task was learned
+GENERAL = "general change"  # general ability after the stream minus before (results.json "general")
 
 Cell = tuple[float | None, float | None]  # (mean, sample std) over seeds
 
@@ -36,13 +38,29 @@ def run_columns(results: dict) -> dict[str, float | None]:
     cols[OWN] = own_task_score(results["matrix"]) if results.get("matrix") else None
     for task in results.get("tasks") or list(results.get("per_task", {})):
         cols[f"final {task}"] = results["per_task"][task].get("final")
+    cols |= general_columns(results)
     train, evaluate = timings.get("train_s"), timings.get("eval_s")
-    cols["wall time s"] = None if train is None or evaluate is None else train + evaluate
+    general_s = timings.get("general_s", 0.0)
+    cols["wall time s"] = None if train is None or evaluate is None else train + evaluate + general_s
     cols["peak memory MB"] = timings.get("peak_memory_mb")
     return cols
 
 
-PAIRED = ("OP", "BWT (TRACE)", OWN)  # metrics also shown as paired differences to a baseline
+def general_columns(results: dict) -> dict[str, float | None]:
+    """A run's general-ability change (mean over lm-eval tasks, and per task its primary metric);
+    nothing for a run that measured none."""
+    g = results.get("general")
+    if not g:
+        return {}
+    cols = {GENERAL: g.get("mean_change")}
+    after = g["rows"].get(str(len(results.get("tasks") or []))) or {}
+    for task, metrics in after.items():
+        key = primary(metrics)
+        cols[f"general Δ {task} {key}"] = (g.get("change") or {}).get(task, {}).get(key)
+    return cols
+
+
+PAIRED = ("OP", "BWT (TRACE)", OWN, GENERAL)  # metrics also shown as paired differences to a baseline
 
 
 def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[dict]:
@@ -65,11 +83,13 @@ def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[
         row["diverged"] = diverged
         cells = {k: mean_std([c.get(k) for c in cols]) for k in columns}
         paired = {}
-        for k in PAIRED if baseline else ():
+        for k in [k for k in PAIRED if k in columns] if baseline else ():
             pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, complete[s])]
             diffs = [a - b for a, b in pairs if s != baseline and a is not None and b is not None]
             paired[f"Δ{k} vs {baseline}"] = mean_std(diffs)
-        summary = {k: cells.pop(k, (None, None)) for k in (*METRICS, OWN)}
+        summary = {
+            k: cells.pop(k, (None, None)) for k in (*METRICS, OWN, GENERAL) if k in columns or k != GENERAL
+        }
         rows.append(row | summary | paired | cells)  # summary, paired differences, then the rest
     return rows
 
@@ -143,18 +163,29 @@ def plot_pareto(rows: list[dict], title: str, path: Path) -> None:
     """OP against BWT (TRACE), one point per strategy with its std over seeds both ways: the
     trade-off view (up and right is better; a strategy that forgets nothing by learning nothing
     sits low on OP)."""
+    _plot_against_op(rows, "BWT (TRACE)", "BWT (TRACE): higher = less forgetting", title, path)
+
+
+def plot_general(rows: list[dict], title: str, path: Path) -> None:
+    """OP against the general-ability change, one point per strategy with its std over seeds both
+    ways: TRACE's trade-off (up: the stream is learned; right: the model keeps what it could do)."""
+    xlabel = "general-ability change (after − before; mean over lm-eval tasks)"
+    _plot_against_op(rows, GENERAL, xlabel, title, path)
+
+
+def _plot_against_op(rows: list[dict], column: str, xlabel: str, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     markers = "osD^vP*X"
     for i, r in enumerate(rows):
-        (op, op_std), (bwt, bwt_std) = r["OP"], r["BWT (TRACE)"]
-        if op is None or bwt is None:
+        (op, op_std), (x, x_std) = r["OP"], r.get(column, (None, None))
+        if op is None or x is None:
             continue
         ax.errorbar(
-            bwt,
+            x,
             op,
-            xerr=bwt_std or 0.0,
+            xerr=x_std or 0.0,
             yerr=op_std or 0.0,
             marker=markers[i % len(markers)],
             capsize=3,
@@ -164,8 +195,8 @@ def plot_pareto(rows: list[dict], title: str, path: Path) -> None:
     # a legend, not labels at the points: strategies near seqft sit on top of each other
     ax.legend(fontsize="small")
     ax.axvline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("BWT (TRACE): higher = less forgetting")
-    ax.set_ylabel("OP (mean final score)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("OP (mean final score on the stream)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -206,8 +237,9 @@ def write_comparison(
     n_seeds: int,
     notes: list[str],
 ) -> None:
-    """comparison.md, comparison.csv, comparison.png (bars) and comparison-pareto.png (OP against
-    BWT) in the comparison folder."""
+    """comparison.md, comparison.csv, comparison.png (bars), comparison-pareto.png (OP against
+    BWT) and, where runs measured general ability, comparison-general.png (OP against its change)
+    in the comparison folder."""
     rows = aggregate(runs, baseline)
     folder.mkdir(parents=True, exist_ok=True)
     stream = next(iter(runs.values()))[0].get("stream", "")
@@ -217,7 +249,8 @@ def write_comparison(
         f"Config `{config}`" + (f", overrides `{' '.join(passthrough)}`" if passthrough else "") + ".",
         "Mean ± sample standard deviation (ddof=1) over seeds; a blank std means one seed.",
         "Scores are on [0, 1]; own-task score = mean of R[i][i] (each task right after training on it);",
-        "wall time = train + eval seconds.",
+        "wall time = train + eval (+ general-ability eval) seconds. General change = general ability",
+        "after the stream minus before (lm-eval; the mean over its tasks of each one's primary metric).",
         "",
     ]
     if baseline:
@@ -232,4 +265,6 @@ def write_comparison(
     title = f"{stream}: {n_runs} runs, up to {n_seeds} seed(s) each"
     plot_comparison(rows, title, folder / "comparison.png")
     plot_pareto(rows, title, folder / "comparison-pareto.png")
+    if any(GENERAL in r and r[GENERAL][0] is not None for r in rows):
+        plot_general(rows, title, folder / "comparison-general.png")
     print(f"clbench compare: {len(rows)} strategies, {n_runs} runs: {folder / 'comparison.md'}")

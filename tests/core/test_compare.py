@@ -359,3 +359,47 @@ def test_a_comparison_folder_that_cannot_be_made_is_one_line(trace_dir, tiny_mod
     assert err == f"clbench compare: error: {cfg}/x/compare-toy: cannot create the comparison folder " + (
         "(Not a directory)"
     )
+
+
+def test_general_ability_change_is_a_column_paired_to_the_baseline_and_plotted(tmp_path):
+    from clbench.compare.report import write_comparison
+
+    def with_general(seed, op, gsm_before, gsm_after, mc_before, mc_after):
+        run = fake_run(seed, op, -0.1, None, None, 0.4, 1, 1, 1)
+        run["timings"]["general_s"] = 3
+        row = lambda gsm, mc: {  # noqa: E731
+            "gsm": {"exact_match,flex": {"value": gsm, "stderr": 0.05, "higher_is_better": True}},
+            "mc": {
+                "acc,none": {"value": mc, "stderr": 0.05, "higher_is_better": True},
+                "acc_norm,none": {"value": 0.0, "stderr": 0.0, "higher_is_better": True},
+            },
+        }
+        change = {
+            "gsm": {"exact_match,flex": gsm_after - gsm_before},
+            "mc": {"acc,none": mc_after - mc_before},
+        }
+        mean = ((gsm_after - gsm_before) + (mc_after - mc_before)) / 2
+        run["general"] = {"rows": {"0": row(gsm_before, mc_before), "1": row(gsm_after, mc_after)}}
+        run["general"] |= {"change": change, "mean_change": mean}
+        return run
+
+    runs = {
+        "seqft": [with_general(1, 0.5, 0.4, 0.1, 0.6, 0.4), with_general(2, 0.4, 0.4, 0.2, 0.6, 0.6)],
+        "replay": [with_general(1, 0.6, 0.4, 0.3, 0.6, 0.5), with_general(2, 0.5, 0.4, 0.4, 0.6, 0.6)],
+    }
+    seqft, replay = aggregate(runs, baseline="seqft")
+    assert seqft["general change"] == pytest.approx((-0.175, math.sqrt(0.01125)))  # -0.25 and -0.1 (ddof 1)
+    assert replay["general change"] == pytest.approx((-0.05, math.sqrt(0.005)))  # -0.1 and 0.0
+    assert replay["Δgeneral change vs seqft"] == pytest.approx((0.125, math.sqrt(0.00125)))  # +0.15, +0.1
+    assert seqft["general Δ gsm exact_match,flex"] == pytest.approx((-0.25, math.sqrt(0.005)))
+    assert seqft["wall time s"] == (5, 0)  # train + eval + general
+    header = markdown_table([seqft, replay]).splitlines()[0]
+    assert "| own-task score | general change | ΔOP vs seqft |" in header
+    write_comparison(tmp_path, "c.yaml", [], runs, "seqft", 2, [])
+    assert (tmp_path / "comparison-general.png").stat().st_size > 10_000
+    assert "general change" in (tmp_path / "comparison.csv").read_text().splitlines()[0]
+    # runs without general ability: no such column and no plot
+    plain = {"seqft": [fake_run(1, 0.5, -0.1, None, None, 0.4, 1, 1, 1)]}
+    assert "general" not in markdown_table(aggregate(plain))
+    write_comparison(tmp_path / "plain", "c.yaml", [], plain, None, 1, [])
+    assert not (tmp_path / "plain" / "comparison-general.png").exists()
