@@ -180,8 +180,12 @@ def evaluate(
             log_samples=samples_dir is not None,
         )
     model.train(was_training)
-    scores = {name: _scores(out, name) for name in names}
-    if samples_dir is not None:
+    # lm-eval reports on the process with LOCAL_RANK 0 only (None elsewhere): rank 0's scores, sent
+    # to every rank, are what every rank computed
+    scores = {name: _scores(out, name) for name in names} if out is not None else None
+    if dist.world_size() > 1:
+        scores = dist.broadcast_object(scores)
+    if samples_dir is not None and out is not None:
         _write_samples(out.get("samples") or {}, samples_dir)
     return scores
 
