@@ -189,9 +189,9 @@ def general_identity(entries: list[str]) -> dict:
             folder = folder_sha256(path.resolve().parent)
             tasks[entry] = {"task": general.task_name(entry), "folder_sha256": folder}
             continue
-        info = general.task_manager(entries).task_index.get(entry, {})
-        yaml_path = info.get("yaml_path")
-        found = isinstance(yaml_path, str) and Path(yaml_path).is_file()
+        info = general.task_manager(entries).task_index.get(entry)
+        yaml_path = info.get("yaml_path") if isinstance(info, dict) else getattr(info, "yaml_path", None)
+        found = isinstance(yaml_path, (str, Path)) and Path(yaml_path).is_file()
         tasks[entry] = {"task": entry, "yaml_sha256": file_sha256(Path(yaml_path)) if found else None}
     return {"lm_eval": _version("lm_eval"), "tasks": tasks}
 

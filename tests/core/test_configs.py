@@ -68,6 +68,11 @@ def test_trace_config_matches_trace():
     assert metrics["20Minuten"] == "sari" and metrics["ScienceQA"] == "first_char"
     assert {metrics[n] for n in ("C-STANCE", "FOMC", "NumGLUE-cm", "NumGLUE-ds")} == {"exact_match"}
     assert cfg["model"]["model"] == "meta-llama/Llama-3.2-3B-Instruct"
+    # TRACE's general-ability benchmarks, by lm-eval's names (each one lm-eval knows)
+    assert cfg["general"]["tasks"] == ["mmlu", "gsm8k", "bbh", "tydiqa_goldp", "boolq", "piqa"]
+    from clbench.evaluation.general import GeneralConfig, check_tasks
+
+    assert check_tasks(GeneralConfig(**cfg["general"])) == cfg["general"]["tasks"]
 
 
 def test_trace_config_runs_on_miniature_trace(tiny_model_dir, tmp_path):
@@ -97,6 +102,8 @@ def test_trace_config_runs_on_miniature_trace(tiny_model_dir, tmp_path):
         str(tmp_path / "runs"),
         "--run.name",
         "mini",
+        "--general.tasks",
+        "[]",  # TRACE's general benchmarks need the hub's data
     ]
     assert main(args) == 0
     res = json.loads((tmp_path / "runs" / "mini" / "results.json").read_text())
@@ -110,6 +117,6 @@ def test_study_config_is_the_quickstart_run_with_less_evaluation():
     study, quick = (
         yaml.safe_load((ROOT / "configs" / f"{n}.yaml").read_text()) for n in ("study", "quickstart")
     )
-    for key in ("model", "trainer", "stream", "seed_everything", "strategy"):
+    for key in ("model", "trainer", "stream", "seed_everything", "strategy", "general"):
         assert study[key] == quick[key], key
     assert study["run"]["evaluate"] == "needed" and study["run"]["checkpoints"] == "none"

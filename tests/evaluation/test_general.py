@@ -142,6 +142,9 @@ def test_the_identity_covers_the_task_files(trace_dir, tiny_model_dir, tmp_path)
     data.write_text(data.read_text().replace("plus", "added to", 1))
     now = run_identity("x", stream, str(tiny_model_dir), "32-true", None, tasks)
     assert differences(then, now) == [f"the general-ability tasks ({', '.join(sorted(tasks))})"]
+    # a registry task: its YAML in lm-eval's package is hashed (its data are the hub's, by name)
+    registry = run_identity("x", stream, str(tiny_model_dir), "32-true", None, ["piqa"])["general"]
+    assert registry["tasks"]["piqa"]["yaml_sha256"] and registry["lm_eval"]
 
 
 @pytest.mark.parametrize(
@@ -200,22 +203,30 @@ def assert_same_numbers(ours: dict[str, dict], theirs: dict[str, dict]) -> None:
             assert m["stderr"] == theirs[task][f"{metric}_stderr,{filt}"], (task, key)
 
 
+BUNDLED = [str(HERE.parents[1] / "data" / "general" / f"{t}.yaml") for t in ("clb_arith", "clb_currency")]
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_numbers_are_lm_eval_s_on_the_saved_model(
-    trace_dir, tiny_model_dir, tmp_path, general_tasks, lora
-):
-    """Peer-exact: the scores clbench measured in process after the last task equal what the `lm_eval`
-    command line prints on that task's checkpoint (LoRA: the base model with the saved adapter)."""
-    cfg = toy(trace_dir, tiny_model_dir, tmp_path / "runs", tasks=general_tasks, batch_size=4)
+def test_the_numbers_are_lm_eval_s_on_the_saved_model(trace_dir, tiny_model_dir, tmp_path, lora):
+    """Peer-exact, on the bundled suite: the scores clbench measured in process after the last task
+    equal what the `lm_eval` command line prints on that task's checkpoint (LoRA: the base model with
+    the saved adapter)."""
+    cfg = toy(trace_dir, tiny_model_dir, tmp_path / "runs", tasks=BUNDLED, batch_size=4, limit=10)
     cfg["run"]["checkpoints"] = "last"
     cfg["stream"]["tasks"] = cfg["stream"]["tasks"][:2]
     if lora:
         cfg["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
     res = fit(tmp_path, cfg, "run")
     after = res["general"]["rows"]["2"]
-    assert after != res["general"]["rows"]["0"]  # trained: the scores moved
+    assert set(after) == {"clb_arith", "clb_currency"}
+    # trained: the model's log-likelihoods of the choices moved (its scores may not, on 10 documents)
+    run = tmp_path / "runs" / "run" / "general"
+    resps = [
+        [json.loads(x)["resps"] for x in (run / f"after_{r}" / "clb_currency.jsonl").read_text().splitlines()]
+        for r in (0, 2)
+    ]
+    assert len(resps[0]) == 10 and resps[0] != resps[1]
     checkpoint = tmp_path / "runs" / "run" / "checkpoints" / "task2-reverse"
     model_args = f"pretrained={tiny_model_dir},peft={checkpoint}" if lora else f"pretrained={checkpoint}"
-    assert_same_numbers(
-        after, lm_eval_cli(model_args + ",dtype=float32", general_tasks, 4, tmp_path / "lm_eval")
-    )
+    cli = lm_eval_cli(model_args + ",dtype=float32", BUNDLED, 4, tmp_path / "lm_eval", "--limit", "10")
+    assert_same_numbers(after, cli)
