@@ -30,6 +30,7 @@ def test_shortened_quickstart_on_bundled_model(tmp_path):
     for task in cfg["stream"]["tasks"]:
         task.update(n_train=16, n_test=4, max_steps=2)
     cfg["run"].update(output_dir=str(tmp_path), name="short", evaluate="needed", checkpoints="none")
+    cfg["general"].update(tasks=[str(ROOT / t) for t in cfg["general"]["tasks"]], limit=4)
     cfg["trainer"]["enable_progress_bar"] = False
     path = tmp_path / "quickstart-short.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -39,3 +40,7 @@ def test_shortened_quickstart_on_bundled_model(tmp_path):
     assert all(res["timings"]["steps"][t] == 2 for t in res["tasks"])
     assert res["summary"]["OP"] is not None and res["summary"]["BWT_TRACE"] is not None
     assert (tmp_path / "short" / "heatmap.png").exists()
+    # the bundled general-ability suite, before and after the stream, in the report
+    assert sorted(res["general"]["rows"]) == ["0", str(len(res["tasks"]))]
+    assert set(res["general"]["change"]) == {"clb_arith", "clb_currency"}
+    assert "## General ability (lm-eval)" in (tmp_path / "short" / "results.md").read_text()
