@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from clbench import distributed as dist
 from clbench.errors import ConfigError
@@ -51,18 +52,20 @@ class GeneralConfig:
     """
 
     tasks: list[str] = field(default_factory=list)
-    limit: float | None = None
+    limit: int | float | None = None
     num_fewshot: int | None = None
     batch_size: int = 16
     every_task: bool = False
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit must be positive (a count, or a fraction below 1), got {self.limit}")
+            raise ValueError(
+                f"general.limit: must be positive (a count, or a fraction below 1), got {self.limit}"
+            )
         if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+            raise ValueError(f"general.num_fewshot: must be >= 0, got {self.num_fewshot}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"general.batch_size: must be >= 1, got {self.batch_size}")
 
 
 def local_task_file(entry: str) -> Path | None:
@@ -75,8 +78,6 @@ def task_name(entry: str) -> str:
     path = local_task_file(entry)
     if path is None:
         return entry
-    import yaml
-
     where = f"general.tasks: {entry}"
     if not path.is_file():
         raise ConfigError(f"{where}: no such task file")
@@ -92,7 +93,7 @@ def task_name(entry: str) -> str:
     return name
 
 
-class _IgnoreTags(__import__("yaml").SafeLoader):
+class _IgnoreTags(yaml.SafeLoader):
     """A YAML loader that reads lm-eval's custom tags (!function) as plain strings."""
 
 

@@ -167,6 +167,17 @@ def test_unknown_tasks_are_one_line(trace_dir, tiny_model_dir, tmp_path, capsys,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option, value", [("limit", "0"), ("num_fewshot", "-1"), ("batch_size", "0")])
+def test_bad_settings_are_one_line_naming_the_field(
+    trace_dir, tiny_model_dir, tmp_path, capsys, option, value
+):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(toy(trace_dir, tiny_model_dir, tmp_path / "runs")), encoding="utf-8")
+    assert main(["fit", "--config", str(path), f"--general.{option}", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"general.{option}: must be" in err, err
+
+
 def test_a_task_file_without_a_name_is_a_config_error(tmp_path):
     from clbench.evaluation.general import task_name
 
