@@ -34,6 +34,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from build_quickstart_data import check_or_write  # tools/ is on sys.path when a tool runs
+
 SEED = 20250611
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "data" / "general"
@@ -452,23 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     files = build(out, args.babel_path)
-    if args.check:
-        stale = [
-            r
-            for r, t in files.items()
-            if not (out / r).is_file() or (out / r).read_text(encoding="utf-8") != t
-        ]
-        for rel in stale:
-            print(f"differs: {out / rel}")
-        print("up to date" if not stale else f"{len(stale)} file(s) differ")
-        return 1 if stale else 0
-    for rel, text in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    digest = hashlib.sha256(files["clb_currency/source.tsv"].encode()).hexdigest()
-    print(f"wrote {len(files)} files to {out}; clb_currency/source.tsv sha256 {digest}")
-    return 0
+    code = check_or_write(files, out, args.check)
+    if not args.check:
+        digest = hashlib.sha256(files["clb_currency/source.tsv"].encode()).hexdigest()
+        print(f"clb_currency/source.tsv sha256 {digest}")
+    return code
 
 
 if __name__ == "__main__":

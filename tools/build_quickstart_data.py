@@ -638,7 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     files = build(args.gensim_wheel)
-    if args.check:
+    return check_or_write(files, out, args.check)
+
+
+def check_or_write(files: dict[str, str], out: Path, check: bool) -> int:
+    """Write the built files under `out`, or with `check` compare them with what is there (exit 1
+    when any differs). tools/build_general_data.py uses it too."""
+    if check:
         stale = [
             rel
             for rel, text in files.items()
