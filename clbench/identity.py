@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from clbench.data.tasks import Example, TaskStream
+from clbench.errors import ConfigError
 
 # Libraries whose version can change a number (kernels, optimizer, tokenizer, generation).
 NUMERIC_PACKAGES = ("torch", "lightning", "transformers", "peft")
@@ -168,10 +169,25 @@ def machine() -> str:
     return f"{cpu}; {gpu}" if gpu else cpu
 
 
-def folder_sha256(folder: Path) -> str:
-    """One hash over a folder's files (names and contents, sorted; caches left out)."""
+MAX_TASK_FOLDER_FILES = 2000  # a local task's folder is hashed whole: more means it is not a suite's own
+
+
+def folder_sha256(folder: Path, what: str) -> str:
+    """One hash over a folder's files (names and contents, sorted; hidden entries and caches left
+    out); a ConfigError naming `what` when the folder holds more than a task suite would."""
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts)
+    )
+    if len(files) > MAX_TASK_FOLDER_FILES:
+        raise ConfigError(
+            f"{what}: its folder {folder} holds {len(files)} files; keep local task files in a folder of "
+            "their own (its whole tree is hashed into the run identity)"
+        )
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for f in files:
         h.update(f"{f.relative_to(folder)}\0".encode())
         h.update(file_sha256(f).encode())
     return h.hexdigest()
@@ -186,7 +202,7 @@ def general_identity(entries: list[str]) -> dict:
     for entry in entries:
         path = general.local_task_file(entry)
         if path is not None:
-            folder = folder_sha256(path.resolve().parent)
+            folder = folder_sha256(path.resolve().parent, f"general.tasks: {entry}")
             tasks[entry] = {"task": general.task_name(entry), "folder_sha256": folder}
             continue
         info = general.task_manager(entries).task_index.get(entry)

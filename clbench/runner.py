@@ -31,7 +31,7 @@ from clbench.evaluation import general
 from clbench.evaluation.evaluator import Evaluator, TaskScore, score_task
 from clbench.files import write_atomic
 from clbench.loggers import RunLoggers
-from clbench.module import CLModule, cached_casts, call_trainer
+from clbench.module import CLModule, call_trainer
 from clbench.recorder import Recorder
 from clbench.records import read_record
 from clbench.services import RunServices
@@ -233,9 +233,9 @@ class Runner:
             task = self.stream.tasks[t]
             self._train_task(t, task)
             self._evaluate_row(t + 1)
+            self._checkpoint(t, task)  # before general ability: a long evaluation that fails keeps it
             if self.general_cfg.every_task or t + 1 == len(self.stream):
                 self._evaluate_general(t + 1)
-            self._checkpoint(t, task)
             last = t + 1 == len(self.stream)
             if not last:
                 self._save_resume_state(t + 1)
@@ -373,8 +373,11 @@ class Runner:
         if not dist.is_fully_sharded(self.module.model):  # Lightning leaves it on the CPU between calls
             self.module.to(device)
         samples = self.run_dir / "general" / f"after_{row}" if self.writes else None
-        with trainer.precision_plugin.forward_context(), cached_casts(device.type):
-            scores = general.evaluate(self.module.model, self.module.tokenizer, self.general_cfg, samples)
+        with trainer.precision_plugin.forward_context():  # the run's precision: its autocast, if any
+            on = torch.is_autocast_enabled(device.type)
+            autocast = torch.get_autocast_dtype(device.type) if on else None
+        model, tokenizer = self.module.model, self.module.tokenizer
+        scores = general.evaluate(model, tokenizer, self.general_cfg, samples, autocast)
         heads = {t: (k, ms[k]["value"]) for t, ms in scores.items() if (k := general.primary(ms))}
         line = "; ".join(f"{t} {k} {v:.3f}" for t, (k, v) in heads.items())
         say(f"clbench: general ability ({'start' if row == 0 else 'after task ' + str(row)}): {line}")

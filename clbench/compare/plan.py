@@ -162,7 +162,8 @@ def expected_identity(cfg: dict) -> dict:
     strategy = cfg.get("strategy") or {}
     cls = load(strategy["class_path"]) if isinstance(strategy, dict) and strategy.get("class_path") else None
     precision = (cfg.get("trainer") or {}).get("precision")
-    return run_identity("", stream, (cfg.get("model") or {}).get("model"), precision, cls)
+    general = (cfg.get("general") or {}).get("tasks")
+    return run_identity("", stream, (cfg.get("model") or {}).get("model"), precision, cls, general)
 
 
 def changed_runs(runs: list[Run], rerun_changed: bool) -> set[Path]:

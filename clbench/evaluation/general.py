@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,23 +115,47 @@ def _manager(folders: tuple[str, ...], registry: bool) -> Any:
 
 
 def check_tasks(cfg: GeneralConfig) -> list[str]:
-    """The lm-eval task names, each one known to lm-eval; a ConfigError naming the one that is not."""
+    """The lm-eval task names, each one a task or a group with an aggregate score that lm-eval
+    knows, local task files built (their data read); a ConfigError naming the entry otherwise."""
     names = [task_name(e) for e in cfg.tasks]
     if not names:
         return names
     manager = task_manager(cfg.tasks)
     for entry, name in zip(cfg.tasks, names):
+        where = f"general.tasks: {entry}"
         if name not in manager.all_tasks:
             hint = " (a local task file's folder is searched for it)" if local_task_file(entry) else ""
-            raise ConfigError(f"general.tasks: {entry}: lm-eval knows no task or group {name!r}{hint}")
+            raise ConfigError(f"{where}: lm-eval knows no task or group {name!r}{hint}")
+        info = manager.task_index[name]
+        kind = getattr(getattr(info, "kind", None), "name", None)
+        if kind == "TAG" or (kind == "GROUP" and not (info.cfg or {}).get("aggregate_metric_list")):
+            what = "a tag" if kind == "TAG" else "a group without an aggregate score"
+            members = [n for n, e in manager.task_index.items() if name in (getattr(e, "tags", None) or ())]
+            some = f" ({', '.join(sorted(members)[:4])}, ...)" if members else ""
+            raise ConfigError(
+                f"{where}: is {what} in lm-eval, which reports no score for it; list its tasks{some}"
+            )
+    local = [name for entry, name in zip(cfg.tasks, names) if local_task_file(entry)]
+    if local:
+        from lm_eval.tasks import get_task_dict
+
+        try:
+            with _quiet_lm_eval():
+                get_task_dict(local, manager)
+        except Exception as e:  # noqa: BLE001 - any failure to build a task file is bad input
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"general.tasks: lm-eval cannot build {', '.join(local)} ({type(e).__name__}: {first})"
+            ) from e
     return names
 
 
 @contextmanager
 def _rng_kept():
-    """Python's, NumPy's and torch's (CPU and CUDA) generators as they were, afterwards."""
+    """Python's, NumPy's and torch's (CPU and this rank's CUDA device) generators as they were,
+    afterwards."""
     py, npy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -145,42 +168,68 @@ def _live_lm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class LiveLM(HFLM):
-        """lm-eval's HF model around a model in memory; generation keeps sharded ranks in step."""
+        """lm-eval's HF model around a model in memory: its forwards under the run's autocast dtype
+        (HFLM's own autocast would otherwise turn an outer one off), generation keeping sharded
+        ranks in step, progress bars on rank 0 only and only while clbench shows bars."""
 
-        def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int, synced: bool) -> None:
-            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            self.synced = synced
+        def __init__(
+            self, model: torch.nn.Module, tokenizer: Any, batch_size: int, autocast: torch.dtype | None
+        ) -> None:
+            super().__init__(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=autocast
+            )
+            self.synced = dist.is_fully_sharded(model)
+            from clbench.console import BARS
+
+            self.quiet = dist.rank() != 0 or not BARS["on"]
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if self.synced:
                 generation_kwargs["synced_gpus"] = True
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or self.quiet)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
+
     return LiveLM
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any, cfg: GeneralConfig, samples_dir: Path | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: GeneralConfig,
+    samples_dir: Path | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, dict]:
     """lm-eval's scores of `model` on cfg.tasks, the same on every rank:
     {task: {"metric,filter": {"value", "stderr", "higher_is_better"}}} for each configured task (a
-    group: its aggregate). With `samples_dir`, each task's documents, responses and per-document
-    metrics go to samples_dir/<task>.jsonl."""
+    group: its aggregate). `autocast`: the dtype of the run's mixed precision (bf16-mixed:
+    torch.bfloat16; what lm_eval's `mixed_precision_dtype` does), None for none. With `samples_dir`,
+    each task's documents, responses and per-document metrics go to samples_dir/<task>.jsonl."""
     import lm_eval
 
     names = [task_name(e) for e in cfg.tasks]
-    was_training = model.training
-    with _rng_kept(), _quiet_lm_eval(), torch.no_grad():
-        lm = _live_lm_class()(model, tokenizer, cfg.batch_size, dist.is_fully_sharded(model))
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            task_manager=task_manager(cfg.tasks),
-            log_samples=samples_dir is not None,
-        )
-    model.train(was_training)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with _rng_kept(), _quiet_lm_eval(), torch.no_grad():
+            lm = _live_lm_class()(model, tokenizer, cfg.batch_size, autocast)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                task_manager=task_manager(cfg.tasks),
+                log_samples=samples_dir is not None,
+            )
+    finally:
+        for m, training in modes.items():  # HFLM puts the model in eval mode
+            m.training = training
     # lm-eval reports on the process with LOCAL_RANK 0 only (None elsewhere): rank 0's scores, sent
     # to every rank, are what every rank computed
     scores = {name: _scores(out, name) for name in names} if out is not None else None
@@ -222,22 +271,14 @@ def _write_samples(samples: dict[str, list[dict]], folder: Path) -> None:
 @contextmanager
 def _quiet_lm_eval():
     """lm-eval's info lines stay out of the run log (its warnings go there, as Lightning's do:
-    clbench.console); its progress bars show on rank 0 while clbench's bars are on."""
-    from clbench.console import BARS
-
+    clbench.console)."""
     logger = logging.getLogger("lm_eval")
-    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
+    level = logger.level
     logger.setLevel(logging.WARNING)
-    if dist.rank() != 0 or not BARS["on"]:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch: lm-eval draws its bars with tqdm
     try:
         yield
     finally:
         logger.setLevel(level)
-        if bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = bars
 
 
 def primary(scores: dict[str, dict]) -> str | None:

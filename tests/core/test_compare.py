@@ -403,3 +403,24 @@ def test_general_ability_change_is_a_column_paired_to_the_baseline_and_plotted(t
     assert "general" not in markdown_table(aggregate(plain))
     write_comparison(tmp_path / "plain", "c.yaml", [], plain, None, 1, [])
     assert not (tmp_path / "plain" / "comparison-general.png").exists()
+
+
+def test_a_finished_run_that_measured_general_ability_is_reused(trace_dir, tiny_model_dir, tmp_path, capsys):
+    """compare expects the identity a fit records, general-ability tasks included; a changed task
+    file makes the finished run one to refuse."""
+    from clbench.testing import write_general_tasks
+
+    cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs")
+    cfg["stream"]["tasks"] = cfg["stream"]["tasks"][:1]
+    cfg["stream"]["tasks"][0].update(epochs=1)
+    cfg["general"] = {"tasks": write_general_tasks(tmp_path / "general", n_test=4), "batch_size": 4}
+    cfg["run"]["checkpoints"] = "none"
+    argv = ["compare", "--config", str(write_config(tmp_path / "toy.yaml", cfg)), "--strategies", "seqft"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("reusing finished run") == 1
+    data = tmp_path / "general" / "toy_general" / "test.jsonl"
+    data.write_text(data.read_text().replace("plus", "and", 1))
+    assert main(argv) == 2
+    assert "the general-ability tasks" in capsys.readouterr().err

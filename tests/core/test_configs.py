@@ -69,7 +69,7 @@ def test_trace_config_matches_trace():
     assert {metrics[n] for n in ("C-STANCE", "FOMC", "NumGLUE-cm", "NumGLUE-ds")} == {"exact_match"}
     assert cfg["model"]["model"] == "meta-llama/Llama-3.2-3B-Instruct"
     # TRACE's general-ability benchmarks, by lm-eval's names (each one lm-eval knows)
-    assert cfg["general"]["tasks"] == ["mmlu", "gsm8k", "bbh", "tydiqa_goldp", "boolq", "piqa"]
+    assert cfg["general"]["tasks"] == ["mmlu", "gsm8k", "bbh", "tydiqa_goldp_en", "boolq", "piqa"]
     from clbench.evaluation.general import GeneralConfig, check_tasks
 
     assert check_tasks(GeneralConfig(**cfg["general"])) == cfg["general"]["tasks"]

@@ -155,9 +155,14 @@ def test_the_identity_covers_the_task_files(trace_dir, tiny_model_dir, tmp_path)
             "general.tasks: no_such_lm_eval_task_xyz: lm-eval knows no task or group",
         ),
         (["missing/task.yaml"], "general.tasks: missing/task.yaml: no such task file"),
+        (["tydiqa_goldp"], "general.tasks: tydiqa_goldp: is a tag in lm-eval, which reports no score for it"),
+        ("broken", "general.tasks: lm-eval cannot build toy_sum, toy_choice"),
     ],
 )
 def test_unknown_tasks_are_one_line(trace_dir, tiny_model_dir, tmp_path, capsys, tasks, expected):
+    if tasks == "broken":  # a loader that is not there: lm-eval fails when it builds the task
+        tasks = write_general_tasks(tmp_path / "general")
+        (tmp_path / "general" / "toy_general.py").write_text("def other(**kwargs):\n    pass\n")
     cfg = toy(trace_dir, tiny_model_dir, tmp_path / "runs", tasks=tasks)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -217,16 +222,19 @@ def assert_same_numbers(ours: dict[str, dict], theirs: dict[str, dict]) -> None:
 BUNDLED = [str(HERE.parents[1] / "data" / "general" / f"{t}.yaml") for t in ("clb_arith", "clb_currency")]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_numbers_are_lm_eval_s_on_the_saved_model(trace_dir, tiny_model_dir, tmp_path, lora):
+@pytest.mark.parametrize("case", ["full", "lora", "bf16-mixed"])
+def test_the_numbers_are_lm_eval_s_on_the_saved_model(trace_dir, tiny_model_dir, tmp_path, case):
     """Peer-exact, on the bundled suite: the scores clbench measured in process after the last task
     equal what the `lm_eval` command line prints on that task's checkpoint (LoRA: the base model with
-    the saved adapter)."""
+    the saved adapter; bf16-mixed: lm_eval's mixed_precision_dtype bfloat16 on the fp32 weights)."""
+    lora = case == "lora"
     cfg = toy(trace_dir, tiny_model_dir, tmp_path / "runs", tasks=BUNDLED, batch_size=4, limit=10)
     cfg["run"]["checkpoints"] = "last"
     cfg["stream"]["tasks"] = cfg["stream"]["tasks"][:2]
     if lora:
         cfg["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    if case == "bf16-mixed":
+        cfg["trainer"]["precision"] = "bf16-mixed"
     res = fit(tmp_path, cfg, "run")
     after = res["general"]["rows"]["2"]
     assert set(after) == {"clb_arith", "clb_currency"}
@@ -239,5 +247,25 @@ def test_the_numbers_are_lm_eval_s_on_the_saved_model(trace_dir, tiny_model_dir,
     assert len(resps[0]) == 10 and resps[0] != resps[1]
     checkpoint = tmp_path / "runs" / "run" / "checkpoints" / "task2-reverse"
     model_args = f"pretrained={tiny_model_dir},peft={checkpoint}" if lora else f"pretrained={checkpoint}"
-    cli = lm_eval_cli(model_args + ",dtype=float32", BUNDLED, 4, tmp_path / "lm_eval", "--limit", "10")
+    model_args += ",dtype=float32" + (",mixed_precision_dtype=bfloat16" if case == "bf16-mixed" else "")
+    cli = lm_eval_cli(model_args, BUNDLED, 4, tmp_path / "lm_eval", "--limit", "10")
     assert_same_numbers(after, cli)
+    if case == "bf16-mixed":  # and bf16 really ran: fp32 gives other log-likelihoods
+        lm_eval_cli(
+            model_args.replace(",mixed_precision_dtype=bfloat16", ""),
+            BUNDLED,
+            4,
+            tmp_path / "fp32",
+            "--limit",
+            "10",
+            "--log_samples",
+        )
+        theirs = [
+            json.loads(x)["resps"]
+            for f in sorted((tmp_path / "fp32").rglob("samples_clb_currency_*.jsonl"))
+            for x in f.read_text().splitlines()
+        ]
+        ours = [
+            json.loads(x)["resps"] for x in (run / "after_2" / "clb_currency.jsonl").read_text().splitlines()
+        ]
+        assert len(theirs) == len(ours) == 10 and sorted(map(str, theirs)) != sorted(map(str, ours))
