@@ -76,6 +76,8 @@ def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[
     per_run = {s: [run_columns(r) for r in results] for s, results in complete.items()}
     columns = list(dict.fromkeys(k for cols in per_run.values() for c in cols for k in c))
     base = {r.get("seed"): c for r, c in zip(complete.get(baseline, []), per_run.get(baseline, []))}
+    # general change only where some run measured it; the rest always (blank where undefined)
+    headline = [k for k in (*METRICS, OWN, GENERAL) if k != GENERAL or k in columns]
     rows = []
     for s, cols in per_run.items():
         diverged = [r.get("seed") for r in runs[s] if r.get("status") == "diverged"]
@@ -83,13 +85,11 @@ def aggregate(runs: dict[str, list[dict]], baseline: str | None = None) -> list[
         row["diverged"] = diverged
         cells = {k: mean_std([c.get(k) for c in cols]) for k in columns}
         paired = {}
-        for k in [k for k in PAIRED if k in columns] if baseline else ():
+        for k in [k for k in PAIRED if k in headline] if baseline else ():
             pairs = [(c.get(k), base.get(r.get("seed"), {}).get(k)) for c, r in zip(cols, complete[s])]
             diffs = [a - b for a, b in pairs if s != baseline and a is not None and b is not None]
             paired[f"Δ{k} vs {baseline}"] = mean_std(diffs)
-        summary = {
-            k: cells.pop(k, (None, None)) for k in (*METRICS, OWN, GENERAL) if k in columns or k != GENERAL
-        }
+        summary = {k: cells.pop(k, (None, None)) for k in headline}
         rows.append(row | summary | paired | cells)  # summary, paired differences, then the rest
     return rows
 
