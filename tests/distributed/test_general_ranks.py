@@ -41,14 +41,16 @@ def test_two_ranks_measure_what_one_process_does(toy_setup, general_args):
     assert_same_numbers(results(run)["general"]["rows"]["3"], cli)
 
 
-def test_bf16_mixed_under_fsdp2_measures_it_too(toy_setup, general_args):
-    """GPU runs' setting: the evaluation runs under the run's autocast, on sharded parameters."""
+@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
+def test_bf16_mixed_on_two_ranks_measures_it_too(toy_setup, general_args, sharding):
+    """GPU runs' setting: the evaluation runs under the run's autocast, on sharded (FSDP2) or
+    replicated (DDP) parameters."""
     run = fit(
         toy_setup,
-        "general/bf16",
+        f"general/bf16-{sharding}",
         2,
         "--trainer.strategy",
-        "fsdp",
+        sharding,
         "--trainer.precision",
         "bf16-mixed",
         *general_args,
@@ -56,3 +58,15 @@ def test_bf16_mixed_under_fsdp2_measures_it_too(toy_setup, general_args):
     got = results(run)
     assert got["status"] == "complete" and sorted(got["general"]["rows"]) == ["0", "3"]
     assert got["general"]["mean_change"] is not None
+    # bf16 really ran: the starting model's log-likelihoods differ from the fp32 one-process run's
+    one = toy_setup / "general" / "one" / "run"
+    if not (one / "results.json").is_file():
+        one = fit(toy_setup, "general/one", 1, *general_args)
+    resps = [
+        [
+            json.loads(x)["resps"]
+            for x in (r / "general" / "after_0" / "toy_choice.jsonl").read_text().splitlines()
+        ]
+        for r in (one, run)
+    ]
+    assert len(resps[0]) == len(resps[1]) == 12 and resps[0] != resps[1]
