@@ -22,6 +22,7 @@ from clbench import distributed as dist
 from clbench.data.collate import position_ids_for
 from clbench.errors import ConfigError
 from clbench.models import LoRA, add_lora, load_causal_lm, load_tokenizer
+from clbench.prompts import Selector, SoftPrompts, set_trainable, vocab_init
 from clbench.strategy import CLStrategy, StrategyContext, UpdateGate
 
 
@@ -498,6 +499,55 @@ class CLModule(pl.LightningModule):
                 for attribute in layer.adapter_layer_names:
                     for adapter, part in getattr(layer, attribute).items():
                         part.requires_grad_(adapter in trainable)
+
+    def prompt_names(self) -> list[str]:
+        """The model's soft prompts in the order they were added (clbench.prompts); empty without any."""
+        prompts = SoftPrompts.of(dist.fsdp_root(self.model))
+        return list(prompts.prompts) if prompts is not None else []
+
+    def add_prompt(self, name: str, n_tokens: int, init: torch.Tensor | None = None, seed: int = 0) -> None:
+        """One more soft prompt `name` of n_tokens x hidden, frozen and inactive until `set_prompts` names
+        it: `init` (n_tokens x hidden), or by default the input embeddings of n_tokens vocabulary tokens
+        drawn from `seed`. A parameter of the causal LM (clbench.prompts), so it checkpoints, resumes,
+        shards and syncs with the model.
+
+        The model's structure changes, so only before it is sharded or its weights go to the other
+        ranks: in `CLStrategy.prepare_model` (on the ranks that build the model empty, the prompt is
+        empty too and comes from rank 0 with the model)."""
+        if dist.is_fully_sharded(self.model):
+            raise RuntimeError("add_prompt on a sharded model: call it from CLStrategy.prepare_model")
+        if n_tokens < 1:
+            raise ValueError(f"soft prompt {name!r}: n_tokens must be >= 1, got {n_tokens}")
+        lm = dist.fsdp_root(self.model)
+        SoftPrompts.attach(lm).add(name, vocab_init(lm, n_tokens, seed) if init is None else init)
+
+    def set_prompts(
+        self,
+        active: Sequence[str],
+        trainable: Sequence[str] = (),
+        select: Selector | None = None,
+    ) -> None:
+        """The soft prompts in front of every input (training, evaluation, generation, lm-eval), in that
+        order, and those of them that train; every other prompt is frozen (requires_grad False), so it
+        stays bit-identical. `select` (input_ids, inputs_embeds, attention_mask) -> (B, n, d) instead
+        chooses each row's prompt inside the forward (a pool looked up per input); None: `active` for
+        every row. Between tasks only, as set_adapters. Empty `active` and no `select`: no prompt."""
+        lm = dist.fsdp_root(self.model)
+        prompts = SoftPrompts.of(lm)
+        if prompts is None:
+            raise ValueError("set_prompts: the model has no soft prompts (add_prompt in prepare_model)")
+        set_trainable(prompts, active, trainable)
+        prompts.select = select
+
+    def freeze_backbone(self) -> None:
+        """Every parameter but the soft prompts frozen (LoRA adapters included): only the prompts that
+        `set_prompts` makes trainable train (prompt tuning)."""
+        lm = dist.fsdp_root(self.model)
+        prompts = SoftPrompts.of(lm)
+        own = {id(p) for p in prompts.parameters()} if prompts is not None else set()
+        for p in self.model.parameters():
+            if id(p) not in own:
+                p.requires_grad_(False)
 
 
 def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:
