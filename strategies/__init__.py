@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "attribution": "strategies.attribution:Attribution",
     "o_lora": "strategies.o_lora:OLoRA",
     "ssr": "strategies.ssr:SSR",
+    "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

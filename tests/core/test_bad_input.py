@@ -123,6 +123,10 @@ CASES = {
     "unknown metric": (lambda c, d: task(c, 0).update(metric="bleu"), "unknown metric 'bleu'"),
     "unknown strategy": (lambda c, d: c.update(strategy="nosuch"), "unknown strategy 'nosuch'"),
     "o_lora without lora": (lambda c, d: c.update(strategy="o_lora"), "set model.lora"),
+    "progressive_prompts with lora": (
+        lambda c, d: (c.update(strategy="progressive_prompts"), c["model"].update(lora={"r": 4})),
+        "progressive_prompts trains soft prompts on a frozen model: unset model.lora",
+    ),
     "bad precision": (lambda c, d: c["trainer"].update(precision="fp7"), "precision"),
     # models
     "missing model folder": (

@@ -14,7 +14,11 @@ from test_fit import toy_config, write_config
 import strategies
 from clbench.cli import main
 
-RECORDS = {"o_lora": "o_lora/overlap.json", "ssr": "ssr/synthetic.json"}
+RECORDS = {
+    "o_lora": "o_lora/overlap.json",
+    "ssr": "ssr/synthetic.json",
+    "progressive_prompts": "progressive_prompts/prompts.json",
+}
 
 
 def results(run: Path) -> dict:
