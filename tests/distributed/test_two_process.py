@@ -23,7 +23,10 @@ from twoproc import (
 
 LAST = "task3-upper"
 CASES = {
-    **{name: STRATEGY_ARGS[name] for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora")},
+    **{
+        name: STRATEGY_ARGS[name]
+        for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora", "progressive_prompts")
+    },
     "attribution-grad": STRATEGY_ARGS["attribution"],
     "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
     # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
@@ -80,7 +83,9 @@ def _close(gates: dict, one: Path) -> bool:
     return all(abs(gates[t]["mean"] - ref[t]["mean"]) < 1e-5 for t in ref if "mean" in ref[t])
 
 
-@pytest.mark.parametrize("case", ["seqft", "attribution-grad", "o_lora", "ssr", "plugin"])
+@pytest.mark.parametrize(
+    "case", ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", "progressive_prompts"]
+)
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
     two = fit(toy_setup, f"{case}/ddp", 2, "--trainer.strategy", "ddp", *CASES[case])

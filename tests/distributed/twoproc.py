@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from clbench.prompts import ATTRIBUTE
+
 PER_RANK_BATCH = 4
 LORA = ("--model.lora.r", "4", "--model.lora.dropout", "0")
 ATTRIBUTION = ("--strategy.correct_threshold", "0.0", "--strategy.max_prior_samples", "6")
@@ -28,6 +30,15 @@ STRATEGY_ARGS = {
     "ssr": ("--strategy", "ssr", "--strategy.candidates", "8", "--strategy.synthetic", "4"),
     "plugin": ("--strategy", "l2_pull.L2Pull", "--strategy.strength", "0.5"),
     "o_lora": ("--strategy", "o_lora", "--strategy.lambda_2", "0.01", *LORA),  # LoRA only
+    # soft prompts only (model frozen), at a prompt-tuning learning rate
+    "progressive_prompts": (
+        "--strategy",
+        "progressive_prompts",
+        "--strategy.prompt_length",
+        "4",
+        "--model.lr",
+        "0.03",
+    ),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -80,8 +91,12 @@ def final_parameters(run: Path) -> dict[str, torch.Tensor]:
 
     tasks = results(run)["tasks"]
     folder = run / "checkpoints" / f"task{len(tasks)}-{tasks[-1]}"
-    if (folder / "model").is_dir():
+    if (folder / "model").is_dir():  # the starting model's tensors, and the soft prompts a strategy added
+        saved = dcp.FileSystemReader(folder / "model").read_metadata().state_dict_metadata
         state = {k: torch.empty_like(v) for k, v in start_parameters(run).items()}
+        state |= {
+            k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in saved.items() if ATTRIBUTE in k
+        }
         dcp.load(state, checkpoint_id=folder / "model", no_dist=True)
         return state
     adapters = sorted(folder.rglob("adapter_model.safetensors"))  # LoRA, whatever the layout; O-LoRA
