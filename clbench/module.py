@@ -530,13 +530,14 @@ class CLModule(pl.LightningModule):
         """The soft prompts in front of every input (training, evaluation, generation, lm-eval), in that
         order, and those of them that train; every other prompt is frozen (requires_grad False), so it
         stays bit-identical. `select` (input_ids, inputs_embeds, attention_mask) -> (B, n, d) instead
-        chooses each row's prompt inside the forward (a pool looked up per input); None: `active` for
-        every row. Between tasks only, as set_adapters. Empty `active` and no `select`: no prompt."""
+        chooses each row's prompt rows inside the forward (a pool looked up per input; `active` then
+        empty, and `trainable` any prompts, the pool's and its keys'); None: `active` for every row.
+        Between tasks only, as set_adapters. Empty `active` and no `select`: no prompt."""
         lm = dist.fsdp_root(self.model)
         prompts = SoftPrompts.of(lm)
         if prompts is None:
             raise ValueError("set_prompts: the model has no soft prompts (add_prompt in prepare_model)")
-        set_trainable(prompts, active, trainable)
+        set_trainable(prompts, active, trainable, pool=select is not None)
         prompts.select = select
 
     def freeze_backbone(self) -> None:
@@ -551,7 +552,7 @@ class CLModule(pl.LightningModule):
 
 
 def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:
-    """A new, uninitialised model of the same class, configuration and adapters as `model`."""
+    """A new, uninitialised model of the same class, configuration, adapters and soft prompts as `model`."""
     from transformers import AutoModelForCausalLM
 
     peft = getattr(model, "peft_config", None)
@@ -562,6 +563,12 @@ def _same_architecture(model: torch.nn.Module) -> torch.nn.Module:
         from peft import get_peft_model
 
         twin = get_peft_model(twin, next(iter(peft.values())))
+    prompts = SoftPrompts.of(dist.fsdp_root(model))
+    if prompts is not None:  # the same soft prompts, acting alike (their values: copied by the caller)
+        theirs = SoftPrompts.attach(dist.fsdp_root(twin))
+        for name, p in prompts.prompts.items():
+            theirs.add(name, torch.empty(p.shape, dtype=p.dtype))
+        theirs.active, theirs.select = list(prompts.active), prompts.select
     return twin
 
 

@@ -167,13 +167,15 @@ def vocab_init(lm: nn.Module, n_tokens: int, seed: int) -> Tensor:
     return table.detach()[tokens.to(table.device)].clone()
 
 
-def set_trainable(prompts: SoftPrompts, active: Sequence[str], trainable: Sequence[str]) -> None:
-    """Which named prompts act (in order) and which of them train; every other one is frozen."""
+def set_trainable(prompts: SoftPrompts, active: Sequence[str], trainable: Sequence[str], pool: bool) -> None:
+    """Which named prompts act (in order) and which train (within `active`, or any of them for a
+    `pool` that a selector draws from); every other one is frozen."""
     known = set(prompts.prompts)
-    if not set(active) <= known or not set(trainable) <= set(active):
+    if not set(active) <= known or not set(trainable) <= (known if pool else set(active)):
+        within = "among them" if pool else "within active"
         raise ValueError(
             f"set_prompts: active {list(active)} and trainable {list(trainable)} must be among "
-            f"{sorted(known)}, trainable within active"
+            f"{sorted(known)}, trainable {within}"
         )
     prompts.active = list(active)
     for name, p in prompts.prompts.items():

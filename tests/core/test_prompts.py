@@ -174,24 +174,31 @@ def test_only_trainable_prompts_train_and_the_backbone_can_be_frozen(module):
 
 
 def test_per_row_prompts_chosen_by_a_selector(module):
-    """L2P's shape: each row its own prompt rows, chosen inside the forward from the input."""
+    """L2P's shape: a pool of prompts, each row its own, chosen inside the forward from the input;
+    the gradient reaches exactly the pool entries some row used."""
     batch = batch_of(module)
-    table = torch.randn(len(PROMPTS), 4, 32)
+    module.add_prompt("pool", 4 * 4, init=torch.randn(16, 32))  # 4 prompts of 4 tokens
+    pool = fsdp_root(module.model).clbench_soft_prompts.prompts["pool"]
+    choice = torch.tensor([2, 0, 2])  # the prompt of each row (L2P: by key-query matching)
 
     def select(ids, embeds, mask):
-        return table[: ids.shape[0]]  # row i takes prompt i
+        return pool.view(4, 4, 32)[choice[: ids.shape[0]]]  # (B, 4, d)
 
-    module.set_prompts([], select=select)
+    module.set_prompts([], trainable=["pool"], select=select)
+    module.freeze_backbone()
+    module(batch).loss.backward()
+    used = pool.grad.view(4, 4, 32).abs().sum((1, 2)) > 0
+    assert used.tolist() == [True, False, True, False]
     with torch.no_grad():
         logits = module(batch).logits
+    table = pool.detach().view(4, 4, 32)[choice]
     expected = by_hand(module, batch["input_ids"], batch["attention_mask"], table)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=1e-6)
-    assert not torch.allclose(
-        logits[0][real[0]],
-        by_hand(module, batch["input_ids"], batch["attention_mask"], table[[1, 1, 2]])[0][real[0]],
-        atol=1e-3,
+    other = by_hand(
+        module, batch["input_ids"], batch["attention_mask"], pool.detach().view(4, 4, 32)[[1, 0, 2]]
     )
+    assert not torch.allclose(logits[0][real[0]], other[0][real[0]], atol=1e-3)  # row 0's own prompt acted
 
 
 def test_a_deep_copy_has_its_own_prompts_and_the_state_dict_holds_them(module):
@@ -207,6 +214,17 @@ def test_a_deep_copy_has_its_own_prompts_and_the_state_dict_holds_them(module):
     )
 
 
+def test_the_sharded_frozen_copy_s_twin_has_the_same_prompts(module):
+    """frozen_copy under FSDP2 builds a twin from the configuration and copies every tensor by name."""
+    from clbench.module import _same_architecture
+
+    with torch.device("meta"):
+        twin = _same_architecture(module.model)
+    shapes = {n: p.shape for n, p in twin.named_parameters()}
+    assert shapes == {n: p.shape for n, p in module.model.named_parameters()}
+    assert fsdp_root(twin).clbench_soft_prompts.active == ["second", "first"]
+
+
 def test_inside_a_peft_wrapper_the_prompt_acts_on_the_inner_model(tiny_model_dir):
     torch.manual_seed(0)
     m = CLModule(model=str(tiny_model_dir), lora=LoRA(r=4, alpha=8, dropout=0.0)).eval()
@@ -220,3 +238,48 @@ def test_inside_a_peft_wrapper_the_prompt_acts_on_the_inner_model(tiny_model_dir
     torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=1e-6)
     assert "base_model.model.clbench_soft_prompts.prompts.p" in dict(m.model.named_parameters())
     assert len(m.generate(batch_of(m, answers=False))) == len(PROMPTS)
+
+
+def test_lm_eval_s_log_likelihoods_see_the_prompts(module):
+    """General ability (clbench.evaluation.general): lm-eval's HFLM calls the model itself, with
+    right-padded batches and no mask; its log-likelihoods are those of the prompted model."""
+    from lm_eval.api.instance import Instance
+
+    from clbench.evaluation.general import _live_lm_class
+
+    pairs = [("Upper cat:", " CAT"), ("A much longer prompt about a dog:", " DOG and more")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    lm = _live_lm_class()(module.model, module.tokenizer, 2, None)
+    scores = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    rows = prompt_rows(module, ["second", "first"])
+    for (context, continuation), score in zip(pairs, scores):
+        ctx, cont = lm._encode_pair(context, continuation)
+        inp = torch.tensor([ctx + cont][0][:-1])[None]
+        logprobs = by_hand(module, inp, torch.ones_like(inp), rows).log_softmax(-1)[0, -len(cont) :]
+        expected = logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert score == pytest.approx(expected, abs=1e-4)
+    module.set_prompts([])
+    plain = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(plain, scores))
+
+
+def test_the_plugin_page_s_prompt_example_trains_its_task_s_prompt_only(tiny_model_dir, tmp_path):
+    import re
+
+    from plugin_example import DOC
+
+    from clbench.data.tasks import Example, Task, TaskStream
+    from clbench.testing import fit_task, make_context
+
+    code = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "add_prompt" in b)
+    namespace: dict = {}
+    exec(code, namespace)
+    tasks = [Task(n, train=[Example(f"{n} {i}:", "yes") for i in range(8)], test=[]) for n in ("a", "b")]
+    stream, strategy = TaskStream("two", tasks), namespace["OnePromptPerTask"]()
+    torch.manual_seed(0)
+    module = CLModule(model=str(tiny_model_dir), lr=1e-2)
+    strategy.prepare_model(make_context(module, stream, 0, tmp_path))
+    weights = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    fit_task(module, strategy, make_context(module, stream, 1, tmp_path), steps=2)
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p, weights[n])}
+    assert moved == {"clbench_soft_prompts.prompts.task1"}
