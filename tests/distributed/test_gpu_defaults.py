@@ -40,11 +40,12 @@ from twoproc import (
 
 import strategies
 
-FULL_OR_LORA = {name: args for name, args in STRATEGY_ARGS.items() if name != "o_lora"}
+FULL_OR_LORA = {n: args for n, args in STRATEGY_ARGS.items() if n not in ("o_lora", "progressive_prompts")}
 VARIANTS = {
     **FULL_OR_LORA,
     **{f"{name}-lora": (*args, *LORA) for name, args in FULL_OR_LORA.items()},
     "o_lora-lora": STRATEGY_ARGS["o_lora"],  # LoRA only
+    "progressive_prompts": STRATEGY_ARGS["progressive_prompts"],  # a frozen model: LoRA refused
 }
 SETTINGS = {
     "one": (1, ()),
@@ -94,7 +95,8 @@ def _fit_all(root: Path, setting: str, precision: str) -> tuple[Path, dict]:
     spec = root / f"{setting}-{precision}.json"
     spec.write_text(json.dumps(specs), encoding="utf-8")
     worker = [sys.executable, str(Path(__file__).with_name("matrix_worker.py")), str(spec)]
-    env = {**ENV, "PYTHONPATH": str(root)}  # the plugin's file
+    path = os.pathsep.join(filter(None, [str(root), ENV.get("PYTHONPATH")]))  # the plugin's file, first
+    env = {**ENV, "PYTHONPATH": path}
     done = subprocess.run(worker, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]  # no rank printed one, even one it survived
