@@ -25,6 +25,10 @@ REGISTRY: dict[str, str] = {
     "attribution": "strategies.attribution:Attribution",
     "o_lora": "strategies.o_lora:OLoRA",
     "ssr": "strategies.ssr:SSR",
+    "gem": "strategies.gem:GEM",
+    "agem": "strategies.gem:AGEM",
+    "ogd": "strategies.ogd:OGD",
+    "mbpa": "strategies.mbpa:MbPA",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"
