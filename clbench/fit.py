@@ -125,7 +125,8 @@ TRAINER_STRATEGY_ALIASES = {"fsdp": "fsdp2"}
 
 
 def resolve_strategy_args(argv: list[str]) -> list[str]:
-    """Replace registry names (`--strategy ewc`, `strategy: ewc` in a config) by class paths, and
+    """Replace registry names (`--strategy ewc`, `--strategy.help ewc`, `strategy: ewc` in a config) by
+    class paths, and
     clbench's trainer-strategy names (`--trainer.strategy fsdp`) by Lightning's."""
     out: list[str] = []
     i = 0
@@ -138,12 +139,13 @@ def resolve_strategy_args(argv: list[str]) -> list[str]:
         if arg.startswith("--trainer.strategy="):
             name = arg.split("=", 1)[1]
             arg = "--trainer.strategy=" + TRAINER_STRATEGY_ALIASES.get(name, name)
-        if arg == "--strategy" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        if arg in ("--strategy", "--strategy.help") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
             out += [arg, _resolve_strategy_value(argv[i + 1])]
             i += 2
             continue
-        if arg.startswith("--strategy="):
-            out.append("--strategy=" + _resolve_strategy_value(arg.split("=", 1)[1]))
+        if arg.startswith(("--strategy=", "--strategy.help=")):
+            key, value = arg.split("=", 1)
+            out.append(f"{key}={_resolve_strategy_value(value)}")
         elif arg == "--config" and i + 1 < len(argv):
             out += [arg, _resolve_config_strategy(argv[i + 1])]
             i += 2

@@ -10,10 +10,17 @@ zeros. Here a missing gradient is an error.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from clbench import distributed as dist
+
+if TYPE_CHECKING:
+    from clbench.module import CLModule
+    from clbench.strategy import StrategyContext
 
 Tensors = dict[str, Tensor]
 
@@ -41,6 +48,64 @@ def grads_of(loss: Tensor, params: Tensors) -> Tensors:
 def squared_grads(loss: Tensor, params: Tensors) -> Tensors:
     """The empirical-Fisher term of one loss: squared gradients, fp32, laid out like the parameters."""
     return {name: g.float().square() for name, g in grads_of(loss, params).items()}
+
+
+def module_device(ctx: StrategyContext) -> torch.device:
+    """Where the model's (local) parameters are, so batches go there."""
+    return dist.local(next(ctx.module.model.parameters())).device
+
+
+def rows(batch: dict) -> Iterator[dict]:
+    """One-example batches from a batch (left padding is harmless: it is masked and labelled -100)."""
+    for i in range(batch["input_ids"].shape[0]):
+        yield {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def answer_tokens(batch: dict) -> int:
+    """The answer tokens a batch's loss averages over (labels 1..T after the causal shift)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def mean_loss_grads(module: CLModule, batches: list[dict], params: Tensors) -> Tensors:
+    """The gradient of the mean answer-token loss over all `batches` together (each batch's token
+    mean weighted by its share of the tokens), fp32, laid out like the parameters, computed under the
+    run's precision (module.precision_context) in the module's current mode.
+
+    Every rank must pass the same batches (Services.make_loader gives them): under FSDP2 the
+    reduce-scatter then averages equal gradients, and under DDP, where the module's own forward
+    bypasses DDP's reducer, every rank computes the whole gradient itself."""
+    counts = [answer_tokens(b) for b in batches]
+    total, device = sum(counts), dist.local(next(iter(params.values()))).device
+    out: Tensors = {}
+    with torch.enable_grad(), module.precision_context():
+        for batch, n in zip(batches, counts, strict=True):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for name, g in grads_of(module(batch).loss * (n / total), params).items():
+                out[name] = g.float() if name not in out else out[name].add_(g)
+    return out
+
+
+def dots(a: Tensors, others: list[Tensors]) -> Tensor:
+    """Whole-model dot products <a, b> for each b in `others` (over the names of `a`), as one fp64
+    vector on every rank. Sharded tensors give their shard sums, all-reduced in one collective;
+    replicated ones (one process, DDP) are whole on every rank and need none."""
+    first = dist.local(next(iter(a.values())))
+    out = torch.zeros(len(others), dtype=torch.float64, device=first.device)
+    for name, x in a.items():
+        flat = dist.local(x).reshape(-1)
+        for i, b in enumerate(others):
+            out[i] += torch.dot(flat, dist.local(b[name]).reshape(-1)).double()
+    if others and any(dist.is_sharded(x) for x in a.values()):
+        dist.all_reduce_(out)
+    return out
+
+
+def add_combination_(target: Tensors, vectors: list[Tensors], coefficients: list[float]) -> None:
+    """target += sum_i coefficients[i] * vectors[i], in place, shard by shard."""
+    for name, t in target.items():
+        for v, c in zip(vectors, coefficients, strict=True):
+            if c != 0.0:
+                dist.local(t).add_(dist.local(v[name]), alpha=c)
 
 
 def gate_statistics(gate: Tensors, thresholds: tuple[float, ...] = (0.01, 0.1, 0.5, 0.9)) -> dict:

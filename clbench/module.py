@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -323,7 +323,8 @@ class CLModule(pl.LightningModule):
         )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        return self.generate(batch)
+        own = self.cl_strategy.answer(self.ctx, batch) if self.ctx is not None else None
+        return own if own is not None else self.generate(batch)
 
     @torch.no_grad()
     def generate_text(
@@ -452,6 +453,14 @@ class CLModule(pl.LightningModule):
         one; 1 before any)."""
         trainer = self._trainer  # Lightning's `trainer` property raises when none is attached
         return trainer.accumulate_grad_batches if trainer is not None else 1
+
+    def precision_context(self) -> AbstractContextManager:
+        """The run's precision for a forward a strategy runs itself outside the training step (a memory
+        gradient, a probe): the attached Trainer's forward context (bf16-mixed: autocast to bf16;
+        32-true: nothing). Lightning enters it around training_step only, so a hook is in fp32 unless it
+        asks. Without a Trainer, nothing."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (LoRA adapters only, when LoRA is on)."""

@@ -11,6 +11,7 @@ then, in this order for each task t of the stream:
                         update_gate(ctx)              -> what the step withholds (after clipping)
                         on_after_optimizer_step(ctx, optimizer)
     on_task_end(ctx)                           (before the evaluation of row t)
+    per evaluated prompt batch: answer(ctx, batch)  -> the strategy's own answers, or None
 
 Hooks return what they contribute instead of mutating the module. The core owns this interface;
 strategies/ depends on it, never the reverse.
@@ -177,6 +178,17 @@ def examples_json(kept: list[tuple[int, Example]]) -> list[list]:
     return [[t, ex.prompt, ex.answer] for t, ex in kept]
 
 
+def kept_batches(ctx: StrategyContext, kept: list[tuple[int, Example]]) -> list[dict[str, torch.Tensor]]:
+    """Training-style batches of examples kept with their task index (a memory, a replay buffer):
+    grouped by task, each in its own task's prompt format and limits, unshuffled, the same on every
+    rank (Services.make_loader)."""
+    by_task: dict[int, list[Example]] = {}
+    for t, ex in kept:
+        by_task.setdefault(t, []).append(ex)
+    loader = ctx.service().make_loader
+    return [b for t, exs in by_task.items() for b in loader(exs, False, ctx.stream.tasks[t])]
+
+
 def json_examples(rows: list[list]) -> list[tuple[int, Example]]:
     """The inverse of examples_json."""
     return [(t, Example(prompt, answer)) for t, prompt, answer in rows]
@@ -230,6 +242,17 @@ class CLStrategy:
 
     def on_task_end(self, ctx: StrategyContext) -> None:
         """After task t trained, before the matrix row t is evaluated."""
+
+    def answer(self, ctx: StrategyContext, batch: dict[str, torch.Tensor]) -> list[str] | None:
+        """Raw continuations of one left-padded prompt batch, as CLModule.generate returns them, when
+        the strategy answers itself (MbPA++ adapts the model to each input first); None: the model's
+        greedy generation. Every evaluation and `Services.predict` goes through it.
+
+        Called inside Lightning's predict loop: the module in eval mode, inference mode on (leave it
+        with `torch.inference_mode(False)` and clone the batch to train), on this rank's share of the
+        prompt batches (clbench.evaluation.Evaluator); under FSDP2 every rank must run the same
+        forwards, so a strategy that trains here gathers the ranks' batches and answers them all."""
+        return None
 
     def used(self) -> dict[str, Any]:
         """What the strategy really used where that can differ from its settings (a count capped by a

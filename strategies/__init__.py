@@ -25,6 +25,10 @@ REGISTRY: dict[str, str] = {
     "attribution": "strategies.attribution:Attribution",
     "o_lora": "strategies.o_lora:OLoRA",
     "ssr": "strategies.ssr:SSR",
+    "gem": "strategies.gem:GEM",
+    "agem": "strategies.gem:AGEM",
+    "ogd": "strategies.ogd:OGD",
+    "mbpa": "strategies.mbpa:MbPA",
     "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
 }
 

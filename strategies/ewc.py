@@ -61,7 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.distributed import all_reduce_, is_sharded, local
 from clbench.files import write_json
-from clbench.gradients import gate_statistics, squared_grads
+from clbench.gradients import gate_statistics, module_device, rows, squared_grads
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -82,17 +82,6 @@ def ewc_penalty(params: Tensors, fisher: Tensors, anchor: Tensors, lam: float) -
         part = total.detach()
         total = total + (all_reduce_(part.clone()) - part)
     return 0.5 * lam * total
-
-
-def module_device(ctx: StrategyContext) -> torch.device:
-    """Where the model's (local) parameters are, so batches go there."""
-    return local(next(ctx.module.model.parameters())).device
-
-
-def rows(batch: dict) -> Iterator[dict]:
-    """One-example batches from a batch (left padding is harmless: it is masked and labelled -100)."""
-    for i in range(batch["input_ids"].shape[0]):
-        yield {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class EWC(CLStrategy):

@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from clbench.console import say
-from clbench.data.collate import position_ids_for
 from clbench.data.tasks import Example
 from clbench.distributed import broadcast_object, local
+from clbench.encoding import mean_last_hidden
 from clbench.files import write_json
 from clbench.strategy import (
     CLStrategy,
@@ -113,15 +113,7 @@ def mean_hidden_states(
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
-        mask = batch["attention_mask"]
-        hidden = model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=position_ids_for(mask),
-            output_hidden_states=True,
-        ).hidden_states[-1]  # (batch, seq, d)
-        weights = mask.unsqueeze(-1).float()
-        out.append((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1))
+        out.append(mean_last_hidden(model, batch["input_ids"], batch["attention_mask"]))
     return torch.cat(out).cpu()
 
 

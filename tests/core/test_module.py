@@ -188,3 +188,36 @@ def test_generation_keeps_its_weight_casts_and_its_tokens(tiny_model_dir, monkey
             uncached = module.generate(batch)
     assert seen == [True, False]
     assert cached == uncached and any(cached)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("32-true", None)])
+def test_precision_context_is_the_runs_precision_outside_the_training_step(tiny_model_dir, precision, dtype):
+    """A strategy's own forward in an optimizer-step hook runs at the run's precision only through
+    precision_context: Lightning's autocast covers training_step alone."""
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    with module.precision_context():  # no Trainer: nothing
+        assert not torch.is_autocast_enabled("cpu")
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            outside = torch.is_autocast_enabled("cpu")
+            with pl_module.precision_context():
+                on = torch.is_autocast_enabled("cpu")
+                seen.append((outside, on, torch.get_autocast_dtype("cpu") if on else None))
+
+    task = Task("t", train=[], test=[])
+    data = TokenizedTask([Example("Upper cat:", "CAT")] * 4, task, module.tokenizer, "raw", True)
+    loader = DataLoader(data, batch_size=4, collate_fn=LeftPadCollator(module.tokenizer.pad_token_id))
+    trainer = pl.Trainer(
+        max_steps=1,
+        precision=precision,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Probe()],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert seen == [(False, dtype is not None, dtype)]

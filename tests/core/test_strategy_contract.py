@@ -54,6 +54,10 @@ class RecordingStrategy(CLStrategy):
     def on_task_end(self, ctx):
         CALLS.append(("on_task_end", ctx.task_index))
 
+    def answer(self, ctx, batch):
+        CALLS.append(("answer", ctx.task_index))
+        return None
+
 
 def _two_task_config(trace_dir: Path, model_dir: Path, out: Path, strategy: str) -> dict:
     cfg = toy_config(trace_dir, model_dir, out, strategy)
@@ -78,7 +82,12 @@ def test_outside_strategy_by_class_path_sees_every_hook(trace_dir, tiny_model_di
         steps = ("on_before_optimizer_step", "update_gate", "on_after_optimizer_step")
         assert [names.count(hook) for hook in steps] == [1, 1, 1]
         assert [n for n in names if n in steps] == list(steps)  # in this order, once per step
-        assert names[:2] == ["on_task_start", "training_examples"] and names[-1] == "on_task_end"
+        assert names[:2] == ["on_task_start", "training_examples"]
+        # row t is evaluated after the task's end, every prompt batch through answer (test: 8 prompts
+        # in batches of at most the eval batch size, for each task of the row)
+        end = names.index("on_task_end")
+        assert end == len(names) - 1 - names.count("answer") and set(names[end + 1 :]) == {"answer"}
+        assert names.count("answer") >= t + 1
     assert CALLS[:2] == [("prepare_model", 0), ("setup", 0)]
     res = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
     assert res["strategy"] == "recordingstrategy"
@@ -155,3 +164,13 @@ def test_registry_classes_are_where_it_says_and_importing_it_or_clbench_help_loa
         cls = strategies.load(name)
         assert issubclass(cls, CLStrategy)
         assert strategies.name_for(f"{cls.__module__}.{cls.__qualname__}") == name
+
+
+@pytest.mark.parametrize("form", [["--strategy.help", "ewc"], ["--strategy.help=ewc"]])
+def test_strategy_help_takes_a_registry_name(form, capsys):
+    """`clbench fit --strategy.help ewc` lists EWC's options (it took only a class path before)."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *form])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--strategy.ewc_lambda" in out and "--strategy.fisher_batches" in out

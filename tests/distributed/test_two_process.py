@@ -25,7 +25,20 @@ LAST = "task3-upper"
 CASES = {
     **{
         name: STRATEGY_ARGS[name]
-        for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora", "progressive_prompts")
+        for name in (
+            "seqft",
+            "replay",
+            "ewc",
+            "freeze",
+            "lwf",
+            "plugin",
+            "o_lora",
+            "gem",
+            "agem",
+            "ogd",
+            "mbpa",
+            "progressive_prompts",
+        )
     },
     "attribution-grad": STRATEGY_ARGS["attribution"],
     "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
@@ -71,6 +84,8 @@ def test_fsdp2_equals_one_process(toy_setup, case):
     assert json.loads((two / "results.json").read_text())["resumable"] == "yes"
     if case == "ssr":
         assert_same_synthetic_examples(one, two)
+    if case in RECORDS:
+        assert_same_record(one, two, case)
     if case.startswith("attribution"):
         gates = json.loads((two / "importance" / "gate.json").read_text())
         assert gates == json.loads((one / "importance" / "gate.json").read_text()) or _close(gates, one)
@@ -84,7 +99,19 @@ def _close(gates: dict, one: Path) -> bool:
 
 
 @pytest.mark.parametrize(
-    "case", ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", "progressive_prompts"]
+    "case",
+    [
+        "seqft",
+        "attribution-grad",
+        "o_lora",
+        "ssr",
+        "plugin",
+        "gem",
+        "agem",
+        "ogd",
+        "mbpa",
+        "progressive_prompts",
+    ],
 )
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
@@ -93,6 +120,22 @@ def test_ddp_equals_one_process(toy_setup, case):
     assert_one_writer(toy_setup, f"{case}/ddp")
     if case == "ssr":
         assert_same_synthetic_examples(one, two)
+    if case in RECORDS:
+        assert_same_record(one, two, case)
+
+
+# what a projecting strategy did, which two ranks must repeat: GEM / A-GEM's projected steps (some:
+# the case must exercise the projection), OGD's kept directions
+RECORDS = {"gem": "gem/projections.json", "agem": "agem/projections.json", "ogd": "ogd/directions.json"}
+
+
+def assert_same_record(one: Path, two: Path, case: str) -> None:
+    record = json.loads((two / RECORDS[case]).read_text())
+    assert record == json.loads((one / RECORDS[case]).read_text())
+    if case == "ogd":
+        assert record["directions"] == 6  # 3 per task but the last, none already spanned
+    else:
+        assert sum(task["projected"] for task in record.values()) > 0
 
 
 def test_sharded_checkpoint_exports_to_a_plain_hugging_face_folder(toy_setup):

@@ -29,6 +29,12 @@ STRATEGY_ARGS = {
     # generation by the starting model (sharded copy under FSDP2), answers by the evaluator, k-means
     "ssr": ("--strategy", "ssr", "--strategy.candidates", "8", "--strategy.synthetic", "4"),
     "plugin": ("--strategy", "l2_pull.L2Pull", "--strategy.strength", "0.5"),
+    # memory gradients of every earlier task each step, the dual QP (margin 0.5: always acts)
+    "gem": ("--strategy", "gem", "--strategy.memory_per_task", "4"),
+    "agem": ("--strategy", "agem", "--strategy.memory_per_task", "4", "--strategy.memory_batch", "3"),
+    "ogd": ("--strategy", "ogd", "--strategy.directions_per_task", "3"),
+    # local adaptation to each test input: under FSDP2 every rank adapts to every rank's inputs
+    "mbpa": ("--strategy", "mbpa", "--strategy.neighbours", "3", "--strategy.adapt_steps", "2"),
     "o_lora": ("--strategy", "o_lora", "--strategy.lambda_2", "0.01", *LORA),  # LoRA only
     # soft prompts only (model frozen), at a prompt-tuning learning rate
     "progressive_prompts": (

@@ -1,0 +1,28 @@
+"""What a frozen model says about an input: its last hidden states averaged over the input's tokens.
+
+SSR selects diverse synthetic inputs by it and MbPA++ keys its episodic memory by it (a frozen
+encoder, so the space does not drift while the model trains).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clbench.data.collate import position_ids_for
+
+
+@torch.no_grad()
+def mean_last_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, d) fp32: each row's last-layer hidden states averaged over its unmasked tokens (left padding
+    and positions from the mask, as the model is trained). A sharded model needs every rank to call
+    it on the same inputs."""
+    hidden = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        output_hidden_states=True,
+    ).hidden_states[-1]
+    weights = attention_mask.unsqueeze(-1).float()
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
