@@ -32,6 +32,12 @@ model is built. Only evaluation adapts; lm-eval's general-ability benchmarks see
 without local adaptation (their inputs are not the stream's; the paper adapts on its tasks' test
 inputs only).
 
+TRACE's code (model/Replay/MbPAplusplus.py) differs: it keys with the model being trained (the first
+token's last hidden state, which in a decoder depends on that token alone, so prompts that start alike
+share a key) by dot product, and it restores the weights from a list of the parameters themselves, so
+every adaptation stays in the model. Here the encoder is frozen, the distance Euclidean (the paper's),
+and the trained weights come back.
+
 Several ranks: the evaluator gives each rank its share of the prompt batches. Under DDP each rank
 adapts its own inputs on its own replica (the module's forward bypasses DDP's reducer: no gradient
 is averaged with another rank's). Under FSDP2 a forward needs every rank, and a backward averages
