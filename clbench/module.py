@@ -139,11 +139,19 @@ class GatedAdamW(torch.optim.AdamW):
                 gated_adamw_(p, state, group, gate.held[p], gate.mass)
                 hidden[p], p.grad = p.grad, None
         try:
-            super().step()
+            _unhooked(torch.optim.AdamW.step)(self)
         finally:
             for p, grad in hidden.items():
                 p.grad = grad
         return loss
+
+
+def _unhooked(step: Callable) -> Callable:
+    """A parent class's `step` without torch's optimizer-hook wrapper. torch wraps each optimizer class's
+    step with the step hooks once an instance of that class exists (a plain AdamW anywhere in the
+    process); GatedAdamW's own step is wrapped already, so the parent's wrapper would run every
+    registered step hook a second time."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 @contextmanager

@@ -122,3 +122,15 @@ def test_step_runs_the_closure_once_and_gives_the_gradients_back():
     assert calls == [1] and loss.item() == 3.0
     assert all(p.grad is g for p, g in zip(params, grads))
     assert all(float(opt.state[p]["step"]) == 1.0 for p in params)
+
+
+def test_step_hooks_run_once_per_step_even_after_a_plain_adamw():
+    """torch wraps AdamW.step with the step hooks once any AdamW exists; GatedAdamW calling that wrapped
+    parent ran every hook twice (a hook counting steps saw 4 for 2)."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # wraps AdamW.step, as any plain AdamW does
+    params = make_params(torch.float32)
+    opt, calls = adamw(params, 0.0, lambda: None), []
+    opt.register_step_pre_hook(lambda *args: calls.append("pre"))
+    opt.register_step_post_hook(lambda *args: calls.append("post"))
+    train(opt, params, steps=2)
+    assert calls == ["pre", "post"] * 2
