@@ -17,10 +17,15 @@ OPTIONS = {
     "freeze": {"lower_layers": 1},
     "replay": {"past_task_ratio": 0.5},
     "ssr": {"demonstrations": 4, "shots": 2, "candidates": 8, "synthetic": 4},
+    "gem": {"memory_per_task": 4, "margin": 0.5},
+    "agem": {"memory_per_task": 4},
+    "ogd": {"directions_per_task": 2},
+    "mbpa": {"replay_rate": 0.5},
 }
 MODULE = {"o_lora": {"lora": LoRA(r=4, dropout=0.0)}}  # an adapter per task beside model.lora's
-STATEFUL = {"attribution", "ewc", "replay", "ssr"}  # the others keep nothing between tasks (o_lora's
-# adapters are model weights)
+# the others keep nothing between tasks (o_lora's adapters and the soft prompts are model weights), or,
+# gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py)
+STATEFUL = {"attribution", "ewc", "replay", "ssr", "ogd", "mbpa"}
 
 
 def build(name: str, tmp_path) -> object:
