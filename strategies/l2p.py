@@ -8,8 +8,9 @@ which go in front of x. Training minimises
 
     task loss + key_lambda * mean over the batch of  sum over the chosen i of (1 - cos(q(x), k_i))
 
-(the paper's surrogate term gamma, which pulls the chosen keys toward the queries that chose them;
-the top-N choice itself passes no gradient). Inference chooses the same way, with no task id.
+(the paper's surrogate loss, gamma there the cosine distance, which pulls the chosen keys toward the
+queries that chose them; the top-N choice itself passes no gradient). Inference chooses the same
+way, with no task id.
 
 The decoder-LM reading:
 
@@ -28,8 +29,8 @@ The decoder-LM reading:
   every caller sees it: the training forward, the evaluation's generation, generate_text and lm-eval
   (whose log-likelihood calls pass prompt and continuation together: there the query reads both).
 - Prompts start as the embeddings of random vocabulary tokens (Lester et al., as Progressive
-  Prompts); the paper draws them uniform in [-1, 1], far off an LM's embedding scale. Keys are drawn
-  uniform in [-1, 1] as in the paper (only their direction counts).
+  Prompts); the authors' code draws them uniform in [-1, 1], far off an LM's embedding scale. Keys
+  are drawn uniform in [-1, 1] as there (only their direction counts).
 - The pool is one M * prompt_length x hidden parameter, not M: DDP wants every trainable parameter
   used by every step, and a prompt no row chose would be unused. Unchosen prompts get a zero
   gradient; AdamW moves a prompt only while its moments are nonzero, so one never chosen stays bit
@@ -45,13 +46,17 @@ split between tasks.
 
 Prompt tuning wants a much larger learning rate than fine-tuning: model.lr applies to the prompts
 and keys (about 1e-2 to 0.3; the paper trains its ViT's pool with Adam at a constant 0.03).
-LoRA is refused (the model is frozen; the adapters would stay at zero).
+LoRA is refused (the model is frozen; the adapters would stay at zero). Cost: the frozen copy (the
+model's size again) and its forward on every input's prefill, in training and in generation; the
+backward reaches the prompts only, through the frozen layers.
 
 Several ranks: every rank runs the frozen encoder on its own rows inside the forward (under FSDP2 it
 is sharded like the model, so every rank's forward takes part). The key-matching loss is computed in
 `training_penalty`, where under FSDP2 the keys are shards: they are gathered whole with a gradient
 that averages over the ranks (reduce-scatter), as the model's own gradients are, and each rank's
-term is scaled by the global batch's rows, so two ranks give one process's loss and gradients.
+term is scaled by the global batch's rows, so two ranks give one process's loss and gradients. At
+bf16-mixed, FSDP2 gathers the keys for the forward in bf16, so the choice there is made from
+bf16-rounded keys (one process: fp32 keys under autocast).
 """
 
 from __future__ import annotations

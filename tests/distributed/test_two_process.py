@@ -200,7 +200,8 @@ def prompt_batches(task, tok):
 
 
 @pytest.mark.parametrize(
-    "case, sharding", [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp")]
+    "case, sharding",
+    [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp"), ("l2p", "fsdp")],
 )
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case, sharding):
     """SIGKILL to both ranks after the first task's state is saved (under FSDP2 every rank its shards,
@@ -218,3 +219,5 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case,
     clbench(toy_setup, "fit", "--resume", str(run))  # two ranks again, from the run's config.yaml
     assert results(run)["status"] == "complete"
     assert_same_run(one, run)
+    if case in RECORDS:  # l2p: the choices of the task before the kill came back with the state
+        assert_same_record(one, run, case)
