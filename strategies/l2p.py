@@ -37,12 +37,14 @@ The decoder-LM reading:
   for bit (with weight decay 0, the default), one chosen earlier drifts on its momentum, as in the
   authors' code (one pool tensor under Adam).
 
-Not built: the paper's optional diversified selection (the distance of each key scaled by how often
-its prompt was chosen in earlier tasks, during training only), the authors' code's task-boundary
-key masking and its "batchwise prompt" (a whole test batch taking its most frequent prompts). Here
-selection is the plain top-N by cosine at training and inference; RUN_DIR/l2p/selection.json records
-how often each prompt was chosen while each task trained, which shows whether the pool is shared or
-split between tasks.
+The paper's optional diversified selection is built, off by default (`diversify`): while task t > 0
+trains, each key's cosine distance is multiplied by its prompt's normalised frequency of choice over
+tasks 0..t-1 (the paper's H_t, from the task boundaries clbench trains by), so a prompt never chosen
+(distance 0) is taken first; evaluation always chooses by plain cosine. Not built: the authors'
+code's task-boundary key masking (each task its own slice of the pool, a task-incremental setting)
+and its "batchwise prompt" (a whole test batch taking its most frequent prompts).
+RUN_DIR/l2p/selection.json records how often each prompt was chosen while each task trained, which
+shows whether the pool is shared or split between tasks.
 
 Prompt tuning wants a much larger learning rate than fine-tuning: model.lr applies to the prompts
 and keys (about 1e-2 to 0.3; the paper trains its ViT's pool with Adam at a constant 0.03).
@@ -77,12 +79,18 @@ from clbench.strategy import CLStrategy, StrategyContext
 POOL, KEYS = "l2p_pool", "l2p_keys"  # the soft prompts' names (model parameters)
 
 
-def choose(queries: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
+def choose(
+    queries: torch.Tensor, keys: torch.Tensor, n: int, frequency: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, n) long: for each query, the indices of the n keys of highest cosine similarity, in index
-    order (of equal similarities, the lower index is chosen). Elementwise in fp32, so autocast leaves
-    it alone."""
+    order (of equal similarities, the lower index is chosen); with `frequency` (M), the n smallest
+    cosine distances scaled by it (the paper's diversified selection). Elementwise in fp32, so
+    autocast leaves it alone."""
     sim = cosine(queries.float().unsqueeze(1), keys.float().unsqueeze(0))  # (B, M)
-    top = torch.argsort(sim, dim=1, descending=True, stable=True)[:, :n]
+    if frequency is None:
+        top = torch.argsort(sim, dim=1, descending=True, stable=True)[:, :n]
+    else:
+        top = torch.argsort((1 - sim) * frequency.to(sim), dim=1, stable=True)[:, :n]
     return top.sort(dim=1).values
 
 
@@ -103,10 +111,18 @@ class L2P(CLStrategy):
         top_n: N, prompts chosen per input, N * prompt_length tokens in front of it (the paper: 5).
         key_lambda: Weight of the key-matching (surrogate) loss (the authors' code: 0.1); 0 leaves the
             keys where they started.
+        diversify: The paper's optional diversified selection while training: from the second task on,
+            each key's cosine distance is multiplied by how often its prompt was chosen in the earlier
+            tasks (normalised to sum 1), so little-used prompts are taken first; inference unchanged.
     """
 
     def __init__(
-        self, pool_size: int = 10, prompt_length: int = 5, top_n: int = 5, key_lambda: float = 0.1
+        self,
+        pool_size: int = 10,
+        prompt_length: int = 5,
+        top_n: int = 5,
+        key_lambda: float = 0.1,
+        diversify: bool = False,
     ) -> None:
         if pool_size < 1 or prompt_length < 1:
             raise ValueError(
@@ -117,7 +133,8 @@ class L2P(CLStrategy):
         if key_lambda < 0:
             raise ValueError(f"l2p.key_lambda must be >= 0, got {key_lambda}")
         self.pool_size, self.prompt_length, self.top_n = pool_size, prompt_length, top_n
-        self.key_lambda = key_lambda
+        self.key_lambda, self.diversify = key_lambda, diversify
+        self._frequency: torch.Tensor | None = None  # diversify: earlier tasks' choices, normalised
         self.encoder: torch.nn.Module | None = None
         self.selection = torch.zeros(0, pool_size)  # (tasks done, M): rows that chose each prompt
         self._counts = torch.zeros(pool_size, dtype=torch.float64)  # this task's, this rank's rows
@@ -164,6 +181,9 @@ class L2P(CLStrategy):
         trainable = [POOL, KEYS] if self.key_lambda > 0 else [POOL]
         ctx.module.set_prompts([], trainable=trainable, select=self.select)
         self._counts = torch.zeros(self.pool_size, dtype=torch.float64)
+        earlier = self.selection.reshape(-1, self.pool_size)[: ctx.task_index].sum(0)
+        use = self.diversify and earlier.sum() > 0
+        self._frequency = earlier / earlier.sum() if use else None
 
     def select(
         self, ids: torch.Tensor | None, embeds: torch.Tensor, mask: torch.Tensor | None
@@ -184,7 +204,8 @@ class L2P(CLStrategy):
             batch = None
         queries = mean_last_hidden(self.encoder, ids, mask, over)  # (B, d) fp32
         prompts = self._soft.prompts
-        chosen = choose(queries, prompts[KEYS].detach(), self.top_n)  # (B, N); the keys whole here
+        frequency = self._frequency if batch is not None else None  # diversified: training only
+        chosen = choose(queries, prompts[KEYS].detach(), self.top_n, frequency)  # the keys whole here
         pool = prompts[POOL].view(self.pool_size, self.prompt_length, -1)
         if batch is not None:  # a training step: its penalty and the record need what was chosen
             self._chosen = (batch, queries, chosen)

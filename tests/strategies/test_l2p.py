@@ -12,7 +12,8 @@ from clbench.data.collate import position_ids_for
 from clbench.distributed import fsdp_root
 from clbench.errors import ConfigError
 from clbench.models import LoRA
-from strategies.l2p import KEYS, L2P, POOL
+from strategies import l2p
+from strategies.l2p import KEYS, L2P, POOL, choose
 
 M, LP, N = 6, 2, 2  # pool size, prompt length, prompts per input
 
@@ -222,6 +223,38 @@ def test_training_moves_the_pool_and_keys_only_and_records_the_choices(
     resumed = L2P(pool_size=M, prompt_length=LP, top_n=N)  # the counts are state: a resume keeps them
     resumed.load_state_dict(strategy.state_dict())
     assert torch.equal(resumed.selection, strategy.selection)
+
+
+def test_diversified_selection_scales_each_distance_by_the_earlier_tasks_frequency(
+    make_module, make_ctx, stream_of, fit_task, monkeypatch
+):
+    module, stream = make_module(), stream_of(12, 12)
+    start = make_module().eval()
+    strategy = L2P(pool_size=M, prompt_length=LP, top_n=N, diversify=True)
+    strategy.prepare_model(make_ctx(module, stream, 0))
+    strategy.setup(make_ctx(module, stream, 0))
+    spread_keys(module)
+    fit_task(module, strategy, make_ctx(module, stream, 0), steps=3)  # task 0: plain top-N
+    frequency = strategy.selection[0] / strategy.selection[0].sum()
+    assert (frequency == 0).sum() >= N  # prompts task 0 never chose, which task 1 should take
+    strategy.on_task_start(make_ctx(module, stream, 1))
+    ctx = make_ctx(module, stream, 1, batch_size=12)
+    batch = batch_of(ctx)
+    forward_in_training(module, batch)
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
+    q = queries_by_hand(start, batch["input_ids"], batch["attention_mask"], prompt)
+    keys = soft(module, KEYS).detach().double()
+    distance = 1 - torch.nn.functional.cosine_similarity(q[:, None], keys[None], dim=-1)
+    expected = torch.argsort(distance * frequency.double(), dim=1, stable=True)[:, :N].sort(dim=1).values
+    assert torch.equal(strategy._chosen[2], expected)
+    assert not torch.equal(expected, choice_by_hand(q, keys))  # the scaling changed the choice
+    strategy._chosen = strategy._batch = None
+    module.eval()  # evaluation: plain cosine, whatever was chosen in training
+    seen = []
+    monkeypatch.setattr(l2p, "choose", lambda *args: seen.append(args[3:]) or choose(*args))
+    with torch.no_grad():
+        module({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    assert seen == [(None,)] and strategy._chosen is None
 
 
 def test_evaluation_forwards_leave_no_training_choice_behind(make_module, make_ctx, stream_of):
