@@ -21,7 +21,7 @@ def mean_last_hidden(
     """(B, d) fp32: each row's last-layer hidden states averaged over its unmasked tokens (left padding
     and positions from the mask, as the model is trained), or over the tokens `over` (B, T) marks (the
     prompt of a prompt-and-answer row: in a causal model they are what the prompt alone gives). A
-    sharded model needs every rank to call it on the same inputs."""
+    sharded model needs every rank to call it together (each may pass its own rows)."""
     hidden = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

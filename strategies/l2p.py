@@ -159,7 +159,7 @@ class L2P(CLStrategy):
         seed = ctx.seed * 100_003
         ctx.module.add_prompt(POOL, self.pool_size * self.prompt_length, seed=seed)  # vocabulary rows
         generator = torch.Generator().manual_seed(seed + 1)
-        keys = torch.rand(self.pool_size, hidden, generator=generator) * 2 - 1  # the paper's uniform
+        keys = torch.rand(self.pool_size, hidden, generator=generator) * 2 - 1  # the authors' code's uniform
         ctx.module.add_prompt(KEYS, self.pool_size, init=keys.to(lm.get_input_embeddings().weight.dtype))
 
     def setup(self, ctx: StrategyContext) -> None:
@@ -239,7 +239,7 @@ class L2P(CLStrategy):
             path = Path(ctx.run_dir) / "l2p" / "selection.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             tasks = [task.name for task in ctx.stream.tasks[: len(self.selection)]]
-            record = {"prompt_length": self.prompt_length, "top_n": self.top_n}
+            record = {"prompt_length": self.prompt_length, "top_n": self.top_n, "diversify": self.diversify}
             record["chosen_while_training"] = {
                 name: [int(c) for c in row.tolist()] for name, row in zip(tasks, self.selection)
             }
