@@ -102,8 +102,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class L2P(CLStrategy):
-    """A prompt pool with keys; each input's query picks top_n prompts; the model is frozen (see the
-    module docstring).
+    """A prompt pool with keys, each input's query picking top_n prompts, on a frozen model.
+
+    The module docstring gives the method, its decoder-LM reading and where it departs from the paper.
 
     Args:
         pool_size: M, prompts in the pool (the paper: 10).
