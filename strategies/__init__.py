@@ -30,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "ogd": "strategies.ogd:OGD",
     "mbpa": "strategies.mbpa:MbPA",
     "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
+    "l2p": "strategies.l2p:L2P",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

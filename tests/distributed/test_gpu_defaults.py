@@ -40,12 +40,13 @@ from twoproc import (
 
 import strategies
 
-FULL_OR_LORA = {n: args for n, args in STRATEGY_ARGS.items() if n not in ("o_lora", "progressive_prompts")}
+FULL_ONLY = ("progressive_prompts", "l2p")  # soft prompts on a frozen model: LoRA refused
+FULL_OR_LORA = {n: args for n, args in STRATEGY_ARGS.items() if n not in ("o_lora", *FULL_ONLY)}
 VARIANTS = {
     **FULL_OR_LORA,
     **{f"{name}-lora": (*args, *LORA) for name, args in FULL_OR_LORA.items()},
     "o_lora-lora": STRATEGY_ARGS["o_lora"],  # LoRA only
-    "progressive_prompts": STRATEGY_ARGS["progressive_prompts"],  # a frozen model: LoRA refused
+    **{name: STRATEGY_ARGS[name] for name in FULL_ONLY},
 }
 SETTINGS = {
     "one": (1, ()),

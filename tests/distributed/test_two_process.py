@@ -38,6 +38,7 @@ CASES = {
             "ogd",
             "mbpa",
             "progressive_prompts",
+            "l2p",
         )
     },
     "attribution-grad": STRATEGY_ARGS["attribution"],
@@ -111,6 +112,7 @@ def _close(gates: dict, one: Path) -> bool:
         "ogd",
         "mbpa",
         "progressive_prompts",
+        "l2p",
     ],
 )
 def test_ddp_equals_one_process(toy_setup, case):
@@ -125,8 +127,14 @@ def test_ddp_equals_one_process(toy_setup, case):
 
 
 # what a projecting strategy did, which two ranks must repeat: GEM / A-GEM's projected steps (some:
-# the case must exercise the projection), OGD's kept directions
-RECORDS = {"gem": "gem/projections.json", "agem": "agem/projections.json", "ogd": "ogd/directions.json"}
+# the case must exercise the projection), OGD's kept directions, L2P's prompt choices (every rank's
+# rows counted)
+RECORDS = {
+    "gem": "gem/projections.json",
+    "agem": "agem/projections.json",
+    "ogd": "ogd/directions.json",
+    "l2p": "l2p/selection.json",
+}
 
 
 def assert_same_record(one: Path, two: Path, case: str) -> None:
@@ -134,6 +142,8 @@ def assert_same_record(one: Path, two: Path, case: str) -> None:
     assert record == json.loads((one / RECORDS[case]).read_text())
     if case == "ogd":
         assert record["directions"] == 6  # 3 per task but the last, none already spanned
+    elif case == "l2p":  # 20 training rows per task (one epoch), 2 prompts each
+        assert all(sum(counts) == 40 for counts in record["chosen_while_training"].values())
     else:
         assert sum(task["projected"] for task in record.values()) > 0
 
@@ -190,7 +200,8 @@ def prompt_batches(task, tok):
 
 
 @pytest.mark.parametrize(
-    "case, sharding", [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp")]
+    "case, sharding",
+    [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp"), ("l2p", "fsdp")],
 )
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case, sharding):
     """SIGKILL to both ranks after the first task's state is saved (under FSDP2 every rank its shards,
@@ -208,3 +219,5 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case,
     clbench(toy_setup, "fit", "--resume", str(run))  # two ranks again, from the run's config.yaml
     assert results(run)["status"] == "complete"
     assert_same_run(one, run)
+    if case in RECORDS:  # l2p: the choices of the task before the kill came back with the state
+        assert_same_record(one, run, case)

@@ -45,6 +45,12 @@ STRATEGY_ARGS = {
         "--model.lr",
         "0.03",
     ),
+    # a pool of 4 prompts with keys, 2 chosen per input by the frozen encoder's query (model frozen),
+    # diversified by the earlier tasks' choice counts (summed over the ranks)
+    "l2p": (
+        *("--strategy", "l2p", "--strategy.pool_size", "4", "--strategy.prompt_length", "2"),
+        *("--strategy.top_n", "2", "--strategy.diversify", "true", "--model.lr", "0.03"),
+    ),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
