@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from clbench import distributed as dist
+from clbench.data.collate import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from clbench.module import CLModule
@@ -63,7 +65,7 @@ def rows(batch: dict) -> Iterator[dict]:
 
 def answer_tokens(batch: dict) -> int:
     """The answer tokens a batch's loss averages over (labels 1..T after the causal shift)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def mean_loss_grads(module: CLModule, batches: list[dict], params: Tensors) -> Tensors:
@@ -79,8 +81,8 @@ def mean_loss_grads(module: CLModule, batches: list[dict], params: Tensors) -> T
     out: Tensors = {}
     with torch.enable_grad(), module.precision_context():
         for batch, n in zip(batches, counts, strict=True):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            for name, g in grads_of(module(batch).loss * (n / total), params).items():
+            loss = module(move_data_to_device(batch, device)).loss * (n / total)
+            for name, g in grads_of(loss, params).items():
                 out[name] = g.float() if name not in out else out[name].add_(g)
     return out
 
@@ -98,6 +100,22 @@ def dots(a: Tensors, others: list[Tensors]) -> Tensor:
     if others and any(dist.is_sharded(x) for x in a.values()):
         dist.all_reduce_(out)
     return out
+
+
+def gram(vectors: list[Tensors]) -> Tensor:
+    """The fp64 Gram matrix of whole-model dot products <v_i, v_j>: each pair once (the upper
+    triangle, mirrored), in one pass over the tensors and, when sharded, one all-reduce."""
+    n = len(vectors)
+    first = dist.local(next(iter(vectors[0].values())))
+    out = torch.zeros(n, n, dtype=torch.float64, device=first.device)
+    for name in vectors[0]:
+        flat = [dist.local(v[name]).reshape(-1) for v in vectors]
+        for i in range(n):
+            for j in range(i, n):
+                out[i, j] += torch.dot(flat[i], flat[j]).double()
+    if any(dist.is_sharded(x) for x in vectors[0].values()):
+        dist.all_reduce_(out)
+    return out.triu() + out.triu(1).T
 
 
 def add_combination_(target: Tensors, vectors: list[Tensors], coefficients: list[float]) -> None:

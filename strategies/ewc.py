@@ -57,6 +57,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.distributed import all_reduce_, is_sharded, local
@@ -230,7 +231,7 @@ class EWC(CLStrategy):
         try:
             with torch.enable_grad():
                 for batch in self._batches(ctx.service().make_loader(ctx.task.train, True)):
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = move_data_to_device(batch, device)
                     for part in rows(batch) if self.per_sample else [batch]:
                         for name, g in squared_grads(module(part).loss, params).items():
                             sums[name] += g

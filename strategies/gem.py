@@ -50,7 +50,7 @@ from scipy.optimize import nnls
 
 from clbench.data.tasks import Example
 from clbench.files import write_json
-from clbench.gradients import Tensors, add_combination_, dots, mean_loss_grads
+from clbench.gradients import Tensors, add_combination_, dots, gram, mean_loss_grads
 from clbench.strategy import (
     CLStrategy,
     StrategyContext,
@@ -163,8 +163,7 @@ class GEM(CLStrategy):
         g_dots = dots(grad, refs).cpu().numpy()
         if (g_dots >= 0).all():
             return
-        gram = torch.stack([dots(r, refs) for r in refs]).cpu().numpy()
-        add_combination_(grad, refs, self.multipliers(g_dots, gram).tolist())
+        add_combination_(grad, refs, self.multipliers(g_dots, gram(refs).cpu().numpy()).tolist())
         counts["projected"] += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from clbench import distributed as dist
 from clbench.data.tasks import Example
@@ -176,7 +177,7 @@ class MbPA(CLStrategy):
 
     def _adapted_answers(self, ctx: StrategyContext, batch: dict) -> list[str]:
         device = module_device(ctx)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = move_data_to_device(batch, device)
         queries = mean_last_hidden(self.encoder, batch["input_ids"], batch["attention_mask"]).cpu()
         texts = []
         for row, query in zip(rows(batch), queries, strict=True):

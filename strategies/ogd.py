@@ -38,6 +38,7 @@ import random
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.files import write_json
@@ -84,7 +85,7 @@ class OGD(CLStrategy):
             with torch.enable_grad(), module.precision_context():
                 for batch in ctx.service().make_loader(chosen, False):
                     for row in rows(batch):
-                        row = {k: v.to(device) if torch.is_tensor(v) else v for k, v in row.items()}
+                        row = move_data_to_device(row, device)
                         output = ground_truth_logit(module(row).logits, row["labels"])
                         kept += self._add({n: g.float() for n, g in grads_of(output, params).items()})
         finally:

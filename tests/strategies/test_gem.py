@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize, nnls
 
-from clbench.gradients import mean_loss_grads
+from clbench.gradients import gram, mean_loss_grads
 from strategies.gem import AGEM, GEM, gem_multipliers
 
 
@@ -172,3 +172,10 @@ def test_agem_draws_memory_batch_examples_per_step(make_module, make_ctx, stream
 def test_bad_settings_name_the_option(bad):
     with pytest.raises(ValueError, match=f"gem.{next(iter(bad))}"):
         GEM(**bad)
+
+
+def test_gram_is_every_pairs_whole_model_dot_product():
+    g = torch.Generator().manual_seed(4)
+    vectors = [{"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
+    flats = torch.stack([flat(v) for v in vectors])
+    torch.testing.assert_close(gram(vectors), flats @ flats.T, rtol=1e-6, atol=1e-6)
