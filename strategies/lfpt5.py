@@ -5,7 +5,8 @@ Qin & Joty 2022, "LFPT5: A Unified Framework for Lifelong Few-shot Language Lear
 Tuning of T5" (ICLR 2022, arXiv 2110.07298), and the authors' code (qcwthu/Lifelong-Fewshot-Language-
 Learning, Classification/: its model.py, dataset.py and the defaults of Classification.sh). The
 language model stays frozen; one prompt P of `prompt_length` virtual tokens trains from task to task
-(the paper: 300 tokens on T5-large, Adafactor at lr 0.5). Every training row (x, y) of task k trains
+(the authors' script: 300 tokens on LM-adapted T5-large, Adafactor at lr 0.5). Every training row
+(x, y) of task k trains
 
     L_task + gen_lambda * L_gen + kl_lambda * L_kl
 
@@ -129,13 +130,14 @@ def parse(text: str) -> Example | None:
 
 
 class LFPT5(CLStrategy):
-    """One soft prompt on a frozen model, trained as task solver and example writer; later tasks train
-    on the examples it writes of the earlier ones, with a KL pull to the previous model's answers.
+    """One soft prompt on a frozen model that solves the tasks and writes the examples later tasks rehearse.
 
-    The module docstring gives the method, its decoder reading and where it departs from the paper.
+    Pseudo examples of the earlier tasks, written by the prompted model, train beside each new task,
+    with a KL pull to the previous model's answers on them. The module docstring gives the method, its
+    decoder reading and where it departs from the paper.
 
     Args:
-        prompt_length: Virtual tokens of the prompt (the paper: 300).
+        prompt_length: Virtual tokens of the prompt (the authors' script: 300).
         pseudo_per_task: Continuations written of each finished task before the next task; those
             that do not parse are dropped (RUN_DIR/lfpt5/pseudo.json counts them).
         gen_lambda: Weight of the generation loss (the authors' code: 0.25); 0 trains no writer.
