@@ -65,7 +65,8 @@ and no KL; its "pseudo data" are the earlier tasks' TEST prompts, answered by th
 Here the model writes inputs and answers, as the paper defines the method.
 
 Costs. Every step runs a second forward and backward (the generation sequences: prefix, input and
-answer, about the task sequence's length), and from the second task on a third forward without
+answer, about the task sequence's length; their activations are held beside the task's until the
+backward), and from the second task on, when pseudo examples were kept, a third forward without
 gradient (the previous model on the batch). The previous model needs no copy of the backbone: it is
 the same frozen backbone with the prompt as the task began (one prompt-sized tensor), put in front by
 the prompt selector (`set_prompts(select=...)`) while that forward runs. After every task but the
@@ -199,7 +200,7 @@ class LFPT5(CLStrategy):
     def on_task_start(self, ctx: StrategyContext) -> None:
         ctx.module.freeze_backbone()
         self._previous = None
-        if ctx.task_index > 0 and self.kl_lambda > 0:  # every rank: under FSDP2 a gather
+        if self.kl_lambda > 0 and self.pseudo:  # the same on every rank: under FSDP2 a gather
             self._previous = dist.full(self._soft.prompts[PROMPT]).detach().clone()
         ctx.module.set_prompts([], trainable=[PROMPT], select=self._prompt_rows)
 
