@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "mbpa": "strategies.mbpa:MbPA",
     "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
     "l2p": "strategies.l2p:L2P",
+    "lfpt5": "strategies.lfpt5:LFPT5",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

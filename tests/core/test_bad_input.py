@@ -127,6 +127,10 @@ CASES = {
         lambda c, d: (c.update(strategy="progressive_prompts"), c["model"].update(lora={"r": 4})),
         "progressive_prompts trains soft prompts on a frozen model: unset model.lora",
     ),
+    "lfpt5 with lora": (
+        lambda c, d: (c.update(strategy="lfpt5"), c["model"].update(lora={"r": 4})),
+        "lfpt5 trains one soft prompt on a frozen model: unset model.lora",
+    ),
     "bad precision": (lambda c, d: c["trainer"].update(precision="fp7"), "precision"),
     # models
     "missing model folder": (

@@ -7,6 +7,7 @@ one-process reference has the same global batch (2 x 4 examples).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from plugin_example import write_plugin_example
 from twoproc import PER_RANK_BATCH
 
-from clbench.testing import save_tiny_model, toy_tasks, write_trace_folder
+from clbench.testing import save_tiny_model, tiny_llama, toy_tasks, word_tokenizer, write_trace_folder
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,12 @@ def toy_setup(tmp_path_factory) -> Path:
     tasks = toy_tasks(n_train=20, n_test=10)  # 20 = 2 full global batches of 8 and a last one of 4
     corpus = [ex["prompt"] + " " + ex["answer"] for t in tasks.values() for s in t.values() for ex in s]
     save_tiny_model(root / "model", corpus * 4, tied=True)
+    # LFPT5's model: a word-level vocabulary (the corpus split as its pre-tokenizer splits) with the two
+    # markers, so that the random model now and then writes a parseable pseudo example (a byte-level
+    # one never writes a marker)
+    tok = word_tokenizer([*re.findall(r"\w+|[^\w\s]+", " ".join(corpus)), "__gen__", "__ans__"])
+    tiny_llama(len(tok), tied=True, bos_token_id=None).save_pretrained(root / "lfpt5-model")
+    tok.save_pretrained(root / "lfpt5-model")
     write_trace_folder(root / "TRACE", tasks)
     write_plugin_example(root)  # docs/plugins.md's strategy: `python -m clbench` finds it in its folder
     config = {

@@ -40,7 +40,7 @@ from twoproc import (
 
 import strategies
 
-FULL_ONLY = ("progressive_prompts", "l2p")  # soft prompts on a frozen model: LoRA refused
+FULL_ONLY = ("progressive_prompts", "l2p", "lfpt5")  # soft prompts on a frozen model: LoRA refused
 FULL_OR_LORA = {n: args for n, args in STRATEGY_ARGS.items() if n not in ("o_lora", *FULL_ONLY)}
 VARIANTS = {
     **FULL_OR_LORA,

@@ -23,7 +23,7 @@ from twoproc import (
 
 LAST = "task3-upper"
 # TRACE's methods (issue 36): each under FSDP2 and under DDP
-TRACE_METHODS = ("gem", "agem", "ogd", "mbpa", "progressive_prompts", "l2p")
+TRACE_METHODS = ("gem", "agem", "ogd", "mbpa", "progressive_prompts", "l2p", "lfpt5")
 CASES = {
     **{
         name: STRATEGY_ARGS[name]
@@ -104,12 +104,13 @@ def test_ddp_equals_one_process(toy_setup, case):
 
 # what a projecting strategy did, which two ranks must repeat: GEM / A-GEM's projected steps (some:
 # the case must exercise the projection), OGD's kept directions, L2P's prompt choices (every rank's
-# rows counted)
+# rows counted), LFPT5's pseudo examples (rank 0's writing, which every rank trains on)
 RECORDS = {
     "gem": "gem/projections.json",
     "agem": "agem/projections.json",
     "ogd": "ogd/directions.json",
     "l2p": "l2p/selection.json",
+    "lfpt5": "lfpt5/pseudo.json",
 }
 
 
@@ -120,6 +121,9 @@ def assert_same_record(one: Path, two: Path, case: str) -> None:
         assert record["directions"] == 6  # 3 per task but the last, none already spanned
     elif case == "l2p":  # 20 training rows per task (one epoch), 2 prompts each
         assert all(sum(counts) == 40 for counts in record["chosen_while_training"].values())
+    elif case == "lfpt5":  # every rank trained on the same pseudo examples, some of each finished task
+        counts = [c for written in record["after_task"].values() for c in written["counts"].values()]
+        assert len(counts) == 3 and all(c["written"] == 96 and c["kept"] > 0 for c in counts)
     else:
         assert sum(task["projected"] for task in record.values()) > 0
 
@@ -177,7 +181,14 @@ def prompt_batches(task, tok):
 
 @pytest.mark.parametrize(
     "case, sharding",
-    [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp"), ("l2p", "fsdp")],
+    [
+        ("seqft", "fsdp"),
+        ("ewc", "fsdp"),
+        ("attribution-grad", "fsdp"),
+        ("ewc", "ddp"),
+        ("l2p", "fsdp"),
+        ("lfpt5", "fsdp"),
+    ],
 )
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case, sharding):
     """SIGKILL to both ranks after the first task's state is saved (under FSDP2 every rank its shards,

@@ -51,6 +51,14 @@ STRATEGY_ARGS = {
         *("--strategy", "l2p", "--strategy.pool_size", "4", "--strategy.prompt_length", "2"),
         *("--strategy.top_n", "2", "--strategy.diversify", "true", "--model.lr", "0.03"),
     ),
+    # one prompt (model frozen) trained with the generation loss, on a model whose vocabulary holds the
+    # markers; 96 continuations of each earlier task written before each task (some parse), the KL to
+    # the previous model on the kept ones
+    "lfpt5": (
+        *("--strategy", "lfpt5", "--strategy.prompt_length", "4", "--strategy.pseudo_per_task", "96"),
+        *("--strategy.temperature", "1.0", "--strategy.kl_lambda", "1.0", "--model.lr", "0.03"),
+        *("--model.model", "./lfpt5-model"),
+    ),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -145,6 +153,9 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 def start_parameters(run: Path) -> dict[str, torch.Tensor]:
+    """The weights the run started from: its model.model (relative to the folder `fit` ran in)."""
+    import yaml
     from safetensors.torch import load_file
 
-    return load_file(str(run.parents[2] / "model" / "model.safetensors"))
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]["model"]
+    return load_file(str(run.parents[2] / model / "model.safetensors"))

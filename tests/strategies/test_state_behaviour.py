@@ -24,7 +24,9 @@ OPTIONS = {
 }
 MODULE = {"o_lora": {"lora": LoRA(r=4, dropout=0.0)}}  # an adapter per task beside model.lora's
 # the others keep nothing between tasks (o_lora's adapters and the soft prompts are model weights), or,
-# gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py)
+# gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py),
+# or, lfpt5, keep pseudo examples this vocabulary cannot write: it has no marker words
+# (tests/strategies/test_lfpt5.py restores written ones)
 STATEFUL = {"attribution", "ewc", "replay", "ssr", "ogd", "mbpa"}
 
 
