@@ -31,6 +31,10 @@ REGISTRY: dict[str, str] = {
     "mbpa": "strategies.mbpa:MbPA",
     "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
     "l2p": "strategies.l2p:L2P",
+    "linear_merge": "strategies.merging:LinearMerge",
+    "ties": "strategies.merging:TIES",
+    "magmax": "strategies.merging:MagMax",
+    "fisher_merge": "strategies.merging:FisherMerge",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

@@ -21,10 +21,13 @@ OPTIONS = {
     "agem": {"memory_per_task": 4},
     "ogd": {"directions_per_task": 2},
     "mbpa": {"replay_rate": 0.5},
+    "fisher_merge": {"fisher_batches": 2},
 }
 MODULE = {"o_lora": {"lora": LoRA(r=4, dropout=0.0)}}  # an adapter per task beside model.lora's
 # the others keep nothing between tasks (o_lora's adapters and the soft prompts are model weights), or,
-# gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py)
+# gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py),
+# or, the merges (strategies/merging.py), train as seqft and act at the task's end
+# (tests/strategies/test_merging.py restores their state into the next task's merge)
 STATEFUL = {"attribution", "ewc", "replay", "ssr", "ogd", "mbpa"}
 
 
