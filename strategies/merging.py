@@ -83,7 +83,7 @@ from torch import Tensor
 from clbench.distributed import all_reduce_, is_sharded, local
 from clbench.errors import ConfigError
 from clbench.files import write_json
-from clbench.gradients import dots, empirical_fisher
+from clbench.gradients import empirical_fisher
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, Tensor]
@@ -173,12 +173,10 @@ def unprefixed(prefix: str, state: Tensors) -> Tensors:
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}.")}
 
 
-def whole_count(count: int, params: Tensors) -> int:
-    """A count over this rank's shards summed over the ranks (a collective when sharded)."""
-    if not any(is_sharded(p) for p in params.values()):
-        return count
-    device = local(next(iter(params.values()))).device
-    return int(all_reduce_(torch.tensor([count], dtype=torch.int64, device=device))[0])
+def whole_sum(total: Tensor, params: Tensors) -> Tensor:
+    """A sum over this rank's shards summed over the ranks (a collective when the parameters are
+    sharded; under DDP and in one process every rank holds the whole already)."""
+    return all_reduce_(total) if any(is_sharded(p) for p in params.values()) else total
 
 
 class MergeRecord:
@@ -306,8 +304,8 @@ class TIES(_TaskVectorMerge):
 
     def merge(self, params: Tensors) -> dict:
         for part, dtype in TRIMMED.items():
-            kept = self.trimmed[part] or {n: torch.zeros_like(p, dtype=dtype) for n, p in params.items()}
-            self.trimmed[part] = placed(kept, params)
+            fold = self.trimmed[part] or {n: torch.zeros_like(p, dtype=dtype) for n, p in params.items()}
+            self.trimmed[part] = placed(fold, params)
         sharded = any(is_sharded(p) for p in params.values())
         device = local(next(iter(params.values()))).device
         n = sum(p.numel() for p in params.values())  # a sharded tensor's numel is the whole tensor's
@@ -318,10 +316,11 @@ class TIES(_TaskVectorMerge):
             sums, counts = self._local(name)
             kept += ties_fold_(sums, counts, self.task_vector(params, name), threshold)
             signs += (sums[0] + sums[1]).sign().sum(dtype=torch.float64)
-        majority = float((all_reduce_(signs) if sharded else signs).sign())
+        majority = float(whole_sum(signs, params).sign())
         for name in params:
             self.write(params, name, ties_mean(*self._local(name), majority))
-        return {"elements": n, "kept": whole_count(kept, params), "threshold": threshold}
+        kept = int(whole_sum(torch.tensor(kept, device=device), params))
+        return {"elements": n, "kept": kept, "threshold": threshold}
 
     def _local(self, name: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """This rank's (positive, negative) sums and (positive, negative) counts of one tensor."""
@@ -359,8 +358,9 @@ class MagMax(_TaskVectorMerge):
         for name in params:
             replaced += magmax_fold_(local(self.vector[name]), self.task_vector(params, name))
             self.write(params, name, local(self.vector[name]))
-        n = sum(p.numel() for p in params.values())
-        return {"elements": n, "replaced": whole_count(replaced, params)}
+        device = local(next(iter(params.values()))).device
+        replaced = int(whole_sum(torch.tensor(replaced, device=device), params))
+        return {"elements": sum(p.numel() for p in params.values()), "replaced": replaced}
 
     def state_dict(self) -> Tensors:
         return {**super().state_dict(), **prefixed("vector", self.vector)}
@@ -412,7 +412,10 @@ class FisherMerge(CLStrategy):
     def merge(self, params: Tensors, fisher: Tensors) -> dict:
         """Fold this task's Fisher `fisher` (at theta', laid out like `params`; normalised and floored
         here, in place) and merge the model; what the record keeps."""
-        norm = float(dots(fisher, [fisher])[0].sqrt())  # whole-model sums (all-reduced when sharded)
+        # exact squares summed in fp64, whose order (the sharding) barely shows, and the norm rounded
+        # to fp32: one process's on every rank
+        squares = sum(local(f).double().square().sum() for f in fisher.values())
+        norm = whole_sum(squares, params).sqrt().float()
         floored = 0
         self.fisher, prev = placed(self.fisher, params), placed(self.prev, params)
         for name, f in fisher.items():
@@ -429,7 +432,8 @@ class FisherMerge(CLStrategy):
                 self.fisher[name] = f
         self.prev = {}
         n = sum(p.numel() for p in params.values())
-        return {"fisher_norm": norm, "floored_share": whole_count(floored, params) / n}
+        floored = int(whole_sum(torch.tensor(floored, device=squares.device), params))
+        return {"fisher_norm": norm.item(), "floored_share": floored / n}
 
     def state_dict(self) -> Tensors:
         return prefixed("fisher", self.fisher)

@@ -62,6 +62,21 @@ def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedP
     return out
 
 
+def torchrun_worker(worker: str, model: Path, out: Path) -> Path:
+    """`worker` (a file beside this one) on two ranks started by torchrun, given the model folder and
+    `out`, where it writes what it computed; `out`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*cmd, str(Path(__file__).with_name(worker)), str(model), str(out)],
+        env={**ENV, "PYTHONPATH": str(Path(__file__).parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
 def fit_args(out: str, ranks: int, *args: str, config: str = "toy.yaml", name: str = "run") -> list[str]:
     """`fit` of a stream (the toy one by default) into `out/name`: `ranks` processes with the same
     global batch."""
