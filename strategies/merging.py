@@ -65,9 +65,10 @@ the weights, from the same starting model (attribution keeps its single-task sta
 The optimizer: the next task's AdamW starts from the moments the previous task left
 (`model.keep_optimizer_state`, as for every strategy), now at the merged weights; with it off, from
 zero moments. With LoRA only the adapters train, so the merges act on the adapter tensors, A and B
-elementwise (not on their product). RUN_DIR/merge/<strategy>.json records, per task, what TIES trimmed
-(the threshold and the elements kept), how much of MagMax's vector the task replaced, and the Fisher's
-norm and floored share.
+elementwise (not on their product). RUN_DIR/merge/<strategy>.json records, per task, what TIES
+trimmed (the threshold, the elements kept, those with kept entries of both signs so far), how much
+of MagMax's vector the task replaced, how far either merge is from theta_0 (L2), and the Fisher's
+norm, floored share and the mean weight F_t / (F_acc + F_t) the new task got.
 """
 
 from __future__ import annotations
@@ -253,7 +254,9 @@ class _TaskVectorMerge(CLStrategy):
         self.theta0 = placed(self.theta0, params)
         if self.start_from == "finetuned":
             self.finetuned = snapshot(params)
-        self.record.add(ctx, self.merge(params))
+        entry = self.merge(params)
+        squares = sum((self.task_vector(params, name).double() ** 2).sum() for name in params)
+        self.record.add(ctx, {**entry, "distance": whole_sum(squares, params).sqrt().float().item()})
 
     def merge(self, params: Tensors) -> dict:
         """Fold this task's vector in, write the merge into `params`; what the record keeps."""
@@ -311,16 +314,18 @@ class TIES(_TaskVectorMerge):
         n = sum(p.numel() for p in params.values())  # a sharded tensor's numel is the whole tensor's
         magnitudes = lambda: (self.task_vector(params, name).abs() for name in params)  # noqa: E731
         threshold = kth_largest(magnitudes, min(int(n * self.top_k) + 1, n), device, sharded)
-        kept, signs = 0, torch.zeros((), dtype=torch.float64, device=device)
+        # elements kept from this task; with trimmed entries of both signs so far; the sum of signs
+        counts = torch.zeros(3, dtype=torch.float64, device=device)
         for name in params:
-            sums, counts = self._local(name)
-            kept += ties_fold_(sums, counts, self.task_vector(params, name), threshold)
-            signs += (sums[0] + sums[1]).sign().sum(dtype=torch.float64)
-        majority = float(whole_sum(signs, params).sign())
+            sums, (n_pos, n_neg) = self._local(name)
+            counts[0] += ties_fold_(sums, (n_pos, n_neg), self.task_vector(params, name), threshold)
+            counts[1] += ((n_pos > 0) & (n_neg > 0)).sum()
+            counts[2] += (sums[0] + sums[1]).sign().sum(dtype=torch.float64)
+        kept, conflicts, signs = whole_sum(counts, params).tolist()
+        majority = 1.0 if signs > 0 else -1.0 if signs < 0 else 0.0
         for name in params:
             self.write(params, name, ties_mean(*self._local(name), majority))
-        kept = int(whole_sum(torch.tensor(kept, device=device), params))
-        return {"elements": n, "kept": kept, "threshold": threshold}
+        return {"elements": n, "kept": int(kept), "threshold": threshold, "conflicts": int(conflicts)}
 
     def _local(self, name: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """This rank's (positive, negative) sums and (positive, negative) counts of one tensor."""
@@ -416,24 +421,26 @@ class FisherMerge(CLStrategy):
         # to fp32: one process's on every rank
         squares = sum(local(f).double().square().sum() for f in fisher.values())
         norm = whole_sum(squares, params).sqrt().float()
-        floored = 0
+        totals = torch.zeros(2, dtype=torch.float64, device=squares.device)  # floored; F_t / (F_acc + F_t)
         self.fisher, prev = placed(self.fisher, params), placed(self.prev, params)
         for name, f in fisher.items():
             new = local(f)
             if self.normalize and norm > 0:
                 new.div_(norm)
-            floored += int((new < self.fisher_floor).sum())
+            totals[0] += (new < self.fisher_floor).sum()
             new.clamp_(min=self.fisher_floor)
             if name in self.fisher:
                 acc = local(self.fisher[name])
                 fisher_merge_(local(params[name]), local(prev[name]), acc, new)
+                totals[1] += (new / (acc + new)).sum(dtype=torch.float64)
                 acc.add_(new)
-            else:  # the first task: nothing to merge with
+            else:  # the first task: nothing to merge with, theta' is kept whole
                 self.fisher[name] = f
+                totals[1] += new.numel()
         self.prev = {}
         n = sum(p.numel() for p in params.values())
-        floored = int(whole_sum(torch.tensor(floored, device=squares.device), params))
-        return {"fisher_norm": norm.item(), "floored_share": floored / n}
+        floored, weight = whole_sum(totals, params).tolist()
+        return {"fisher_norm": norm.item(), "floored_share": floored / n, "new_weight_mean": weight / n}
 
     def state_dict(self) -> Tensors:
         return prefixed("fisher", self.fisher)

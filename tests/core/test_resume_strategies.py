@@ -1,9 +1,10 @@
 """`clbench fit --resume` for strategies whose state is more than tensors by name: o_lora adds an
 adapter per task to the model, ssr keeps text, gem / agem keep text and seed their draws per task,
 ogd keeps a list of model-sized directions, mbpa keeps text and keys and answers through its own
-hook, l2p keeps its prompt-choice counts. A run stopped after two tasks goes on to the
-uninterrupted run's matrix, training losses and strategy records (in process, so it takes seconds;
-tests/core/test_resume.py kills real processes)."""
+hook, l2p keeps its prompt-choice counts, the merges keep folded task vectors, theta' or Fisher sums
+(theta_0 comes from setup). A run stopped after two tasks goes on to the uninterrupted run's matrix,
+training losses and strategy records (in process, so it takes seconds; tests/core/test_resume.py
+kills real processes)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ RECORDS = {
     "mbpa": None,  # its record is timings; the matrix says whether the adaptation resumed right
     "progressive_prompts": "progressive_prompts/prompts.json",
     "l2p": "l2p/selection.json",  # the choices of tasks before the stop come back with the state
+    "linear_merge": None,  # keeps nothing between tasks: the later rows say whether it merged alike
+    "ties": "merge/ties.json",
+    "magmax": "merge/magmax.json",  # theta' comes back with the state, for the next task to start from
+    "fisher_merge": "merge/fisher_merge.json",
 }
 
 

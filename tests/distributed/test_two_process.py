@@ -22,15 +22,27 @@ from twoproc import (
 )
 
 LAST = "task3-upper"
-# TRACE's methods (issue 36): each under FSDP2 and under DDP
+# TRACE's methods (issue 36) and the merges (issue 37): each under FSDP2 and under DDP
 TRACE_METHODS = ("gem", "agem", "ogd", "mbpa", "progressive_prompts", "l2p")
+MERGES = ("linear_merge", "ties", "magmax", "fisher_merge", "attribution-merge")
 CASES = {
     **{
         name: STRATEGY_ARGS[name]
-        for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora", *TRACE_METHODS)
+        for name in (
+            "seqft",
+            "replay",
+            "ewc",
+            "freeze",
+            "lwf",
+            "plugin",
+            "o_lora",
+            *TRACE_METHODS,
+            *MERGES[:-1],
+        )
     },
     "attribution-grad": STRATEGY_ARGS["attribution"],
     "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
+    "attribution-merge": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "merge"),
     # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
     "attribution-budget-disk": (
         *STRATEGY_ARGS["attribution"],
@@ -89,7 +101,7 @@ def _close(gates: dict, one: Path) -> bool:
 
 @pytest.mark.parametrize(
     "case",
-    ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", *TRACE_METHODS],
+    ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", *TRACE_METHODS, *MERGES],
 )
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
@@ -177,7 +189,10 @@ def prompt_batches(task, tok):
 
 @pytest.mark.parametrize(
     "case, sharding",
-    [("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp"), ("l2p", "fsdp")],
+    [
+        *(("seqft", "fsdp"), ("ewc", "fsdp"), ("attribution-grad", "fsdp"), ("ewc", "ddp"), ("l2p", "fsdp")),
+        ("ties", "fsdp"),  # its sums and uint8 counts as shards through torch.distributed.checkpoint
+    ],
 )
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case, sharding):
     """SIGKILL to both ranks after the first task's state is saved (under FSDP2 every rank its shards,

@@ -110,6 +110,7 @@ def test_ties_trims_elects_and_averages_by_hand(stream_of, tmp_path):
     assert [log[t]["kept"] for t in ("alpha", "beta", "gamma")] == [4, 4, 5]
     assert [log[t]["threshold"] for t in ("alpha", "beta", "gamma")] == [2.0, 3.0, 2.0]
     assert all(log[t]["elements"] == 10 for t in log)
+    assert [log[t]["conflicts"] for t in ("alpha", "beta", "gamma")] == [0, 1, 4]  # entries of both signs
 
 
 def test_ties_scale_and_the_finetuned_start(stream_of, tmp_path):
@@ -187,7 +188,11 @@ def test_fisher_merge_normalises_floors_and_folds(stream_of, tmp_path):
     f1, f2 = torch.tensor([0.6, 0.8, 0.1]), torch.tensor([0.1, 0.1, 1.0])  # F/||F||, floored at 0.1
     torch.testing.assert_close(module.params["w"].detach(), (f1 * ends[0] + f2 * ends[1]) / (f1 + f2))
     torch.testing.assert_close(strategy.fisher["w"], f1 + f2)
-    assert entry == {"fisher_norm": 2.0, "floored_share": pytest.approx(2 / 3)}
+    assert entry == {
+        "fisher_norm": 2.0,
+        "floored_share": pytest.approx(2 / 3),
+        "new_weight_mean": pytest.approx((0.1 / 0.7 + 0.1 / 0.9 + 1 / 1.1) / 3),
+    }
 
 
 def test_fisher_merge_uses_the_tasks_empirical_fisher(make_module, make_ctx, stream_of):
@@ -241,20 +246,21 @@ def test_attribution_merge_is_exact_at_gates_0_and_1(stream_of, tmp_path, monkey
 )
 def test_restored_state_merges_the_next_task_as_the_original(make, stream_of, tmp_path, monkeypatch):
     """Saved through safetensors after two tasks and restored into a fresh strategy (whose setup sees
-    the starting weights, as a resumed run's does), the third task merges to the same bits. (Fisher
+    the starting weights, as a resumed run's does), the third task starts from the same weights
+    (theta' with start_from "finetuned") and merges to the same bits. (Fisher
     merging's Fisher here: a function of the weights, for a stand-in model without data.)"""
     fisher = lambda ctx, params, *args: {n: (p.detach() - 3).abs() + 0.5 for n, p in params.items()}  # noqa: E731
     monkeypatch.setattr("strategies.merging.empirical_fisher", fisher)
     stream = stream_of(1, 1, 1)
     original = make()
-    run_tasks(original, THETA0, [THETA0 + t for t in TAU[:2]], stream, tmp_path)
+    merged = run_tasks(original, THETA0, [THETA0 + t for t in TAU[:2]], stream, tmp_path)[-1]
     save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(tmp_path / "s.safetensors"))
     restored = make()
     restored.setup(StrategyContext(Weights(w=THETA0), stream, 0, tmp_path))
     restored.load_state_dict(load_file(str(tmp_path / "s.safetensors")))
     results = []
     for strategy in (original, restored):
-        module = Weights(w=THETA0 + TAU[1])  # where the second task's merge left it, or theta'
+        module = Weights(w=merged)  # where the second task's merge left the model
         ctx = StrategyContext(module, stream, 2, tmp_path)
         strategy.on_task_start(ctx)
         started = module.params["w"].detach().clone()
