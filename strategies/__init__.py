@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "multitask": "strategies.multitask:Multitask",
     "lwf": "strategies.lwf:LwF",
     "attribution": "strategies.attribution:Attribution",
+    "attribution_merge": "strategies.attribution.merge:AttributionMerge",
     "o_lora": "strategies.o_lora:OLoRA",
     "ssr": "strategies.ssr:SSR",
     "gem": "strategies.gem:GEM",

@@ -4,11 +4,12 @@
 project reading in docs/attribution.md). After task tau, a prior over the trainable parameters is
 scored (importance.py, Eq. 10-11) on the samples a model answers correctly; the historical
 importance Rbar = clamp(max over earlier priors, 0) (Eq. 12) then gates every optimizer step of
-later tasks (Eq. 13), once per step, after all accumulated backward passes, or their whole change:
+later tasks (Eq. 13), once per step, after all accumulated backward passes:
 
     gate_target "grad"    g <- (1 - Rbar) g                                   (the paper)
     gate_target "update"  theta <- theta_old + (1 - Rbar) (theta_step - theta_old)
-    gate_target "merge"   at the task's end theta <- theta_prev + (1 - Rbar) (theta' - theta_prev)
+
+(`attribution_merge`, merge.py, applies the same gate to each task's whole change at its end.)
 
 What still moves a parameter with Rbar = 1 under "grad": its gradient is exactly zero, but AdamW
 still applies its decoupled weight decay (theta <- theta (1 - lr wd), independent of g) and the
@@ -20,17 +21,6 @@ Rbar = 0 (the step is bit-identical to sequential fine-tuning). "update" is fold
 step (the hook `update_gate`, applied by clbench.module.GatedAdamW): the step of a gated tensor is
 computed out of place and lerp(theta_step, theta_old, gate) written into the parameter, with no
 copy of the old weights, at about the cost of a seqft step (tools/bench_gate.py).
-
-"merge" (issue 37; the other merges are strategies/merging.py) trains by sequential fine-tuning and
-weighs the task's whole change once, at its end, before its row is evaluated: with theta_prev the
-weights the task started from and theta' those it ended with, theta <- lerp(theta', theta_prev, Rbar).
-There Adam cannot undo the gate: 0.3 keeps 70% of the task's change. torch.lerp is exact at both
-ends, so Rbar 0 (the first task, a prior of zeros) gives sequential fine-tuning bit for bit and
-Rbar 1 keeps theta_prev bit for bit. The gate is made as for the other targets (gate_power, budget)
-and the task's prior is scored after the merge, from the same sources and cache (task 1's
-single-task model is theta' itself: the first merge changes nothing). It keeps theta_prev during the
-task (a copy of the trainable parameters, let go before the prior is computed) and costs one
-elementwise pass at the task's end besides the prior.
 
 `gate_power` (clbench's ablation, 1 = the paper) gates with Rbar ** gate_power instead: a
 monotone transform that keeps which parameters are protected but changes how strongly. Eq. 10's
@@ -83,6 +73,7 @@ This package holds everything the method needs, and the core never imports it:
     importance.py  per-sample scores (LRP, gradient x weight, Fisher), Eq. 10-12, the prior cache
     priors.py      where each task's prior comes from (single-task side fit or continual model)
     offload.py     tensors parked in host memory or on disk while a prior is computed
+    merge.py       attribution_merge: the gate on each task's whole change at its end (issue 37)
 """
 
 from __future__ import annotations
@@ -109,12 +100,10 @@ Tensors = dict[str, torch.Tensor]
 
 
 class Attribution(CLStrategy):
-    """Gates each optimizer step (or each task's change) by the historical attribution importance of
-    earlier tasks.
+    """Gates each optimizer step by the historical attribution importance of earlier tasks.
 
     Args:
-        gate_target: Gate the gradient ("grad", the paper), the optimizer's whole update ("update") or,
-            at the task's end, the task's whole change ("merge").
+        gate_target: Gate the gradient ("grad", the paper) or the optimizer's whole update ("update").
         source: Score single-task models ("single_task", the paper) or the continual model ("continual").
         estimator: Per-sample relevance: "lrp" (the paper), "grad_x_weight", "fisher", "magnitude"
             (|theta|, no samples) or "random" (the LRP gate permuted within each tensor).
@@ -139,12 +128,13 @@ class Attribution(CLStrategy):
             trainable parameter) or "float32" (4K bytes, exact).
     """
 
+    gate_targets: tuple[str, ...] = ("grad", "update")  # where the gate acts (attribution_merge: "merge")
     mass_every = 8  # "update": the removed update mass is measured on steps 0, k, 2k, ... of each task
     placement_only = ("offload", "prior_dir")  # the same numbers wherever state waits or priors are cached
 
     def __init__(
         self,
-        gate_target: Literal["grad", "update", "merge"] = "grad",
+        gate_target: Literal["grad", "update"] = "grad",
         source: Literal["single_task", "continual"] = "single_task",
         estimator: Literal["lrp", "grad_x_weight", "fisher", "magnitude", "random"] = "lrp",
         top_k: int = 8,
@@ -159,7 +149,7 @@ class Attribution(CLStrategy):
         offload: Literal["auto", "memory", "disk"] = "auto",
     ) -> None:
         for option, value, allowed in (
-            ("gate_target", gate_target, ("grad", "update", "merge")),
+            ("gate_target", gate_target, self.gate_targets),
             ("source", source, ("single_task", "continual")),
             ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "magnitude", "random")),
             ("prior_dtype", prior_dtype, ("bfloat16", "float32")),
@@ -195,7 +185,6 @@ class Attribution(CLStrategy):
         self.priors = PriorSource(source, record_continual, scorer, Parking(offload), PriorCache(prior_dir))
         self._steps = 0  # optimizer steps of the current task under the update gate
         self._nonzero: dict[str, bool] = {}
-        self._start: Tensors = {}  # "merge": where the current task started
 
     # -- the gate -------------------------------------------------------------------------------
     def _gated(self, ctx: StrategyContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,20 +226,6 @@ class Attribution(CLStrategy):
             self._moved = self._moved.to(device)
         return UpdateGate(held, self._moved if measured else None)
 
-    def on_task_start(self, ctx: StrategyContext) -> None:
-        if self.gate_target == "merge":  # a copy keeps a sharded parameter's layout (this rank's shards)
-            self._start = {n: p.detach().clone() for n, p in ctx.module.trainable_parameters().items()}
-
-    @torch.no_grad()
-    def _merge(self, ctx: StrategyContext) -> None:
-        """ "merge": theta <- lerp(theta', theta_prev, gate) on every gated tensor, in place (local
-        shards: elementwise, no communication); theta_prev is let go."""
-        start, self._start = self._start, {}
-        prev = {p: start[n] for n, p in ctx.module.trainable_parameters().items()}
-        for p, gate in self._gated(ctx):
-            theta = local(p)
-            torch.lerp(theta, local(prev[p]).to(theta.device), gate.to(theta.dtype), out=theta)
-
     def _fold(self, ctx: StrategyContext, prior: Tensors) -> None:
         if self.estimator == "random":
             params = ctx.module.trainable_parameters()
@@ -274,8 +249,6 @@ class Attribution(CLStrategy):
         self.priors.setup(ctx)
 
     def on_task_end(self, ctx: StrategyContext) -> None:
-        if self.gate_target == "merge":  # with the gate of the earlier tasks, before this one's prior
-            self._merge(ctx)
         last = ctx.task_index == len(ctx.stream) - 1
         # scoring iterates data loaders (which draw from the global RNG) and may train a side
         # model: keep the continual run's random stream the same whether a prior is cached or not

@@ -1,5 +1,5 @@
-"""Merging's exact ends over whole `clbench fit` runs: linear merging at alpha 1 and attribution's "merge"
-target at Rbar 0 are sequential fine-tuning bit for bit (matrix, every step's loss, weights); at Rbar 1
+"""Merging's exact ends over whole `clbench fit` runs: linear merging at alpha 1 and attribution merging
+at Rbar 0 are sequential fine-tuning bit for bit (matrix, every step's loss, weights); at Rbar 1
 every task after the first is withdrawn, bit for bit (tests/strategies/test_merging.py tests the rules)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_linear_merge_at_alpha_1_is_sequential_fine_tuning(seqft_run, tiny_model
 
 
 def attribution_merge_run(seqft_run, model_dir: Path, monkeypatch, value: float, name: str) -> dict:
-    """A whole run of attribution's "merge" target whose every prior is `value` everywhere."""
+    """A whole run of attribution merging whose every prior is `value` everywhere."""
 
     def prior(self, ctx, needed: bool) -> dict | None:
         params = ctx.module.trainable_parameters()
@@ -66,8 +66,8 @@ def attribution_merge_run(seqft_run, model_dir: Path, monkeypatch, value: float,
 
     monkeypatch.setattr(PriorSource, "prior", prior)
     trace, out, _ = seqft_run
-    args = {"gate_target": "merge", "prior_dir": str(out / "priors")}
-    return fit_run(trace, model_dir, out, name, {"class_path": "attribution", "init_args": args})
+    args = {"prior_dir": str(out / "priors")}
+    return fit_run(trace, model_dir, out, name, {"class_path": "attribution_merge", "init_args": args})
 
 
 def test_attribution_merge_at_rbar_0_is_sequential_fine_tuning(seqft_run, tiny_model_dir, monkeypatch):

@@ -30,6 +30,7 @@ RECORDS = {
     "ties": "merge/ties.json",
     "magmax": "merge/magmax.json",  # theta' comes back with the state, for the next task to start from
     "fisher_merge": "merge/fisher_merge.json",
+    "attribution_merge": "importance/gate.json",  # Rbar comes back with the state
 }
 
 

@@ -1,4 +1,4 @@
-"""Every merge (strategies/merging.py and attribution's "merge" target) on a model sharded with FSDP2 over
+"""Every merge (strategies/merging.py and attribution_merge) on a model sharded with FSDP2 over
 the ranks torchrun starts, or on the whole model in one process: three tasks whose training is a fixed
 change of the weights; the whole weights after each merge and each strategy's record.
 Usage: torchrun --nproc-per-node 2 merge_worker.py MODEL_DIR OUT_DIR"""
@@ -22,7 +22,7 @@ from clbench import distributed as dist
 from clbench.data.tasks import Task, TaskStream
 from clbench.strategy import CLStrategy, StrategyContext
 from strategies import merging
-from strategies.attribution import Attribution
+from strategies.attribution.merge import AttributionMerge
 from strategies.attribution.priors import PriorSource
 from strategies.merging import TIES, FisherMerge, LinearMerge, MagMax
 
@@ -33,8 +33,8 @@ CASES: dict[str, Callable[[], CLStrategy]] = {
     "ties-finetuned": lambda: TIES(top_k=0.5, scale=0.7, start_from="finetuned"),
     "magmax": lambda: MagMax(),
     "fisher_merge": lambda: FisherMerge(),
-    "attribution-merge": lambda: Attribution(gate_target="merge"),
-    "attribution-merge-budget": lambda: Attribution(gate_target="merge", budget=0.3),
+    "attribution_merge": lambda: AttributionMerge(),
+    "attribution_merge-budget": lambda: AttributionMerge(budget=0.3),
 }
 
 

@@ -24,7 +24,7 @@ from twoproc import (
 LAST = "task3-upper"
 # TRACE's methods (issue 36) and the merges (issue 37): each under FSDP2 and under DDP
 TRACE_METHODS = ("gem", "agem", "ogd", "mbpa", "progressive_prompts", "l2p")
-MERGES = ("linear_merge", "ties", "magmax", "fisher_merge", "attribution-merge")
+MERGES = ("linear_merge", "ties", "magmax", "fisher_merge", "attribution_merge")
 CASES = {
     **{
         name: STRATEGY_ARGS[name]
@@ -37,12 +37,11 @@ CASES = {
             "plugin",
             "o_lora",
             *TRACE_METHODS,
-            *MERGES[:-1],
+            *MERGES,
         )
     },
     "attribution-grad": STRATEGY_ARGS["attribution"],
     "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
-    "attribution-merge": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "merge"),
     # the budget gate's top share of the whole tensor, and moments/weights offloaded as shards
     "attribution-budget-disk": (
         *STRATEGY_ARGS["attribution"],

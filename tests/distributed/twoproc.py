@@ -52,11 +52,13 @@ STRATEGY_ARGS = {
         *("--strategy.top_n", "2", "--strategy.diversify", "true", "--model.lr", "0.03"),
     ),
     # merges at each task's end (issue 37): TIES's threshold over every rank's shards, MagMax's
-    # sequential fine-tuning from theta' (its default), the Fisher of every example of two batches
+    # sequential fine-tuning from theta' (its default), the Fisher of every example of two batches,
+    # attribution's gate on each task's change
     "linear_merge": ("--strategy", "linear_merge", "--strategy.alpha", "0.5"),
     "ties": ("--strategy", "ties", "--strategy.top_k", "0.2"),
     "magmax": ("--strategy", "magmax"),
     "fisher_merge": ("--strategy", "fisher_merge", "--strategy.fisher_batches", "2"),
+    "attribution_merge": ("--strategy", "attribution_merge", *ATTRIBUTION),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -1,6 +1,6 @@
 """Merging at each task's end (strategies/merging.py, attribution's "merge" target): every rule against
 a hand computation on small tensors, TIES's trim counts and sign election, MagMax's choice per
-element, Fisher merging's formula, the exact ends of linear and attribution merging (whole runs:
+element, Fisher merging's formula, attribution merging's exact ends (whole runs, and linear merging's:
 tests/core/test_merge_runs.py) and the state a resume needs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from clbench.gradients import empirical_fisher
 from clbench.strategy import StrategyContext
-from strategies.attribution import Attribution
+from strategies.attribution.merge import AttributionMerge
 from strategies.attribution.priors import PriorSource
 from strategies.merging import (
     TIES,
@@ -210,7 +210,7 @@ def test_fisher_merge_uses_the_tasks_empirical_fisher(make_module, make_ctx, str
         torch.testing.assert_close(strategy.fisher[name], (f / norm).clamp(min=1e-6))
 
 
-# -- attribution's "merge" target ----------------------------------------------------------------
+# -- attribution merging ---------------------------------------------------------------------------
 def no_prior(monkeypatch) -> None:
     """Priors as if none were needed: the test sets Rbar itself."""
     monkeypatch.setattr(PriorSource, "prior", lambda self, ctx, needed: None)
@@ -224,7 +224,7 @@ def test_attribution_merge_is_exact_at_gates_0_and_1(stream_of, tmp_path, monkey
     prev, trained = torch.randn(3000), torch.randn(3000)
     rbar = torch.rand(3000)
     rbar[:1000], rbar[1000:2000] = 0.0, 1.0
-    strategy = Attribution(gate_target="merge", prior_dir=str(tmp_path / "priors"))
+    strategy = AttributionMerge(prior_dir=str(tmp_path / "priors"))
     strategy.load_state_dict({"rbar.w": rbar})
     (after,) = run_tasks(strategy, prev, [trained], stream_of(1), tmp_path)
     assert torch.equal(after[:1000], trained[:1000]) and torch.equal(after[1000:2000], prev[1000:2000])

@@ -13,6 +13,7 @@ from strategies import REGISTRY, load
 
 OPTIONS = {
     "attribution": {"correct_threshold": 0.0, "max_prior_samples": 4, "prior_dtype": "float32"},
+    "attribution_merge": {"correct_threshold": 0.0, "max_prior_samples": 4, "prior_dtype": "float32"},
     "ewc": {"fisher_batches": 2},
     "freeze": {"lower_layers": 1},
     "replay": {"past_task_ratio": 0.5},
@@ -33,7 +34,7 @@ STATEFUL = {"attribution", "ewc", "replay", "ssr", "ogd", "mbpa"}
 
 def build(name: str, tmp_path) -> object:
     options = dict(OPTIONS.get(name, {}))
-    if name == "attribution":
+    if name.startswith("attribution"):
         options["prior_dir"] = str(tmp_path / "priors")
     return load(name)(**options)
 
