@@ -1,7 +1,8 @@
 """Model merging at each task's end: the weights task t leaves, theta', are merged with where the task
 started (theta_prev) or with the starting model theta_0, and the merge is written back into the model
 before row t is evaluated (the runner calls `on_task_end` first). Training itself is sequential
-fine-tuning: no hook touches a step.
+fine-tuning: no hook touches a step. (Attribution merging, theta_prev + (1 - Rbar)(theta' -
+theta_prev), lives with attribution's priors: strategies/attribution/merge.py.)
 
     linear_merge  theta <- theta_prev + alpha (theta' - theta_prev)         (torch.lerp: exact at 0, 1)
     ties          TIES-Merging (Yadav et al. 2023, NeurIPS, arXiv 2306.01708) of the task vectors
@@ -49,16 +50,20 @@ Readings, from each paper's code where the paper leaves a choice open:
   theta_t = sum_i F~_i theta'_i / sum_i F~_i with F~_i the normalised, floored Fishers.
 
 What each keeps, per rank (its shards under FSDP2), for n trainable elements ("a copy": n in the
-parameters' dtype), and what a task's end costs:
-- linear_merge: theta_prev, a copy, during the task only; nothing between tasks. One elementwise pass.
+parameters' dtype), and what a task's end costs (seconds: one CPU thread, 134.5M fp32 elements, the
+size of SmolLM2-135M, on a machine shared with other runs):
+- linear_merge: theta_prev, a copy, during the task only; nothing between tasks. One elementwise
+  pass (0.2 s).
 - ties: theta_0 (a copy), the positive and negative sums (8n bytes) and counts (2n bytes, uint8: at
   most 255 tasks), and with start_from "finetuned" theta' until the next task starts (a copy). Two
-  passes over the task vector for the threshold (a 65536-bin histogram each, one all-reduce each under
-  FSDP2), one to fold it, one to write the merge (and a one-number all-reduce for the majority sign).
-- magmax: theta_0 (a copy) and the running vector (4n bytes), and theta' as TIES does. One pass.
+  passes over the task vector for the threshold (a 65536-bin histogram each, all-reduced under
+  FSDP2), one to fold it, one to write the merge and one for the record's distance, and an
+  all-reduce of three counts (9 s; 23 s at the first task, which allocates the sums).
+- magmax: theta_0 (a copy) and the running vector (4n bytes), and theta' as TIES does. One pass to
+  fold and write, one for the distance (3-4 s).
 - fisher_merge: F_acc (4n bytes), and theta_prev during the task (a copy). The Fisher's backward
-  passes (`fisher_batches` batches, or one pass per example with `per_sample`), one all-reduced norm
-  and one elementwise pass.
+  passes (`fisher_batches` batches, or one pass per example with `per_sample`: what dominates), one
+  all-reduced norm and one elementwise pass (4 s).
 theta_0 is not in the strategy's state: `setup` copies it on a resume too, before the runner restores
 the weights, from the same starting model (attribution keeps its single-task start the same way).
 
