@@ -1,5 +1,6 @@
 """What several strategies compute per parameter: gradients of one loss (and their squares, the
-empirical Fisher), and how strong a per-parameter gate or weight is (gate_statistics).
+empirical Fisher of a task: EWC's penalty, Fisher merging's weights), and how strong a
+per-parameter gate or weight is (gate_statistics).
 
 Gradients are read where every layout puts them: `p.grad` after backward.
 
@@ -11,6 +12,7 @@ zeros. Here a missing gradient is an error.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +52,33 @@ def grads_of(loss: Tensor, params: Tensors) -> Tensors:
 def squared_grads(loss: Tensor, params: Tensors) -> Tensors:
     """The empirical-Fisher term of one loss: squared gradients, fp32, laid out like the parameters."""
     return {name: g.float().square() for name, g in grads_of(loss, params).items()}
+
+
+def empirical_fisher(
+    ctx: StrategyContext, params: Tensors, batches: int | None = None, per_sample: bool = False
+) -> Tensors:
+    """The diagonal empirical Fisher of the current task at the current weights: the mean squared
+    gradient of the training loss (answer tokens) over the first `batches` shuffled training batches
+    of the task (None: all), fp32, laid out like `params`. Squares of each batch's mean-loss gradient
+    (one backward pass per batch), or with `per_sample` of each example's (the textbook estimator, one
+    pass per example; about batch_size x larger). Dropout off. Every rank must call it: the loader
+    gives every rank the same global batches, so each gradient is one batch's, never a sum over
+    ranks' batches."""
+    module, device = ctx.module, module_device(ctx)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    count, was_training = 0, module.training
+    module.eval()  # the Fisher of the deterministic model at these weights
+    try:
+        with torch.enable_grad():
+            for batch in islice(ctx.service().make_loader(ctx.task.train, True), batches):
+                batch = move_data_to_device(batch, device)
+                for part in rows(batch) if per_sample else [batch]:
+                    for name, g in squared_grads(module(part).loss, params).items():
+                        sums[name] += g
+                    count += 1
+    finally:
+        module.train(was_training)
+    return {name: s / max(count, 1) for name, s in sums.items()}
 
 
 def module_device(ctx: StrategyContext) -> torch.device:

@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "multitask": "strategies.multitask:Multitask",
     "lwf": "strategies.lwf:LwF",
     "attribution": "strategies.attribution:Attribution",
+    "attribution_merge": "strategies.attribution.merge:AttributionMerge",
     "o_lora": "strategies.o_lora:OLoRA",
     "ssr": "strategies.ssr:SSR",
     "gem": "strategies.gem:GEM",
@@ -32,6 +33,10 @@ REGISTRY: dict[str, str] = {
     "progressive_prompts": "strategies.progressive_prompts:ProgressivePrompts",
     "l2p": "strategies.l2p:L2P",
     "lfpt5": "strategies.lfpt5:LFPT5",
+    "linear_merge": "strategies.merging:LinearMerge",
+    "ties": "strategies.merging:TIES",
+    "magmax": "strategies.merging:MagMax",
+    "fisher_merge": "strategies.merging:FisherMerge",
 }
 
 ENTRY_POINT_GROUP = "clbench.strategies"

@@ -17,7 +17,8 @@ the same loss as training) on the finished task's training examples, averaged ov
 `fisher_batches` batches. By default the squares are of whole-batch mean-loss gradients (one
 backward pass per batch, as TRACE does); `per_sample` squares each example's gradient instead,
 the textbook estimator, at one backward pass per example. The two differ in scale (per-batch is
-about 1/batch_size of per-sample), so lambda is tuned for one of them.
+about 1/batch_size of per-sample), so lambda is tuned for one of them. The estimator is
+clbench.gradients.empirical_fisher, shared with other strategies.
 
 Only parameters that train are regularised (every weight in full fine-tuning, the adapters with
 LoRA). Fisher and anchors are fp32, laid out like their parameters (sharded the same way under
@@ -53,16 +54,14 @@ them (tools/bench_gate.py measures the step).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 
 from clbench.distributed import all_reduce_, is_sharded, local
 from clbench.files import write_json
-from clbench.gradients import gate_statistics, module_device, rows, squared_grads
+from clbench.gradients import empirical_fisher, gate_statistics
 from clbench.strategy import CLStrategy, StrategyContext
 
 Tensors = dict[str, torch.Tensor]
@@ -198,7 +197,7 @@ class EWC(CLStrategy):
     def on_task_end(self, ctx: StrategyContext) -> None:
         self._restart()  # frees the buffer before the Fisher's backward passes
         params = ctx.module.trainable_parameters()
-        new = self.estimate_fisher(ctx, params)
+        new = empirical_fisher(ctx, params, self.fisher_batches, self.per_sample)
         for name, f in new.items():
             old = self.fisher.get(name)
             self.fisher[name] = f if old is None else self.gamma * old + f
@@ -221,30 +220,6 @@ class EWC(CLStrategy):
         if ctx.writes:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, self.scale_log)
-
-    def estimate_fisher(self, ctx: StrategyContext, params: Tensors) -> Tensors:
-        """Mean squared gradient over the first `fisher_batches` (shuffled) training batches."""
-        module, device = ctx.module, module_device(ctx)
-        sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        count, was_training = 0, module.training
-        module.eval()  # dropout off: the Fisher of the deterministic model at theta*
-        try:
-            with torch.enable_grad():
-                for batch in self._batches(ctx.service().make_loader(ctx.task.train, True)):
-                    batch = move_data_to_device(batch, device)
-                    for part in rows(batch) if self.per_sample else [batch]:
-                        for name, g in squared_grads(module(part).loss, params).items():
-                            sums[name] += g
-                        count += 1
-        finally:
-            module.train(was_training)
-        return {name: s / max(count, 1) for name, s in sums.items()}
-
-    def _batches(self, loader: Iterable) -> Iterator[dict]:
-        for i, batch in enumerate(loader):
-            if self.fisher_batches is not None and i >= self.fisher_batches:
-                return
-            yield batch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {

@@ -9,6 +9,8 @@ later tasks (Eq. 13), once per step, after all accumulated backward passes:
     gate_target "grad"    g <- (1 - Rbar) g                                   (the paper)
     gate_target "update"  theta <- theta_old + (1 - Rbar) (theta_step - theta_old)
 
+(`attribution_merge`, merge.py, applies the same gate to each task's whole change at its end.)
+
 What still moves a parameter with Rbar = 1 under "grad": its gradient is exactly zero, but AdamW
 still applies its decoupled weight decay (theta <- theta (1 - lr wd), independent of g) and the
 first moment m carried over from earlier tasks (keep_optimizer_state) keeps pushing it along
@@ -71,6 +73,7 @@ This package holds everything the method needs, and the core never imports it:
     importance.py  per-sample scores (LRP, gradient x weight, Fisher), Eq. 10-12, the prior cache
     priors.py      where each task's prior comes from (single-task side fit or continual model)
     offload.py     tensors parked in host memory or on disk while a prior is computed
+    merge.py       attribution_merge: the gate on each task's whole change at its end (issue 37)
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class Attribution(CLStrategy):
             trainable parameter) or "float32" (4K bytes, exact).
     """
 
+    gate_targets: tuple[str, ...] = ("grad", "update")  # where the gate acts (attribution_merge: "merge")
     mass_every = 8  # "update": the removed update mass is measured on steps 0, k, 2k, ... of each task
     placement_only = ("offload", "prior_dir")  # the same numbers wherever state waits or priors are cached
 
@@ -145,7 +149,7 @@ class Attribution(CLStrategy):
         offload: Literal["auto", "memory", "disk"] = "auto",
     ) -> None:
         for option, value, allowed in (
-            ("gate_target", gate_target, ("grad", "update")),
+            ("gate_target", gate_target, self.gate_targets),
             ("source", source, ("single_task", "continual")),
             ("estimator", estimator, ("lrp", "grad_x_weight", "fisher", "magnitude", "random")),
             ("prior_dtype", prior_dtype, ("bfloat16", "float32")),

@@ -2,9 +2,10 @@
 adapter per task to the model, ssr keeps text, gem / agem keep text and seed their draws per task,
 ogd keeps a list of model-sized directions, mbpa keeps text and keys and answers through its own
 hook, l2p keeps its prompt-choice counts, lfpt5 keeps the pseudo examples it wrote (none parse on
-this byte-level model: tests/distributed/test_two_process.py resumes written ones). A run stopped
-after two tasks goes on to the uninterrupted run's matrix, training losses and strategy records (in
-process, so it takes seconds; tests/core/test_resume.py kills real processes)."""
+this byte-level model: tests/distributed/test_two_process.py resumes written ones), the merges keep
+folded task vectors, theta' or Fisher sums (theta_0 comes from setup). A run stopped after two tasks
+goes on to the uninterrupted run's matrix, training losses and strategy records (in process, so it
+takes seconds; tests/core/test_resume.py kills real processes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_fit import toy_config, write_config
 
 import strategies
@@ -27,7 +30,14 @@ RECORDS = {
     "progressive_prompts": "progressive_prompts/prompts.json",
     "l2p": "l2p/selection.json",  # the choices of tasks before the stop come back with the state
     "lfpt5": "lfpt5/pseudo.json",  # what it wrote and kept at each task end, and its budgets, as state
+    "linear_merge": None,  # keeps nothing between tasks: the later rows say whether it merged alike
+    "ties": "merge/ties.json",
+    "magmax": "merge/magmax.json",  # theta' comes back with the state, for the next task to start from
+    "fisher_merge": "merge/fisher_merge.json",
+    "attribution_merge": None,  # gate.json lists the tasks since a resume only (README, Not finished)
 }
+# the merges act at a task's end: the last task's merge, from the restored state, shows in the weights
+MERGES = {"linear_merge", "ties", "magmax", "fisher_merge", "attribution_merge"}
 
 
 def results(run: Path) -> dict:
@@ -39,7 +49,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_run(
     name, trace_dir, tiny_model_dir, tmp_path, monkeypatch
 ):
     cfg = toy_config(trace_dir, tiny_model_dir, tmp_path / "runs", name)
-    cfg["run"]["checkpoints"] = "none"
+    cfg["run"]["checkpoints"] = "last" if name in MERGES else "none"
     for task in cfg["stream"]["tasks"]:
         task["epochs"] = 1
     if name == "o_lora":
@@ -78,3 +88,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_run(
     if name == "ssr":  # the third task trained on both earlier tasks' synthetic examples
         counts = json.loads(record)["counts"]
         assert counts["parity"]["kept"] > 0 and counts["reverse"]["kept"] > 0
+    if name in MERGES:
+        last = Path("checkpoints") / "task3-upper" / "model.safetensors"
+        merged, resumed = (load_file(str(run / last)) for run in (tmp_path / "runs" / "whole", cut))
+        assert merged.keys() == resumed.keys() and all(torch.equal(merged[n], resumed[n]) for n in merged)

@@ -4,8 +4,6 @@ LRP splits the samples over the ranks and still gives one process's prior bit fo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,23 +11,12 @@ import torch
 from prior_worker import ESTIMATORS, priors
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from twoproc import ENV
+from twoproc import torchrun_worker
 
 
 @pytest.fixture(scope="module")
 def sharded_priors(toy_setup, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sharded-priors")
-    worker = Path(__file__).with_name("prior_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run(
-        [*cmd, str(worker), str(toy_setup / "model"), str(out)],
-        env={**ENV, "PYTHONPATH": str(Path(__file__).parents[2])},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
+    return torchrun_worker("prior_worker.py", toy_setup / "model", tmp_path_factory.mktemp("sharded-priors"))
 
 
 @pytest.fixture(scope="module")

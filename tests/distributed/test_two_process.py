@@ -22,12 +22,23 @@ from twoproc import (
 )
 
 LAST = "task3-upper"
-# TRACE's methods (issue 36): each under FSDP2 and under DDP
+# TRACE's methods (issue 36) and the merges (issue 37): each under FSDP2 and under DDP
 TRACE_METHODS = ("gem", "agem", "ogd", "mbpa", "progressive_prompts", "l2p", "lfpt5")
+MERGES = ("linear_merge", "ties", "magmax", "fisher_merge", "attribution_merge")
 CASES = {
     **{
         name: STRATEGY_ARGS[name]
-        for name in ("seqft", "replay", "ewc", "freeze", "lwf", "plugin", "o_lora", *TRACE_METHODS)
+        for name in (
+            "seqft",
+            "replay",
+            "ewc",
+            "freeze",
+            "lwf",
+            "plugin",
+            "o_lora",
+            *TRACE_METHODS,
+            *MERGES,
+        )
     },
     "attribution-grad": STRATEGY_ARGS["attribution"],
     "attribution-update": (*STRATEGY_ARGS["attribution"], "--strategy.gate_target", "update"),
@@ -89,7 +100,7 @@ def _close(gates: dict, one: Path) -> bool:
 
 @pytest.mark.parametrize(
     "case",
-    ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", *TRACE_METHODS],
+    ["seqft", "attribution-grad", "o_lora", "ssr", "plugin", *TRACE_METHODS, *MERGES],
 )
 def test_ddp_equals_one_process(toy_setup, case):
     one = reference(toy_setup, case)
@@ -188,6 +199,7 @@ def prompt_batches(task, tok):
         ("ewc", "ddp"),
         ("l2p", "fsdp"),
         ("lfpt5", "fsdp"),
+        ("ties", "fsdp"),  # its sums and uint8 counts as shards through torch.distributed.checkpoint
     ],
 )
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_run(toy_setup, case, sharding):

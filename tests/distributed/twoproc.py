@@ -59,6 +59,14 @@ STRATEGY_ARGS = {
         *("--strategy.temperature", "1.0", "--strategy.kl_lambda", "1.0", "--model.lr", "0.03"),
         *("--model.model", "./lfpt5-model"),
     ),
+    # merges at each task's end (issue 37): TIES's threshold over every rank's shards, MagMax's
+    # sequential fine-tuning from theta' (its default), the Fisher of every example of two batches,
+    # attribution's gate on each task's change
+    "linear_merge": ("--strategy", "linear_merge", "--strategy.alpha", "0.5"),
+    "ties": ("--strategy", "ties", "--strategy.top_k", "0.2"),
+    "magmax": ("--strategy", "magmax"),
+    "fisher_merge": ("--strategy", "fisher_merge", "--strategy.fisher_batches", "2"),
+    "attribution_merge": ("--strategy", "attribution_merge", *ATTRIBUTION),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -67,6 +75,21 @@ def clbench(root: Path, *args: str, timeout: int = 240) -> subprocess.CompletedP
     cmd = [sys.executable, "-m", "clbench", *args]
     out = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def torchrun_worker(worker: str, model: Path, out: Path) -> Path:
+    """`worker` (a file beside this one) on two ranks started by torchrun, given the model folder and
+    `out`, where it writes what it computed; `out`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*cmd, str(Path(__file__).with_name(worker)), str(model), str(out)],
+        env={**ENV, "PYTHONPATH": str(Path(__file__).parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 

@@ -4,6 +4,7 @@ the gradient added in the optimizer-step hook trains exactly as the penalty in t
 import pytest
 import torch
 
+from clbench.gradients import empirical_fisher
 from clbench.testing import quiet_trainer
 from strategies.ewc import EWC, ewc_penalty
 from strategies.seqft import SeqFT
@@ -205,7 +206,7 @@ def test_online_fisher_decays_and_the_anchor_moves(make_module, make_ctx, stream
     first = {n: f.clone() for n, f in ewc.fisher.items()}
     ctx = make_ctx(module, stream, 1, batch_size=12)  # one batch: the Fisher does not depend on shuffling
     fit_task(module, ewc, ctx, steps=2)  # trains with the penalty, then adds task 1's Fisher
-    new = EWC(fisher_batches=2).estimate_fisher(ctx, module.trainable_parameters())
+    new = empirical_fisher(ctx, module.trainable_parameters(), batches=2)
     for name, p in module.trainable_parameters().items():
         torch.testing.assert_close(ewc.fisher[name], 0.5 * first[name] + new[name])
         assert torch.equal(ewc.anchor[name], p.detach().float())

@@ -13,6 +13,7 @@ from strategies import REGISTRY, load
 
 OPTIONS = {
     "attribution": {"correct_threshold": 0.0, "max_prior_samples": 4, "prior_dtype": "float32"},
+    "attribution_merge": {"correct_threshold": 0.0, "max_prior_samples": 4, "prior_dtype": "float32"},
     "ewc": {"fisher_batches": 2},
     "freeze": {"lower_layers": 1},
     "replay": {"past_task_ratio": 0.5},
@@ -21,18 +22,21 @@ OPTIONS = {
     "agem": {"memory_per_task": 4},
     "ogd": {"directions_per_task": 2},
     "mbpa": {"replay_rate": 0.5},
+    "fisher_merge": {"fisher_batches": 2},
 }
 MODULE = {"o_lora": {"lora": LoRA(r=4, dropout=0.0)}}  # an adapter per task beside model.lora's
 # the others keep nothing between tasks (o_lora's adapters and the soft prompts are model weights), or,
 # gem / agem, show their memory only on a gradient that raises its loss (tests/strategies/test_gem.py),
 # or, lfpt5, keep pseudo examples this vocabulary cannot write: it has no marker words
 # (tests/strategies/test_lfpt5.py restores written ones)
+# or, the merges (strategies/merging.py), train as seqft and act at the task's end
+# (tests/strategies/test_merging.py restores their state into the next task's merge)
 STATEFUL = {"attribution", "ewc", "replay", "ssr", "ogd", "mbpa"}
 
 
 def build(name: str, tmp_path) -> object:
     options = dict(OPTIONS.get(name, {}))
-    if name == "attribution":
+    if name.startswith("attribution"):
         options["prior_dir"] = str(tmp_path / "priors")
     return load(name)(**options)
 
