@@ -24,13 +24,14 @@ Before task k > 0 (at the end of task k-1, so a resume finds them in the state),
 then (the current prompt) writes `pseudo_per_task` continuations of each earlier task j's generation
 prefix (j = 0..k-1), sampled at `temperature` from a generator seeded by the run's seed, k-1 and j.
 A continuation is cut where it starts a second example (GENERATE) and must split at exactly one
-ANSWER into a non-empty input and answer; for a classification task (Task.labels) the answer must be
-one of its labels (the authors' code keeps only pseudo examples with a valid label). What fails is
-dropped and counted. Task k trains on its own examples plus every kept pseudo example, shuffled
-together (pseudo rows in the format and limits of task k's prompts, as replay's and SSR's examples);
-they are written anew before every task, never accumulated, and no example of an earlier task is
-read after it finished (its longest generation target, in tokens, is kept from its end as the
-budget of its continuations). Pseudo rows train L_task and L_gen too (each after its own task's
+ANSWER into an input and an answer, neither blank (only the spaces the format puts around the marker
+are taken off: a code answer keeps its indentation); for a classification task (Task.labels) the
+answer must be one of its labels (the authors' code keeps only pseudo examples with a valid label).
+What fails is dropped and counted. Task k trains on its own examples plus every kept pseudo example,
+shuffled together (pseudo rows in the format and limits of task k's prompts, as replay's and SSR's
+examples); they are written anew before every task, never accumulated, and no example of an earlier
+task is read after it finished (its longest generation target, in tokens, is kept from its end as
+the budget of its continuations). Pseudo rows train L_task and L_gen too (each after its own task's
 prefix), so the prompt goes on being able to write them, as in the paper and the authors' code.
 
 The decoder reading, and where it departs from the paper or the authors' code:
@@ -122,12 +123,19 @@ def generation_target(example: Example) -> str:
 
 def parse(text: str) -> Example | None:
     """The example a continuation writes: the text before any second example, split at exactly one
-    answer marker into a non-empty input and answer; None when it does not."""
-    body = text.split(GENERATE, 1)[0]
+    answer marker into an input and an answer that are not blank; None when it does not.
+
+    Only what the format adds is taken off: the space on either side of the marker (the
+    `generation_target` format) and, where a second example follows, the whitespace before it. An
+    input's or answer's own leading whitespace (a code line's indentation) stays."""
+    body, *more = text.split(GENERATE, 1)
+    if more:
+        body = body.rstrip()
     if body.count(ANSWER) != 1:
         return None
-    prompt, answer = (part.strip() for part in body.split(ANSWER))
-    return Example(prompt, answer) if prompt and answer else None
+    prompt, answer = body.split(ANSWER)
+    prompt, answer = prompt.removesuffix(" "), answer.removeprefix(" ")
+    return Example(prompt, answer) if prompt.strip() and answer.strip() else None
 
 
 class LFPT5(CLStrategy):

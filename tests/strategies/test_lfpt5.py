@@ -134,11 +134,25 @@ def test_pseudo_examples_are_what_the_prompted_model_writes(make_module, make_ct
 
 
 def test_parse_needs_one_answer_marker_and_both_parts():
-    assert parse(" red green __ans__ five") == Example("red green", "five")
+    assert parse("red green __ans__ five") == Example("red green", "five")
     assert parse(generation_target(Example("a b", "c"))) == Example("a b", "c")
     assert parse("red __ans__ five __gen__ beta dog __ans__ six") == Example("red", "five")  # cut
     for text in ("red five", "red __ans__ five __ans__ six", " __ans__ five", "red __ans__ ", "__gen__ a"):
         assert parse(text) is None, text
+    assert parse("red __ans__  \n __gen__ b") is None  # a blank answer
+
+
+def test_parse_takes_off_only_the_formats_spaces():
+    """A code answer's indentation (and an input's own leading whitespace) is what the model wrote
+    of the example: only the marker's separating spaces go, and the break before a second example."""
+    for example in (
+        Example("def f(x):", "    return x\n"),
+        Example("  indented input", "\tanswer"),
+        Example("trailing space ", " two spaces"),
+    ):
+        assert parse(generation_target(example)) == example
+    code = Example("complete the loop:", "    for i in range(3):\n        print(i)")
+    assert parse(generation_target(code) + "\n__gen__ beta\nx __ans__ y") == code
 
 
 def labelled(stream: TaskStream) -> TaskStream:
