@@ -72,8 +72,10 @@ gradient (the previous model on the batch). The previous model needs no copy of 
 the same frozen backbone with the prompt as the task began (one prompt-sized tensor), put in front by
 the prompt selector (`set_prompts(select=...)`) while that forward runs. After every task but the
 last: pseudo_per_task continuations for each finished task, each at most the task's longest
-generation target (at most `max_pseudo_tokens`) long; a generation target in training is cut to
-`max_pseudo_tokens` tokens as well.
+generation target long. A generation target (`target_ids`) has at most min(`max_pseudo_tokens`, the
+task's max_prompt_tokens + max_answer_tokens) tokens: a longer input is cut from the left, as the
+runner cuts a prompt, and the answer marker, the answer and EOS are kept whole, so the writer learns
+to end every example, a long-input task's too.
 
 Several ranks: every rank writes the same continuations (rank 0's are broadcast) and runs both extra
 forwards on its rows every step (under FSDP2 every rank joins every forward); L_gen divides by the
@@ -92,7 +94,7 @@ from typing import Any
 import torch
 
 from clbench import distributed as dist
-from clbench.data.collate import IGNORE_INDEX, LeftPadCollator, answer_ids, format_prompt
+from clbench.data.collate import IGNORE_INDEX, LeftPadCollator, answer_ids, format_prompt, truncate_prompt
 from clbench.data.tasks import Example, Task
 from clbench.errors import ConfigError
 from clbench.files import write_json
@@ -119,6 +121,20 @@ def generation_prefix(task_name: str) -> str:
 def generation_target(example: Example) -> str:
     """What it learns to write after the prefix (EOS follows): input, answer marker, answer."""
     return f"{example.prompt} {ANSWER} {example.answer}"
+
+
+def target_ids(tokenizer, example: Example, task: Task, max_tokens: int) -> list[int]:
+    """The ids of `generation_target(example)` and EOS, as L_gen trains them: the input's ids, cut
+    from the LEFT as the runner cuts a prompt (`truncate_prompt`: the end holds the question; at most
+    the task's max_prompt_tokens), then those of " __ans__ " + answer and EOS, kept whole; in all at
+    most min(max_tokens, the task's max_prompt_tokens + max_answer_tokens). Only where the marker and
+    answer alone fill that does the target keep one input token and the marker and answer's first
+    ids, without EOS (the text goes on, as the runner's `fitted_answer`)."""
+    cap = min(max_tokens, task.max_prompt_tokens + task.max_answer_tokens)
+    tail = answer_ids(tokenizer, f" {ANSWER} {example.answer}")
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    prompt = truncate_prompt(prompt, min(task.max_prompt_tokens, cap - len(tail)), None)
+    return (prompt + tail)[:cap]
 
 
 def parse(text: str) -> Example | None:
@@ -153,7 +169,8 @@ class LFPT5(CLStrategy):
         kl_lambda: Weight of the KL between the previous and the current model on pseudo examples
             (the authors' code: 0.01, see the module docstring); 0 leaves it out.
         temperature: Sampling temperature of the continuations (0.7, not from the paper).
-        max_pseudo_tokens: Longest generation target, in tokens, trained and written.
+        max_pseudo_tokens: Longest generation target, in tokens, trained and written (and at most
+            the task's max_prompt_tokens + max_answer_tokens): longer inputs are cut from the left.
     """
 
     def __init__(
@@ -239,7 +256,7 @@ class LFPT5(CLStrategy):
         rows = (ids[mask.bool()] for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"]))
         index: dict[bytes, tuple[int, dict]] = {}
         for (t, ex), ids in zip(kept, rows, strict=True):
-            target = answer_ids(tok, generation_target(ex))[: self.max_pseudo_tokens]
+            target = target_ids(tok, ex, ctx.stream.tasks[t], self.max_pseudo_tokens)
             index.setdefault(row_key(ids), (t, {"prompt_ids": prefixes[t], "answer_ids": target}))
         return index
 
@@ -297,8 +314,10 @@ class LFPT5(CLStrategy):
         if t == len(ctx.stream) - 1:
             return
         tok = ctx.module.tokenizer
-        longest = max(len(answer_ids(tok, generation_target(ex))) for ex in ctx.task.train)
-        self.budget[ctx.task.name] = min(self.max_pseudo_tokens, longest)
+        # what L_gen trained it to write: its continuations get as many tokens as its longest target
+        self.budget[ctx.task.name] = max(
+            len(target_ids(tok, ex, ctx.task, self.max_pseudo_tokens)) for ex in ctx.task.train
+        )
         counts, kept = {}, []
         for j, task in enumerate(ctx.stream.tasks[: t + 1]):
             texts = ctx.service().generate_text(

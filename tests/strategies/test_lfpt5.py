@@ -28,6 +28,8 @@ from strategies.lfpt5 import (
     generation_prefix,
     generation_target,
     parse,
+    row_key,
+    target_ids,
 )
 
 
@@ -153,6 +155,57 @@ def test_parse_takes_off_only_the_formats_spaces():
         assert parse(generation_target(example)) == example
     code = Example("complete the loop:", "    for i in range(3):\n        print(i)")
     assert parse(generation_target(code) + "\n__gen__ beta\nx __ans__ y") == code
+
+
+def test_generation_target_cuts_a_long_input_from_the_left_and_keeps_the_answer_and_eos(
+    make_module, stream_of
+):
+    stream = stream_of(8)
+    tok = make_module(stream).tokenizer
+    words = lambda ids: tok.convert_ids_to_tokens(ids)  # noqa: E731
+    long = Example("alpha red green blue red green blue red", "one")
+    task = stream.tasks[0]  # max_prompt_tokens 1024, max_answer_tokens 512
+    end = ["__ans__", "one", "<eos>"]
+    assert target_ids(tok, long, task, 1024) == tok(generation_target(long))["input_ids"] + [tok.eos_token_id]
+    assert words(target_ids(tok, long, task, 6)) == ["green", "blue", "red", *end]  # max_pseudo_tokens
+    small = dataclasses.replace(task, max_prompt_tokens=4, max_answer_tokens=1)  # the task's budget: 5
+    assert words(target_ids(tok, long, small, 1024)) == ["blue", "red", *end]
+    short = dataclasses.replace(task, max_prompt_tokens=3)  # the input's own budget, as a prompt's
+    assert words(target_ids(tok, long, short, 1024)) == ["green", "blue", "red", *end]
+    # the marker and answer alone fill it: one input token, then their first ids (the text goes on)
+    assert words(target_ids(tok, long, task, 2)) == ["red", "__ans__"]
+
+
+def test_long_input_tasks_train_and_write_whole_examples(make_module, make_ctx, stream_of, fit_task):
+    """L_gen's target of a row whose input is too long ends in the answer marker, the answer and EOS
+    (the input cut from the left, within the row's own task's limits); each task's continuations get
+    its longest target's tokens."""
+    base = stream_of(8, 8)
+    long = [Example(f"{ex.prompt} red green blue red", ex.answer) for ex in base.tasks[0].train]
+    first = dataclasses.replace(base.tasks[0], train=long, max_prompt_tokens=2)
+    stream = TaskStream(name=base.name, tasks=[first, base.tasks[1]])
+    module = make_module(stream)
+    tok = module.tokenizer
+    strategy = prepared(module, stream, make_ctx, pseudo_per_task=1, max_pseudo_tokens=6)
+    ctx = make_ctx(module, stream, 0)
+    calls = scripted(ctx, lambda prefix, seed: ["alpha red green blue red green __ans__ two"])
+    fit_task(module, strategy, ctx, steps=1)
+    items = [item["answer_ids"] for _, item in strategy._rows.values()]
+    assert {tuple(tok.convert_ids_to_tokens(ids[-3:])) for ids in items} == {
+        ("__ans__", "one", "<eos>"),
+        ("__ans__", "two", "<eos>"),
+    }
+    assert all(len(ids) == 5 for ids in items)  # 2 words of the input (the task's max_prompt_tokens)
+    assert calls[0][1] == strategy.budget["alpha"] == 5
+
+    ctx = make_ctx(module, stream, 1)
+    strategy.on_task_start(ctx)
+    examples = strategy.training_examples(ctx, ctx.task.train)
+    assert examples[-1] == Example("alpha red green blue red green", "two")  # the pseudo row of alpha
+    batch = next(iter(ctx.services.make_loader(examples[-1:], False)))
+    task, item = strategy._rows[row_key(batch["input_ids"][0])]
+    assert task == 0 and item["answer_ids"] == target_ids(tok, examples[-1], first, 6)  # alpha's limits
+    assert tok.convert_ids_to_tokens(item["answer_ids"]) == ["red", "green", "__ans__", "two", "<eos>"]
 
 
 def labelled(stream: TaskStream) -> TaskStream:
