@@ -23,16 +23,19 @@ language model stays frozen; one prompt P of `prompt_length` virtual tokens trai
 Before task k > 0 (at the end of task k-1, so a resume finds them in the state), the model as it is
 then (the current prompt) writes `pseudo_per_task` continuations of each earlier task j's generation
 prefix (j = 0..k-1), sampled at `temperature` from a generator seeded by the run's seed, k-1 and j.
-A continuation is cut where it starts a second example (GENERATE) and must split at exactly one
-ANSWER into an input and an answer, neither blank (only the spaces the format puts around the marker
-are taken off: a code answer keeps its indentation); for a classification task (Task.labels) the
-answer must be one of its labels (the authors' code keeps only pseudo examples with a valid label).
-What fails is dropped and counted. Task k trains on its own examples plus every kept pseudo example,
-shuffled together (pseudo rows in the format and limits of task k's prompts, as replay's and SSR's
-examples); they are written anew before every task, never accumulated, and no example of an earlier
-task is read after it finished (its longest generation target, in tokens, is kept from its end as
-the budget of its continuations). Pseudo rows train L_task and L_gen too (each after its own task's
-prefix), so the prompt goes on being able to write them, as in the paper and the authors' code.
+A continuation must have ended its example, with EOS or by starting a second example (GENERATE),
+before the token limit (one that stopped there has its answer cut short and would train as whole,
+EOS after it: it is dropped, `unfinished`; Services.generate_text(ended=True) tells which). It is
+cut where it starts a second example and must split at exactly one ANSWER into an input and an
+answer, neither blank (only the spaces the format puts around the marker are taken off: a code
+answer keeps its indentation); for a classification task (Task.labels) the answer must be one of its
+labels (the authors' code keeps only pseudo examples with a valid label). What fails is dropped and
+counted. Task k trains on its own examples plus every kept pseudo example, shuffled together (pseudo
+rows in the format and limits of task k's prompts, as replay's and SSR's examples); they are written
+anew before every task, never accumulated, and no example of an earlier task is read after it
+finished (its longest generation target, in tokens, is kept from its end as the budget of its
+continuations). Pseudo rows train L_task and L_gen too (each after its own task's prefix), so the
+prompt goes on being able to write them, as in the paper and the authors' code.
 
 The decoder reading, and where it departs from the paper or the authors' code:
 
@@ -81,9 +84,10 @@ Several ranks: every rank writes the same continuations (rank 0's are broadcast)
 forwards on its rows every step (under FSDP2 every rank joins every forward); L_gen divides by the
 global batch's generation tokens / world size and L_kl by its rows / world size, so the ranks'
 average gradient is one process's. RUN_DIR/lfpt5/pseudo.json records, for every task end, what was
-written of each finished task (written, unparsed, invalid_label, kept) and the kept examples; the
-state is that record and the budgets, as the UTF-8 bytes of one JSON document. Prompt tuning wants a
-large learning rate (model.lr; the authors 0.5). LoRA is refused (the model is frozen).
+written of each finished task (written, unfinished, unparsed, invalid_label, kept) and the kept
+examples; the state is that record and the budgets, as the UTF-8 bytes of one JSON document. Prompt
+tuning wants a large learning rate (model.lr; the authors 0.5). LoRA is refused (the model is
+frozen).
 """
 
 from __future__ import annotations
@@ -320,18 +324,24 @@ class LFPT5(CLStrategy):
         )
         counts, kept = {}, []
         for j, task in enumerate(ctx.stream.tasks[: t + 1]):
-            texts = ctx.service().generate_text(
+            texts, ends = ctx.service().generate_text(
                 [generation_prefix(task.name)] * self.pseudo_per_task,
                 self.budget[task.name],
                 None,  # the model being trained, its prompt in front
                 self.temperature,
                 (ctx.seed * 1000 + t) * 1000 + j,
+                ended=True,
             )
             # the same on every rank already; rank 0's make sure every rank trains on the same examples
-            parsed = [parse(x) for x in dist.broadcast_object(texts)]
+            texts, ends = dist.broadcast_object((texts, ends))
+            # one that stopped at the token limit before it ended its example (EOS, or a second
+            # example begun) has its answer cut short: it would train as whole, EOS after it
+            finished = [x for x, end in zip(texts, ends, strict=True) if end or GENERATE in x]
+            parsed = [parse(x) for x in finished]
             examples = [ex for ex in parsed if ex is not None and is_label(ex, task)]
             counts[task.name] = {
-                "written": len(parsed),
+                "written": len(texts),
+                "unfinished": len(texts) - len(finished),
                 "unparsed": parsed.count(None),
                 "invalid_label": len(parsed) - parsed.count(None) - len(examples),
                 "kept": len(examples),
@@ -355,8 +365,8 @@ class LFPT5(CLStrategy):
         write_json(path, {"after_task": record})
 
     def used(self) -> dict[str, dict[str, dict[str, int]]]:
-        """Per task end, of each finished task: continuations written, unparsed, with an invalid
-        label, and kept."""
+        """Per task end, of each finished task: continuations written, unfinished (stopped at the
+        token limit), unparsed, with an invalid label, and kept."""
         return {after: doc["counts"] for after, doc in self.written.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -69,12 +69,15 @@ def backbone(module) -> dict[str, torch.Tensor]:
 
 
 def scripted(ctx, write) -> list[tuple]:
-    """Replace the model's writing with `write(prefix, seed)` -> texts; the calls are returned."""
+    """Replace the model's writing with `write(prefix, seed)` -> texts, each a continuation that
+    ended (EOS) or (text, whether it ended); the calls are returned."""
     calls = []
 
-    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0):
+    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0, ended=False):
         calls.append((list(prompts), max_new_tokens, model, temperature, seed))
-        return write(prompts[0], seed)[: len(prompts)]
+        rows = [(x, True) if isinstance(x, str) else x for x in write(prompts[0], seed)[: len(prompts)]]
+        texts = [text for text, _ in rows]
+        return (texts, [end for _, end in rows]) if ended else texts
 
     ctx.services.generate_text = generate_text
     return calls
@@ -118,14 +121,24 @@ def test_pseudo_examples_are_what_the_prompted_model_writes(make_module, make_ct
     tok = module.tokenizer
     longest = max(len(tok(generation_target(ex))["input_ids"]) + 1 for ex in ctx.task.train)  # + EOS
     assert max_new_tokens == longest == strategy.budget["alpha"] == 6
-    # the same prompt and seed, asked here: the continuations the strategy parsed
-    texts = module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed)
-    parsed = [parse(x) for x in texts]
+    # the same prompt and seed, asked here: the continuations the strategy parsed, those that ended
+    texts, ends = module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed, ended=True)
+    assert texts == module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed)
+    finished = [x for x, end in zip(texts, ends, strict=True) if end or GENERATE in x]
+    parsed = [parse(x) for x in finished]
     kept = [(0, ex) for ex in parsed if ex is not None]
     assert strategy.pseudo == kept and 0 < len(kept) < 24
+    unfinished = 24 - len(finished)
+    assert unfinished > 0 and any(parse(x) for x, end in zip(texts, ends) if not end)  # cut ones parse too
     assert strategy.used() == {
         "alpha": {
-            "alpha": {"written": 24, "unparsed": parsed.count(None), "invalid_label": 0, "kept": len(kept)}
+            "alpha": {
+                "written": 24,
+                "unfinished": unfinished,
+                "unparsed": parsed.count(None),
+                "invalid_label": 0,
+                "kept": len(kept),
+            }
         }
     }
     with torch.no_grad():  # other prompt weights, other writing
@@ -219,7 +232,7 @@ def test_what_fails_to_parse_or_names_no_label_is_dropped_and_counted(
 ):
     stream = labelled(stream_of(8, 8, 8))
     module = make_module(stream)
-    strategy = prepared(module, stream, make_ctx, pseudo_per_task=6)
+    strategy = prepared(module, stream, make_ctx, pseudo_per_task=7)
     labels = {t.name: t.labels for t in stream.tasks}  # alpha: one, two; beta: four, three
 
     def write(prefix: str, seed: int) -> list[str]:
@@ -230,14 +243,16 @@ def test_what_fails_to_parse_or_names_no_label_is_dropped_and_counted(
             "red green five",  # no answer marker
             f"red __ans__ {first} __ans__ {second}",  # two
             f"__ans__ {second}",  # no input
-            f"green __ans__ {second} __gen__ alpha red __ans__ {first}",  # kept, cut at the second
+            # kept, cut at the second example, which ran to the token limit
+            (f"green __ans__ {second} __gen__ alpha red __ans__ {first}", False),
+            (f"blue __ans__ {first}", False),  # stopped at the token limit: its answer may be cut
         ]
 
     for t in range(2):
         ctx = make_ctx(module, stream, t)
         scripted(ctx, write)
         fit_task(module, strategy, ctx, steps=1)
-    counts = {"written": 6, "unparsed": 3, "invalid_label": 1, "kept": 2}
+    counts = {"written": 7, "unfinished": 1, "unparsed": 3, "invalid_label": 1, "kept": 2}
     assert strategy.used() == {"alpha": {"alpha": counts}, "beta": {"alpha": counts, "beta": counts}}
     assert strategy.pseudo == [
         (0, Example("alpha red", "one")),
