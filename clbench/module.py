@@ -343,7 +343,8 @@ class CLModule(pl.LightningModule):
         batch_size: int = 16,
         temperature: float = 0.0,
         seed: int = 0,
-    ) -> list[str]:
+        ended: bool = False,
+    ) -> list[str] | tuple[list[str], list[bool]]:
         """Continuations of raw text prompts by `model` (default: the model being trained), in order:
         no prompt format, no post-processing, special tokens dropped. Greedy at temperature 0, else
         sampled from a generator seeded with `seed` (the global one is left as it was).
@@ -352,12 +353,14 @@ class CLModule(pl.LightningModule):
         copy of the starting model (`frozen_copy`). Every rank generates every prompt in the same
         batches from the same seed, so each holds the same list (a sharded model needs every rank in
         every forward anyway). A prompt longer than the model's context minus `max_new_tokens` keeps
-        its last tokens."""
+        its last tokens. With `ended`, (texts, ends): ends[i] says whether continuation i ended, that
+        is wrote EOS within `max_new_tokens` (False: it stopped at the token limit, its text cut
+        short; the decoded text alone cannot tell)."""
         model = self.model if model is None else model
         device = dist.local(next(model.parameters())).device
         context = getattr(dist.fsdp_root(model).config, "max_position_embeddings", None)
         keep = max(1, context - max_new_tokens) if context else None
-        config, was_training, texts = self._greedy(max_new_tokens), model.training, []
+        config, was_training, texts, ends = self._greedy(max_new_tokens), model.training, [], []
         if temperature > 0:  # plain sampling: no top-k or top-p cut
             config.update(do_sample=True, temperature=temperature, top_k=None, top_p=None)
         forked = [device] if device.type == "cuda" else []
@@ -372,11 +375,13 @@ class CLModule(pl.LightningModule):
                     out = model.generate(
                         **batch, generation_config=config, synced_gpus=dist.is_fully_sharded(model)
                     )
-                    width = batch["input_ids"].shape[1]
-                    texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                    new = out[:, batch["input_ids"].shape[1] :]
+                    texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+                    # a row stops at EOS (and is padded after it); one without EOS ran to the limit
+                    ends += (new == config.eos_token_id).any(-1).tolist()
         finally:
             model.train(was_training)
-        return texts
+        return (texts, ends) if ended else texts
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]

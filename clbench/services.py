@@ -126,12 +126,13 @@ class RunServices:
         model: torch.nn.Module | None = None,
         temperature: float = 0.0,
         seed: int = 0,
-    ) -> list[str]:
+        ended: bool = False,
+    ) -> list[str] | tuple[list[str], list[bool]]:
         """Free text from raw prompts (CLModule.generate_text), in the evaluation's batch size and
-        precision."""
+        precision; with `ended`, also whether each continuation ended (EOS) within max_new_tokens."""
         with self.quiet_trainer().precision_plugin.forward_context():
             return self.module.generate_text(
-                prompts, max_new_tokens, model, self.eval_batch_size, temperature, seed
+                prompts, max_new_tokens, model, self.eval_batch_size, temperature, seed, ended
             )
 
     def _tokenized(self, examples: list[Example], task: Task | None, with_answer: bool) -> TokenizedTask:

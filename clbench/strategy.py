@@ -77,7 +77,8 @@ class Services(Protocol):
     `generate_text(prompts, max_new_tokens, model, temperature, seed)` is free text from raw prompts
     (no prompt format, no post-processing) by `model` (a frozen copy, say; default the model being
     trained), greedy at temperature 0 or sampled from `seed`, under the run's precision, the same list
-    on every rank (CLModule.generate_text).
+    on every rank (CLModule.generate_text). With `ended=True` it returns (texts, ends), ends[i] whether
+    continuation i ended (wrote EOS) within max_new_tokens rather than stopping at the limit.
     """
 
     def make_loader(self, examples: list[Example], shuffle: bool, task: Task | None = None) -> DataLoader: ...
@@ -99,7 +100,8 @@ class Services(Protocol):
         model: torch.nn.Module | None = None,
         temperature: float = 0.0,
         seed: int = 0,
-    ) -> list[str]: ...
+        ended: bool = False,
+    ) -> list[str] | tuple[list[str], list[bool]]: ...
 
 
 @dataclass(frozen=True)

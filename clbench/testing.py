@@ -284,8 +284,10 @@ class ToyServices:
     def frozen_copy(self) -> torch.nn.Module:
         return self.module.frozen_copy()
 
-    def generate_text(self, prompts, max_new_tokens, model=None, temperature=0.0, seed=0) -> list[str]:
-        return self.module.generate_text(prompts, max_new_tokens, model, self.batch_size, temperature, seed)
+    def generate_text(self, prompts, max_new_tokens, model=None, temperature=0.0, seed=0, ended=False):
+        return self.module.generate_text(
+            prompts, max_new_tokens, model, self.batch_size, temperature, seed, ended
+        )
 
 
 def make_context(

@@ -23,15 +23,19 @@ language model stays frozen; one prompt P of `prompt_length` virtual tokens trai
 Before task k > 0 (at the end of task k-1, so a resume finds them in the state), the model as it is
 then (the current prompt) writes `pseudo_per_task` continuations of each earlier task j's generation
 prefix (j = 0..k-1), sampled at `temperature` from a generator seeded by the run's seed, k-1 and j.
-A continuation is cut where it starts a second example (GENERATE) and must split at exactly one
-ANSWER into a non-empty input and answer; for a classification task (Task.labels) the answer must be
-one of its labels (the authors' code keeps only pseudo examples with a valid label). What fails is
-dropped and counted. Task k trains on its own examples plus every kept pseudo example, shuffled
-together (pseudo rows in the format and limits of task k's prompts, as replay's and SSR's examples);
-they are written anew before every task, never accumulated, and no example of an earlier task is
-read after it finished (its longest generation target, in tokens, is kept from its end as the
-budget of its continuations). Pseudo rows train L_task and L_gen too (each after its own task's
-prefix), so the prompt goes on being able to write them, as in the paper and the authors' code.
+A continuation must have ended its example, with EOS or by starting a second example (GENERATE),
+before the token limit (one that stopped there has its answer cut short and would train as whole,
+EOS after it: it is dropped, `unfinished`; Services.generate_text(ended=True) tells which). It is
+cut where it starts a second example and must split at exactly one ANSWER into an input and an
+answer, neither blank (only the spaces the format puts around the marker are taken off: a code
+answer keeps its indentation); for a classification task (Task.labels) the answer must be one of its
+labels (the authors' code keeps only pseudo examples with a valid label). What fails is dropped and
+counted. Task k trains on its own examples plus every kept pseudo example, shuffled together (pseudo
+rows in the format and limits of task k's prompts, as replay's and SSR's examples); they are written
+anew before every task, never accumulated, and no example of an earlier task is read after it
+finished (its longest generation target, in tokens, is kept from its end as the budget of its
+continuations). Pseudo rows train L_task and L_gen too (each after its own task's prefix), so the
+prompt goes on being able to write them, as in the paper and the authors' code.
 
 The decoder reading, and where it departs from the paper or the authors' code:
 
@@ -71,16 +75,19 @@ gradient (the previous model on the batch). The previous model needs no copy of 
 the same frozen backbone with the prompt as the task began (one prompt-sized tensor), put in front by
 the prompt selector (`set_prompts(select=...)`) while that forward runs. After every task but the
 last: pseudo_per_task continuations for each finished task, each at most the task's longest
-generation target (at most `max_pseudo_tokens`) long; a generation target in training is cut to
-`max_pseudo_tokens` tokens as well.
+generation target long. A generation target (`target_ids`) has at most min(`max_pseudo_tokens`, the
+task's max_prompt_tokens + max_answer_tokens) tokens: a longer input is cut from the left, as the
+runner cuts a prompt, and the answer marker, the answer and EOS are kept whole, so the writer learns
+to end every example, a long-input task's too.
 
 Several ranks: every rank writes the same continuations (rank 0's are broadcast) and runs both extra
 forwards on its rows every step (under FSDP2 every rank joins every forward); L_gen divides by the
 global batch's generation tokens / world size and L_kl by its rows / world size, so the ranks'
 average gradient is one process's. RUN_DIR/lfpt5/pseudo.json records, for every task end, what was
-written of each finished task (written, unparsed, invalid_label, kept) and the kept examples; the
-state is that record and the budgets, as the UTF-8 bytes of one JSON document. Prompt tuning wants a
-large learning rate (model.lr; the authors 0.5). LoRA is refused (the model is frozen).
+written of each finished task (written, unfinished, unparsed, invalid_label, kept) and the kept
+examples; the state is that record and the budgets, as the UTF-8 bytes of one JSON document. Prompt
+tuning wants a large learning rate (model.lr; the authors 0.5). LoRA is refused (the model is
+frozen).
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ from typing import Any
 import torch
 
 from clbench import distributed as dist
-from clbench.data.collate import IGNORE_INDEX, LeftPadCollator, answer_ids, format_prompt
+from clbench.data.collate import IGNORE_INDEX, LeftPadCollator, answer_ids, format_prompt, truncate_prompt
 from clbench.data.tasks import Example, Task
 from clbench.errors import ConfigError
 from clbench.files import write_json
@@ -120,14 +127,35 @@ def generation_target(example: Example) -> str:
     return f"{example.prompt} {ANSWER} {example.answer}"
 
 
+def target_ids(tokenizer, example: Example, task: Task, max_tokens: int) -> list[int]:
+    """The ids of `generation_target(example)` and EOS, as L_gen trains them: the input's ids, cut
+    from the LEFT as the runner cuts a prompt (`truncate_prompt`: the end holds the question; at most
+    the task's max_prompt_tokens), then those of " __ans__ " + answer and EOS, kept whole; in all at
+    most min(max_tokens, the task's max_prompt_tokens + max_answer_tokens). Only where the marker and
+    answer alone fill that does the target keep one input token and the marker and answer's first
+    ids, without EOS (the text goes on, as the runner's `fitted_answer`)."""
+    cap = min(max_tokens, task.max_prompt_tokens + task.max_answer_tokens)
+    tail = answer_ids(tokenizer, f" {ANSWER} {example.answer}")
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    prompt = truncate_prompt(prompt, min(task.max_prompt_tokens, cap - len(tail)), None)
+    return (prompt + tail)[:cap]
+
+
 def parse(text: str) -> Example | None:
     """The example a continuation writes: the text before any second example, split at exactly one
-    answer marker into a non-empty input and answer; None when it does not."""
-    body = text.split(GENERATE, 1)[0]
+    answer marker into an input and an answer that are not blank; None when it does not.
+
+    Only what the format adds is taken off: the space on either side of the marker (the
+    `generation_target` format) and, where a second example follows, the whitespace before it. An
+    input's or answer's own leading whitespace (a code line's indentation) stays."""
+    body, *more = text.split(GENERATE, 1)
+    if more:
+        body = body.rstrip()
     if body.count(ANSWER) != 1:
         return None
-    prompt, answer = (part.strip() for part in body.split(ANSWER))
-    return Example(prompt, answer) if prompt and answer else None
+    prompt, answer = body.split(ANSWER)
+    prompt, answer = prompt.removesuffix(" "), answer.removeprefix(" ")
+    return Example(prompt, answer) if prompt.strip() and answer.strip() else None
 
 
 class LFPT5(CLStrategy):
@@ -145,7 +173,8 @@ class LFPT5(CLStrategy):
         kl_lambda: Weight of the KL between the previous and the current model on pseudo examples
             (the authors' code: 0.01, see the module docstring); 0 leaves it out.
         temperature: Sampling temperature of the continuations (0.7, not from the paper).
-        max_pseudo_tokens: Longest generation target, in tokens, trained and written.
+        max_pseudo_tokens: Longest generation target, in tokens, trained and written (and at most
+            the task's max_prompt_tokens + max_answer_tokens): longer inputs are cut from the left.
     """
 
     def __init__(
@@ -231,7 +260,7 @@ class LFPT5(CLStrategy):
         rows = (ids[mask.bool()] for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"]))
         index: dict[bytes, tuple[int, dict]] = {}
         for (t, ex), ids in zip(kept, rows, strict=True):
-            target = answer_ids(tok, generation_target(ex))[: self.max_pseudo_tokens]
+            target = target_ids(tok, ex, ctx.stream.tasks[t], self.max_pseudo_tokens)
             index.setdefault(row_key(ids), (t, {"prompt_ids": prefixes[t], "answer_ids": target}))
         return index
 
@@ -289,22 +318,30 @@ class LFPT5(CLStrategy):
         if t == len(ctx.stream) - 1:
             return
         tok = ctx.module.tokenizer
-        longest = max(len(answer_ids(tok, generation_target(ex))) for ex in ctx.task.train)
-        self.budget[ctx.task.name] = min(self.max_pseudo_tokens, longest)
+        # what L_gen trained it to write: its continuations get as many tokens as its longest target
+        self.budget[ctx.task.name] = max(
+            len(target_ids(tok, ex, ctx.task, self.max_pseudo_tokens)) for ex in ctx.task.train
+        )
         counts, kept = {}, []
         for j, task in enumerate(ctx.stream.tasks[: t + 1]):
-            texts = ctx.service().generate_text(
+            texts, ends = ctx.service().generate_text(
                 [generation_prefix(task.name)] * self.pseudo_per_task,
                 self.budget[task.name],
                 None,  # the model being trained, its prompt in front
                 self.temperature,
                 (ctx.seed * 1000 + t) * 1000 + j,
+                ended=True,
             )
             # the same on every rank already; rank 0's make sure every rank trains on the same examples
-            parsed = [parse(x) for x in dist.broadcast_object(texts)]
+            texts, ends = dist.broadcast_object((texts, ends))
+            # one that stopped at the token limit before it ended its example (EOS, or a second
+            # example begun) has its answer cut short: it would train as whole, EOS after it
+            finished = [x for x, end in zip(texts, ends, strict=True) if end or GENERATE in x]
+            parsed = [parse(x) for x in finished]
             examples = [ex for ex in parsed if ex is not None and is_label(ex, task)]
             counts[task.name] = {
-                "written": len(parsed),
+                "written": len(texts),
+                "unfinished": len(texts) - len(finished),
                 "unparsed": parsed.count(None),
                 "invalid_label": len(parsed) - parsed.count(None) - len(examples),
                 "kept": len(examples),
@@ -328,8 +365,8 @@ class LFPT5(CLStrategy):
         write_json(path, {"after_task": record})
 
     def used(self) -> dict[str, dict[str, dict[str, int]]]:
-        """Per task end, of each finished task: continuations written, unparsed, with an invalid
-        label, and kept."""
+        """Per task end, of each finished task: continuations written, unfinished (stopped at the
+        token limit), unparsed, with an invalid label, and kept."""
         return {after: doc["counts"] for after, doc in self.written.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ theta_prev), lives with attribution's priors: strategies/attribution/merge.py.)
                   tau_i = theta'_i - theta_0 of largest magnitude over the tasks so far:
                   theta <- theta_0 + scale * that
     fisher_merge  Fisher merging (Matena & Raffel 2022, NeurIPS, arXiv 2111.09832), one task at a time:
-                  theta <- (F_acc theta_prev + F_t theta') / (F_acc + F_t),  F_acc <- F_acc + F_t
+                  theta <- (F_acc theta_prev + F~_t theta') / (F_acc + F~_t),  F_acc <- F_acc + F_t
+                  (F~_t = max(F_t, fisher_floor): the new task's term alone is floored)
 
 Where the next task starts: from the merged model (the reading of issue 37: the merge is what the next
 task starts from and what is evaluated), for every method. TIES and MagMax also offer
@@ -40,14 +41,20 @@ Readings, from each paper's code where the paper leaves a choice open:
 - MagMax (its code's merge_max_abs): an element takes the newer task vector where its magnitude is >=
   the kept one's (ties go to the later task); one running vector holds the fold. scale 0.5: the value
   its code merges with.
-- Fisher merging: F_t is the diagonal empirical Fisher of task t on its own training data at theta'
-  (clbench.gradients.empirical_fisher, EWC's estimator; per example by default, as the paper's
-  per-example Fisher; no earlier task's data is kept), divided by its whole-model L2 norm (the paper's
-  code's `normalize_fishers`, on there by default: every task weighs the same whatever its Fisher's
-  scale) and floored at `fisher_floor` (the code's 1e-6 floor, which it puts on the target model's
-  Fisher: here the new task's, so an element no Fisher sees takes theta', and the denominator is never
-  0). Unrolled, the fold is the paper's all-at-once merge of every task's fine-tuned model:
-  theta_t = sum_i F~_i theta'_i / sum_i F~_i with F~_i the normalised, floored Fishers.
+- Fisher merging: F_t is the diagonal EMPIRICAL Fisher of task t on its own training data at theta'
+  (clbench.gradients.empirical_fisher, EWC's estimator: the squared gradients of the gold labels'
+  loss; per example by default, as the paper's per-example Fisher; no earlier task's data is kept).
+  The paper's code (mmatena/model_merging) takes the model's Fisher instead, the expectation over the
+  model's own predicted distribution of the squared gradients, not the gold labels'. F_t is divided
+  by its whole-model L2 norm (the paper's code's `normalize_fishers`, on there by default: every task
+  weighs the same whatever its Fisher's scale). The floor `fisher_floor` (the code's 1e-6, which its
+  `favor_target_model` puts on the target model's Fisher only) goes on the new task's term only:
+  theta <- (F_acc theta_prev + max(F_t, floor) theta') / (F_acc + max(F_t, floor)), and F_acc adds
+  the unfloored F_t, so an element no Fisher sees takes theta' and the denominator is never 0.
+  Unrolled, the fold is the paper's all-at-once merge of every task's fine-tuned model,
+  theta_t = sum_i F_i theta'_i / sum_i F_i with F_i the normalised Fishers, but where the floor
+  counts: where every Fisher so far is 0 the newest theta' is taken, as the paper's code takes the
+  target model's.
 
 What each keeps, per rank (its shards under FSDP2), for n trainable elements ("a copy": n in the
 parameters' dtype), and what a task's end costs (seconds: one CPU thread, 134.5M fp32 elements, the
@@ -73,7 +80,7 @@ zero moments. With LoRA only the adapters train, so the merges act on the adapte
 elementwise (not on their product). RUN_DIR/merge/<strategy>.json records, per task, what TIES
 trimmed (the threshold, the elements kept, those with kept entries of both signs so far), how much
 of MagMax's vector the task replaced, how far either merge is from theta_0 (L2), and the Fisher's
-norm, floored share and the mean weight F_t / (F_acc + F_t) the new task got.
+norm, floored share and the mean weight F~_t / (F_acc + F~_t) the new task got.
 """
 
 from __future__ import annotations
@@ -381,14 +388,16 @@ class MagMax(_TaskVectorMerge):
 
 
 class FisherMerge(CLStrategy):
-    """Fisher merging, one task at a time: theta <- (F_acc theta_prev + F_t theta') / (F_acc + F_t).
+    """Fisher merging, one task at a time: theta <- (F_acc theta_prev + F~_t theta') / (F_acc + F~_t)
+    with F~_t = max(F_t, fisher_floor), then F_acc <- F_acc + F_t (F_t: the empirical Fisher).
 
     Args:
         fisher_batches: Training batches of the finished task its Fisher is averaged over; None: all.
         per_sample: Square each example's gradient (the paper's per-example Fisher) instead of each batch's.
         normalize: Divide each task's Fisher by its whole-model L2 norm (the paper's code's default), so
             every task weighs the same.
-        fisher_floor: The least Fisher value of the new task's elements (the paper's code: 1e-6).
+        fisher_floor: The least Fisher value of the new task's term in its merge (the paper's code:
+            1e-6, on the target model's Fisher); F_acc keeps the unfloored Fishers.
     """
 
     def __init__(
@@ -406,7 +415,7 @@ class FisherMerge(CLStrategy):
             raise ValueError(f"fisher_merge.fisher_floor must be > 0, got {fisher_floor}")
         self.fisher_batches, self.per_sample = fisher_batches, per_sample
         self.normalize, self.fisher_floor = normalize, fisher_floor
-        self.fisher: Tensors = {}  # F_acc, the sum of the earlier tasks' (normalised, floored) Fishers
+        self.fisher: Tensors = {}  # F_acc, the sum of the earlier tasks' normalised Fishers (unfloored)
         self.prev: Tensors = {}
         self.record = MergeRecord("fisher_merge.json")
 
@@ -420,8 +429,8 @@ class FisherMerge(CLStrategy):
 
     @torch.no_grad()
     def merge(self, params: Tensors, fisher: Tensors) -> dict:
-        """Fold this task's Fisher `fisher` (at theta', laid out like `params`; normalised and floored
-        here, in place) and merge the model; what the record keeps."""
+        """Fold this task's Fisher `fisher` (at theta', laid out like `params`; normalised here, in
+        place; floored in its own term of the merge only) and merge the model; what the record keeps."""
         # exact squares summed in fp64, whose order (the sharding) barely shows, and the norm rounded
         # to fp32: one process's on every rank
         squares = sum(local(f).double().square().sum() for f in fisher.values())
@@ -433,11 +442,10 @@ class FisherMerge(CLStrategy):
             if self.normalize and norm > 0:
                 new.div_(norm)
             totals[0] += (new < self.fisher_floor).sum()
-            new.clamp_(min=self.fisher_floor)
             if name in self.fisher:
-                acc = local(self.fisher[name])
-                fisher_merge_(local(params[name]), local(prev[name]), acc, new)
-                totals[1] += (new / (acc + new)).sum(dtype=torch.float64)
+                acc, floored = local(self.fisher[name]), new.clamp(min=self.fisher_floor)
+                fisher_merge_(local(params[name]), local(prev[name]), acc, floored)
+                totals[1] += (floored / (acc + floored)).sum(dtype=torch.float64)
                 acc.add_(new)
             else:  # the first task: nothing to merge with, theta' is kept whole
                 self.fisher[name] = f

@@ -128,6 +128,36 @@ def test_generate_text_is_greedy_generation_of_raw_prompts_by_the_given_model(ti
     assert module.generate_text(prompts, 5) != expected
 
 
+def test_generate_text_reports_which_continuations_ended(tiny_model_dir):
+    """ended=True: whether each row wrote EOS within max_new_tokens. A model made to answer EOS
+    after one token and to repeat another token forever: the first row ends, the second runs to the
+    limit (its text alone does not show that it was cut)."""
+    import torch
+
+    module = CLModule(model=str(tiny_model_dir), lr=1e-3)
+    tok, model = module.tokenizer, module.model
+    prompts = ["Upper cat", "Is 12 even? Answer:"]
+    stop, go = (tok(p)["input_ids"][-1] for p in prompts)
+    assert stop != go
+    with torch.no_grad():  # the last hidden state is the last token's embedding, normalised
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.get_input_embeddings().weight, model.lm_head.weight
+        embed[:, :2] = torch.tensor([1.0, -1.0])  # dim 0: every token; dim 1: + after `stop` only
+        embed[stop, 1] = 1.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[:2] = 1.0
+        head.zero_()
+        head[tok.eos_token_id, 1] = 30.0  # EOS after `stop`
+        head[go, 0] = 10.0  # else `go`, again and again (sampled too: the other logits are 0)
+    texts, ends = module.generate_text(prompts, 4, ended=True)
+    assert ends == [True, False] and texts == ["", tok.decode([go] * 4)]
+    assert module.generate_text(prompts, 4) == texts  # without `ended`: the texts alone
+    texts, ends = module.generate_text(prompts, 4, batch_size=1, temperature=1.0, seed=3, ended=True)
+    assert ends == [True, False] and len(texts) == 2
+
+
 def test_added_adapters_act_and_train_only_when_named(tiny_model_dir):
     from clbench.models import LoRA
 

@@ -132,9 +132,12 @@ def assert_same_record(one: Path, two: Path, case: str) -> None:
         assert record["directions"] == 6  # 3 per task but the last, none already spanned
     elif case == "l2p":  # 20 training rows per task (one epoch), 2 prompts each
         assert all(sum(counts) == 40 for counts in record["chosen_while_training"].values())
-    elif case == "lfpt5":  # every rank trained on the same pseudo examples, some of each finished task
+    elif case == "lfpt5":  # every rank trained on the same pseudo examples, some written after task 0
+        # (the random model seldom ends a parseable example within the budget: most run to the token
+        # limit and are dropped, `unfinished`, so not every finished task keeps one)
         counts = [c for written in record["after_task"].values() for c in written["counts"].values()]
-        assert len(counts) == 3 and all(c["written"] == 96 and c["kept"] > 0 for c in counts)
+        assert len(counts) == 3 and all(c["written"] == 96 and c["unfinished"] > 0 for c in counts)
+        assert counts[0]["kept"] > 0
     else:
         assert sum(task["projected"] for task in record.values()) > 0
 

@@ -28,6 +28,8 @@ from strategies.lfpt5 import (
     generation_prefix,
     generation_target,
     parse,
+    row_key,
+    target_ids,
 )
 
 
@@ -67,12 +69,15 @@ def backbone(module) -> dict[str, torch.Tensor]:
 
 
 def scripted(ctx, write) -> list[tuple]:
-    """Replace the model's writing with `write(prefix, seed)` -> texts; the calls are returned."""
+    """Replace the model's writing with `write(prefix, seed)` -> texts, each a continuation that
+    ended (EOS) or (text, whether it ended); the calls are returned."""
     calls = []
 
-    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0):
+    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0, ended=False):
         calls.append((list(prompts), max_new_tokens, model, temperature, seed))
-        return write(prompts[0], seed)[: len(prompts)]
+        rows = [(x, True) if isinstance(x, str) else x for x in write(prompts[0], seed)[: len(prompts)]]
+        texts = [text for text, _ in rows]
+        return (texts, [end for _, end in rows]) if ended else texts
 
     ctx.services.generate_text = generate_text
     return calls
@@ -116,14 +121,24 @@ def test_pseudo_examples_are_what_the_prompted_model_writes(make_module, make_ct
     tok = module.tokenizer
     longest = max(len(tok(generation_target(ex))["input_ids"]) + 1 for ex in ctx.task.train)  # + EOS
     assert max_new_tokens == longest == strategy.budget["alpha"] == 6
-    # the same prompt and seed, asked here: the continuations the strategy parsed
-    texts = module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed)
-    parsed = [parse(x) for x in texts]
+    # the same prompt and seed, asked here: the continuations the strategy parsed, those that ended
+    texts, ends = module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed, ended=True)
+    assert texts == module.generate_text(prompts, max_new_tokens, None, 4, temperature, seed)
+    finished = [x for x, end in zip(texts, ends, strict=True) if end or GENERATE in x]
+    parsed = [parse(x) for x in finished]
     kept = [(0, ex) for ex in parsed if ex is not None]
     assert strategy.pseudo == kept and 0 < len(kept) < 24
+    unfinished = 24 - len(finished)
+    assert unfinished > 0 and any(parse(x) for x, end in zip(texts, ends) if not end)  # cut ones parse too
     assert strategy.used() == {
         "alpha": {
-            "alpha": {"written": 24, "unparsed": parsed.count(None), "invalid_label": 0, "kept": len(kept)}
+            "alpha": {
+                "written": 24,
+                "unfinished": unfinished,
+                "unparsed": parsed.count(None),
+                "invalid_label": 0,
+                "kept": len(kept),
+            }
         }
     }
     with torch.no_grad():  # other prompt weights, other writing
@@ -134,11 +149,76 @@ def test_pseudo_examples_are_what_the_prompted_model_writes(make_module, make_ct
 
 
 def test_parse_needs_one_answer_marker_and_both_parts():
-    assert parse(" red green __ans__ five") == Example("red green", "five")
+    assert parse("red green __ans__ five") == Example("red green", "five")
     assert parse(generation_target(Example("a b", "c"))) == Example("a b", "c")
     assert parse("red __ans__ five __gen__ beta dog __ans__ six") == Example("red", "five")  # cut
     for text in ("red five", "red __ans__ five __ans__ six", " __ans__ five", "red __ans__ ", "__gen__ a"):
         assert parse(text) is None, text
+    assert parse("red __ans__  \n __gen__ b") is None  # a blank answer
+
+
+def test_parse_takes_off_only_the_formats_spaces():
+    """A code answer's indentation (and an input's own leading whitespace) is what the model wrote
+    of the example: only the marker's separating spaces go, and the break before a second example."""
+    for example in (
+        Example("def f(x):", "    return x\n"),
+        Example("  indented input", "\tanswer"),
+        Example("trailing space ", " two spaces"),
+    ):
+        assert parse(generation_target(example)) == example
+    code = Example("complete the loop:", "    for i in range(3):\n        print(i)")
+    assert parse(generation_target(code) + "\n__gen__ beta\nx __ans__ y") == code
+
+
+def test_generation_target_cuts_a_long_input_from_the_left_and_keeps_the_answer_and_eos(
+    make_module, stream_of
+):
+    stream = stream_of(8)
+    tok = make_module(stream).tokenizer
+    words = lambda ids: tok.convert_ids_to_tokens(ids)  # noqa: E731
+    long = Example("alpha red green blue red green blue red", "one")
+    task = stream.tasks[0]  # max_prompt_tokens 1024, max_answer_tokens 512
+    end = ["__ans__", "one", "<eos>"]
+    assert target_ids(tok, long, task, 1024) == tok(generation_target(long))["input_ids"] + [tok.eos_token_id]
+    assert words(target_ids(tok, long, task, 6)) == ["green", "blue", "red", *end]  # max_pseudo_tokens
+    small = dataclasses.replace(task, max_prompt_tokens=4, max_answer_tokens=1)  # the task's budget: 5
+    assert words(target_ids(tok, long, small, 1024)) == ["blue", "red", *end]
+    short = dataclasses.replace(task, max_prompt_tokens=3)  # the input's own budget, as a prompt's
+    assert words(target_ids(tok, long, short, 1024)) == ["green", "blue", "red", *end]
+    # the marker and answer alone fill it: one input token, then their first ids (the text goes on)
+    assert words(target_ids(tok, long, task, 2)) == ["red", "__ans__"]
+
+
+def test_long_input_tasks_train_and_write_whole_examples(make_module, make_ctx, stream_of, fit_task):
+    """L_gen's target of a row whose input is too long ends in the answer marker, the answer and EOS
+    (the input cut from the left, within the row's own task's limits); each task's continuations get
+    its longest target's tokens."""
+    base = stream_of(8, 8)
+    long = [Example(f"{ex.prompt} red green blue red", ex.answer) for ex in base.tasks[0].train]
+    first = dataclasses.replace(base.tasks[0], train=long, max_prompt_tokens=2)
+    stream = TaskStream(name=base.name, tasks=[first, base.tasks[1]])
+    module = make_module(stream)
+    tok = module.tokenizer
+    strategy = prepared(module, stream, make_ctx, pseudo_per_task=1, max_pseudo_tokens=6)
+    ctx = make_ctx(module, stream, 0)
+    calls = scripted(ctx, lambda prefix, seed: ["alpha red green blue red green __ans__ two"])
+    fit_task(module, strategy, ctx, steps=1)
+    items = [item["answer_ids"] for _, item in strategy._rows.values()]
+    assert {tuple(tok.convert_ids_to_tokens(ids[-3:])) for ids in items} == {
+        ("__ans__", "one", "<eos>"),
+        ("__ans__", "two", "<eos>"),
+    }
+    assert all(len(ids) == 5 for ids in items)  # 2 words of the input (the task's max_prompt_tokens)
+    assert calls[0][1] == strategy.budget["alpha"] == 5
+
+    ctx = make_ctx(module, stream, 1)
+    strategy.on_task_start(ctx)
+    examples = strategy.training_examples(ctx, ctx.task.train)
+    assert examples[-1] == Example("alpha red green blue red green", "two")  # the pseudo row of alpha
+    batch = next(iter(ctx.services.make_loader(examples[-1:], False)))
+    task, item = strategy._rows[row_key(batch["input_ids"][0])]
+    assert task == 0 and item["answer_ids"] == target_ids(tok, examples[-1], first, 6)  # alpha's limits
+    assert tok.convert_ids_to_tokens(item["answer_ids"]) == ["red", "green", "__ans__", "two", "<eos>"]
 
 
 def labelled(stream: TaskStream) -> TaskStream:
@@ -152,7 +232,7 @@ def test_what_fails_to_parse_or_names_no_label_is_dropped_and_counted(
 ):
     stream = labelled(stream_of(8, 8, 8))
     module = make_module(stream)
-    strategy = prepared(module, stream, make_ctx, pseudo_per_task=6)
+    strategy = prepared(module, stream, make_ctx, pseudo_per_task=7)
     labels = {t.name: t.labels for t in stream.tasks}  # alpha: one, two; beta: four, three
 
     def write(prefix: str, seed: int) -> list[str]:
@@ -163,14 +243,16 @@ def test_what_fails_to_parse_or_names_no_label_is_dropped_and_counted(
             "red green five",  # no answer marker
             f"red __ans__ {first} __ans__ {second}",  # two
             f"__ans__ {second}",  # no input
-            f"green __ans__ {second} __gen__ alpha red __ans__ {first}",  # kept, cut at the second
+            # kept, cut at the second example, which ran to the token limit
+            (f"green __ans__ {second} __gen__ alpha red __ans__ {first}", False),
+            (f"blue __ans__ {first}", False),  # stopped at the token limit: its answer may be cut
         ]
 
     for t in range(2):
         ctx = make_ctx(module, stream, t)
         scripted(ctx, write)
         fit_task(module, strategy, ctx, steps=1)
-    counts = {"written": 6, "unparsed": 3, "invalid_label": 1, "kept": 2}
+    counts = {"written": 7, "unfinished": 1, "unparsed": 3, "invalid_label": 1, "kept": 2}
     assert strategy.used() == {"alpha": {"alpha": counts}, "beta": {"alpha": counts, "beta": counts}}
     assert strategy.pseudo == [
         (0, Example("alpha red", "one")),

@@ -172,27 +172,47 @@ def test_fisher_merge_formula_by_hand():
     torch.testing.assert_close(theta, torch.tensor([(1 + 15) / 4, (2 + 1.5) / 2.5, (0.5 + 1.5) / 1.0]))
 
 
-def test_fisher_merge_normalises_floors_and_folds(stream_of, tmp_path):
-    """Task 1 keeps theta' and its Fisher (each divided by its L2 norm, floored); task 2 merges
-    (F_acc theta_prev + F_2 theta') / (F_acc + F_2) and adds F_2 to F_acc."""
-    strategy = FisherMerge(normalize=True, fisher_floor=0.1)
-    module = Weights(w=torch.zeros(3))
-    stream = stream_of(1, 1)
-    ends, fishers = [torch.tensor([1.0, 1, 1]), torch.tensor([5.0, 3, 3])], [[3.0, 4, 0], [0.0, 0, 2]]
+def fisher_merged(strategy: FisherMerge, ends: list, fishers: list, stream, tmp_path) -> list:
+    """Task t ends at ends[t] with the Fisher fishers[t]: per task, its merge and its record."""
+    module, merges = Weights(w=torch.zeros(len(ends[0]))), []
     for t, (end, f) in enumerate(zip(ends, fishers, strict=True)):
-        ctx = StrategyContext(module, stream, t, tmp_path)
-        strategy.on_task_start(ctx)
+        strategy.on_task_start(StrategyContext(module, stream, t, tmp_path))
         with torch.no_grad():
-            module.params["w"].copy_(end)
+            module.params["w"].copy_(torch.tensor(end))
         entry = strategy.merge(module.params, {"w": torch.tensor(f)})
-    f1, f2 = torch.tensor([0.6, 0.8, 0.1]), torch.tensor([0.1, 0.1, 1.0])  # F/||F||, floored at 0.1
-    torch.testing.assert_close(module.params["w"].detach(), (f1 * ends[0] + f2 * ends[1]) / (f1 + f2))
+        merges.append((module.params["w"].detach().clone(), entry))
+    return merges
+
+
+def test_fisher_merge_normalises_floors_and_folds(stream_of, tmp_path):
+    """Task 1 keeps theta' and its Fisher (divided by its L2 norm, unfloored); task 2 merges
+    (F_acc theta_prev + F~_2 theta') / (F_acc + F~_2), F~_2 its Fisher floored, and adds the
+    unfloored F_2 to F_acc."""
+    strategy = FisherMerge(normalize=True, fisher_floor=0.1)
+    ends, fishers = [[1.0, 1, 1], [5.0, 3, 3]], [[3.0, 4, 0], [0.0, 0, 2]]
+    merged, entry = fisher_merged(strategy, ends, fishers, stream_of(1, 1), tmp_path)[-1]
+    f1, f2 = torch.tensor([0.6, 0.8, 0.0]), torch.tensor([0.0, 0.0, 1.0])  # F/||F||
+    floored = torch.tensor([0.1, 0.1, 1.0])  # F_2 floored at 0.1, in its own term only
+    by_hand = (f1 * torch.tensor(ends[0]) + floored * torch.tensor(ends[1])) / (f1 + floored)
+    torch.testing.assert_close(merged, by_hand)
+    assert merged[2].item() == 3.0  # F_acc is 0 there: theta' (the floor of F_1 no longer pulls it)
     torch.testing.assert_close(strategy.fisher["w"], f1 + f2)
     assert entry == {
         "fisher_norm": 2.0,
         "floored_share": pytest.approx(2 / 3),
-        "new_weight_mean": pytest.approx((0.1 / 0.7 + 0.1 / 0.9 + 1 / 1.1) / 3),
+        "new_weight_mean": pytest.approx((0.1 / 0.7 + 0.1 / 0.9 + 1 / 1.0) / 3),
     }
+
+
+def test_fisher_merge_takes_the_newest_theta_where_no_fisher_sees_an_element(stream_of, tmp_path):
+    """Zero Fisher everywhere: every task's merge is its own theta' (the floor is on the new task's
+    term only, as the paper's code floors the target model's Fisher), not the mean of all of them."""
+    strategy = FisherMerge(normalize=True)
+    ends = [[1.0, -4.0], [2.0, 0.5], [3.0, 7.0]]
+    merges = fisher_merged(strategy, ends, [[0.0, 0.0]] * 3, stream_of(1, 1, 1), tmp_path)
+    assert [merged.tolist() for merged, _ in merges] == ends  # not 1, 1.5, 2 (the mean so far)
+    assert torch.equal(strategy.fisher["w"], torch.zeros(2))
+    assert merges[-1][1] == {"fisher_norm": 0.0, "floored_share": 1.0, "new_weight_mean": 1.0}
 
 
 def test_fisher_merge_uses_the_tasks_empirical_fisher(make_module, make_ctx, stream_of):
@@ -207,7 +227,7 @@ def test_fisher_merge_uses_the_tasks_empirical_fisher(make_module, make_ctx, str
     fisher = empirical_fisher(ctx, module.trainable_parameters(), batches=1, per_sample=True)
     norm = sum(f.double().square().sum() for f in fisher.values()).sqrt().item()
     for name, f in fisher.items():
-        torch.testing.assert_close(strategy.fisher[name], (f / norm).clamp(min=1e-6))
+        torch.testing.assert_close(strategy.fisher[name], f / norm)  # F_acc: unfloored
 
 
 # -- attribution merging ---------------------------------------------------------------------------

@@ -27,9 +27,9 @@ def recording(ctx) -> list[tuple[list[str], int, torch.nn.Module | None, float, 
     """Every generate_text call the strategy makes through this context's services."""
     calls, real = [], ctx.services.generate_text
 
-    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0):
+    def generate_text(prompts, max_new_tokens, model=None, temperature=0.0, seed=0, ended=False):
         calls.append((list(prompts), max_new_tokens, model, temperature, seed))
-        return real(prompts, max_new_tokens, model, temperature, seed)
+        return real(prompts, max_new_tokens, model, temperature, seed, ended)
 
     ctx.services.generate_text = generate_text
     return calls
