@@ -42,6 +42,11 @@ def run_columns(results: dict) -> dict[str, float | None]:
     train, evaluate = timings.get("train_s"), timings.get("eval_s")
     general_s = timings.get("general_s", 0.0)
     cols["wall time s"] = None if train is None or evaluate is None else train + evaluate + general_s
+    # the costs a method adds: per optimizer step (GEM's memory gradients, OGD's projection), and at
+    # evaluation (MbPA++'s local adaptation, L2P's prompt lookup), beside the same split's seqft
+    steps = sum((timings.get("steps") or {}).values())
+    cols["step time s"] = train / steps if train is not None and steps else None
+    cols["eval time s"] = evaluate
     cols["peak memory MB"] = timings.get("peak_memory_mb")
     return cols
 
@@ -100,7 +105,7 @@ def _columns(rows: list[dict]) -> list[str]:
 
 def _cell(cell: Cell, column: str) -> str:
     mean, std = cell
-    digits = 0 if column in ("wall time s", "peak memory MB") else 3
+    digits = 0 if column in ("wall time s", "eval time s", "peak memory MB") else 3
     if mean is None:
         return ""
     sign = "+" if column.startswith("Δ") else ""

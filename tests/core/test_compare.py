@@ -25,7 +25,7 @@ def fake_run(seed, op, bwt_trace, bwt_gem, fwt, final_a, train_s, eval_s, mem):
         "tasks": ["a"],
         "summary": {"OP": op, "BWT_TRACE": bwt_trace, "BWT_GEM": bwt_gem, "FWT": fwt},
         "per_task": {"a": {"final": final_a}},
-        "timings": {"train_s": train_s, "eval_s": eval_s, "peak_memory_mb": mem},
+        "timings": {"train_s": train_s, "eval_s": eval_s, "peak_memory_mb": mem, "steps": {"a": 4}},
     }
 
 
@@ -55,6 +55,8 @@ def test_aggregate_and_tables():
     assert seqft["final a"] == pytest.approx((0.6, math.sqrt(0.08)))
     assert seqft["wall time s"] == pytest.approx((15.0, math.sqrt(18.0)))  # 12 and 18
     assert seqft["peak memory MB"] == pytest.approx((150.0, math.sqrt(5000.0)))
+    assert seqft["step time s"] == pytest.approx((3.0, math.sqrt(0.5)))  # 10 and 14 s over 4 steps
+    assert seqft["eval time s"] == pytest.approx((3.0, math.sqrt(2.0)))
     assert replay["OP"] == (0.9, None) and replay["n_seeds"] == 1
 
     md = markdown_table([seqft, replay]).splitlines()
@@ -65,7 +67,7 @@ def test_aggregate_and_tables():
         "| seqft | 2 | 0.600 ± 0.141 | -0.300 ± 0.141 | -0.100 |  |  | 0.600 ± 0.283 | 15 ± 4 |"
     )
     assert "[seed 2](runs/seqft-seed2/results.md)" in md[2]
-    assert md[3].startswith("| replay | 1 | 0.900 | 0.000 | 0.000 |  |  | 0.900 | 22 | 150 |")
+    assert md[3].startswith("| replay | 1 | 0.900 | 0.000 | 0.000 |  |  | 0.900 | 22 | 5.000 | 2 | 150 |")
 
     rows = list(csv.DictReader(csv_text([seqft, replay]).splitlines()))
     assert [r["strategy"] for r in rows] == ["seqft", "replay"]
