@@ -28,6 +28,11 @@ def make_run(root: Path, name: str, status: str) -> Path:
     (run / "config.yaml").write_text("seed_everything: 1\n")
     (run / "importance" / "gate.json").write_text("{}")
     (run / "predictions" / "after_1.jsonl").write_text("{}\n")
+    (run / "gem").mkdir()
+    (run / "gem" / "projections.json").write_text("{}")  # any strategy's record, a plugin's too
+    (run / "gem" / "huge.json").write_text(" " * (1 << 20))  # not a record: too large
+    (run / "general" / "after_0").mkdir(parents=True)
+    (run / "general" / "after_0" / "x.json").write_text("{}")  # lm-eval samples stay behind
     return run
 
 
@@ -39,7 +44,7 @@ def test_only_finished_runs_and_their_small_files_are_kept(tmp_path):
     kept = tmp_path / "kept" / "study" / "runs"
     assert [p.name for p in kept.iterdir()] == ["lrp-q20-seed1"]
     files = sorted(str(p.relative_to(kept / "lrp-q20-seed1")) for p in kept.rglob("*") if p.is_file())
-    assert files == ["config.yaml", "importance/gate.json", "results.json"]
+    assert files == ["config.yaml", "gem/projections.json", "importance/gate.json", "results.json"]
 
 
 def test_the_archive_is_not_ignored_by_git():
