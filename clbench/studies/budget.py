@@ -35,6 +35,9 @@ from clbench.reporting import plt, save_figure
 
 SOURCES = ("lrp", "grad_x_weight", "fisher", "magnitude", "random")
 
+# model.* settings of the optimiser: presets of one strategy may tune them (analyze select)
+OPTIMISER_SETTINGS = ("lr", "weight_decay", "betas", "warmup_steps", "schedule", "keep_optimizer_state")
+
 
 def read_run(folder: Path) -> dict | None:
     """One completed run: strategy settings, seed and what the study needs from its results."""
@@ -51,9 +54,14 @@ def read_run(folder: Path) -> dict | None:
             if "update_mass_removed" in e
         ]
     setup = {"model": cfg.get("model"), "score_split": record.score_split}
+    tuned = {k: v for k, v in (cfg.get("model") or {}).items() if k not in OPTIMISER_SETTINGS}
+    model_setup = {"model": tuned, "score_split": record.score_split}
     return {
         "folder": folder,
         "setup": json.dumps(setup, sort_keys=True, default=str),  # what must match to compare runs
+        # what must match to choose among presets: a preset may tune the optimiser (prompt methods'
+        # lr), not the model, its LoRA or the split
+        "model_setup": json.dumps(model_setup, sort_keys=True, default=str),
         "name": record.entry,
         "class": record.strategy_class,
         "estimator": args.get("estimator", "lrp"),
@@ -128,10 +136,10 @@ def collect(comparisons: Path | list[Path], baseline: str = "seqft") -> dict:
     return out
 
 
-def comparable_runs(runs: list[dict]) -> list[dict]:
-    """The runs, refused when two share a name and seed (one would count twice) or when their model
-    settings or score split differ (LoRA against full fine-tuning, eval against test: analyse such
-    sets separately)."""
+def comparable_runs(runs: list[dict], setup: str = "setup") -> list[dict]:
+    """The runs, refused when two share a name and seed (one would count twice) or when their
+    `setup` differs: "setup", model settings or score split (LoRA against full fine-tuning, eval
+    against test: analyse such sets separately); "model_setup", the same less OPTIMISER_SETTINGS."""
     seen: dict[tuple[str, object], Path] = {}
     for r in runs:
         key = (r["name"], r["seed"])
@@ -140,7 +148,7 @@ def comparable_runs(runs: list[dict]) -> list[dict]:
         seen[key] = r["folder"]
     first = runs[0] if runs else None
     for r in runs:
-        if r["setup"] != first["setup"]:
+        if r[setup] != first[setup]:
             raise ConfigError(
                 f"{first['folder']} and {r['folder']}: different model settings or score split; "
                 "compare like with like (analyse them separately)"

@@ -7,8 +7,9 @@ presets of configs/study/); runs scored on the test split are refused, so a choi
 see the numbers it will be judged by. Runs are grouped by strategy class (ewc, lwf, replay, ...);
 within a group the preset with the highest mean of `--by` wins (OP by default: BWT alone would
 pick whatever learns least), each mean over the seeds every preset of the group ran, so no preset
-is favoured by a luckier seed. Runs of other model settings are refused
-(budget.comparable_runs, per strategy class). Writes selection.md beside the runs: every candidate, and the
+is favoured by a luckier seed. Within a class, presets may differ in the optimiser's settings
+(model.lr, the schedule: prompt methods tune their lr) but not in the model, its LoRA or the split
+(budget.comparable_runs). Writes selection.md beside the runs: every candidate, and the
 chosen preset per strategy, to run on the test split over the study's seeds (in the first folder
 when there are several: tuning runs side by side, one compare per folder).
 """
@@ -47,7 +48,7 @@ def candidates(comparisons: list[Path]) -> dict[str, dict[str, list[dict]]]:
     if not groups:
         raise ConfigError(f"{where}: no finished run to choose from")
     for strategy, presets in groups.items():
-        comparable_runs([r for rs in presets.values() for r in rs])
+        comparable_runs([r for rs in presets.values() for r in rs], setup="model_setup")
         shared = set.intersection(*({r["seed"] for r in rs} for rs in presets.values()))
         if not shared:
             raise ConfigError(f"{where}: the {strategy} presets share no seed; run them on the same seeds")

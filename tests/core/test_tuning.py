@@ -66,6 +66,8 @@ def test_classes_with_different_model_settings_are_chosen_separately_but_not_mix
         config.write_text(config.read_text() + "model: {lora: {r: 8}}\n")
     assert select(tmp_path) == {"o_lora": "o_lora-l5", "ssr": "ssr-s20"}
     config = tmp_path / "runs" / "o_lora-l05-seed1" / "config.yaml"
+    config.write_text(config.read_text().replace("{lora: {r: 8}}", "{lora: {r: 8}, lr: 0.01}"))
+    assert select(tmp_path)["o_lora"] == "o_lora-l5"  # a preset may tune the optimiser (prompt methods' lr)
     config.write_text(config.read_text().replace("r: 8", "r: 4"))
     with pytest.raises(ConfigError, match="different model settings"):
         select(tmp_path)
