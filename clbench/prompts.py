@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.data.collate import IGNORE_INDEX, position_ids_for
+from clbench.errors import ConfigError
 
 Selector = Callable[[Tensor | None, Tensor, Tensor | None], Tensor]
 
@@ -142,6 +143,14 @@ class SoftPrompts(nn.Module):
 
 
 @functools.cache
+def refuse_adapters(module: nn.Module, what: str) -> None:
+    """One line for a prompt method given model.lora: it freezes the backbone, so LoRA adapters
+    beside its prompts would stay frozen at zero. `what`: "<strategy> trains <its prompts>"."""
+    if module.adapter_names():
+        why = "LoRA adapters would stay frozen at zero"
+        raise ConfigError(f"{what} on a frozen model: unset model.lora ({why})")
+
+
 def _argument_names(forward: Callable) -> list[str]:
     return list(inspect.signature(forward).parameters)[1:]  # after self
 

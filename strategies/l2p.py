@@ -73,7 +73,7 @@ from clbench.data.collate import IGNORE_INDEX
 from clbench.encoding import mean_last_hidden
 from clbench.errors import ConfigError
 from clbench.files import write_json
-from clbench.prompts import SoftPrompts
+from clbench.prompts import SoftPrompts, refuse_adapters
 from clbench.strategy import CLStrategy, StrategyContext
 
 POOL, KEYS = "l2p_pool", "l2p_keys"  # the soft prompts' names (model parameters)
@@ -145,11 +145,7 @@ class L2P(CLStrategy):
         self._soft: SoftPrompts | None = None  # the model's prompts (read at each call: FSDP2 swaps them)
 
     def prepare_model(self, ctx: StrategyContext) -> None:
-        if ctx.module.adapter_names():
-            raise ConfigError(
-                "l2p trains a prompt pool on a frozen model: unset model.lora "
-                "(LoRA adapters would stay frozen at zero)"
-            )
+        refuse_adapters(ctx.module, "l2p trains a prompt pool")
         names = ctx.module.prompt_names()
         if names == [POOL, KEYS]:  # a module another instance prepared (a resume builds it anew)
             return

@@ -102,7 +102,7 @@ from clbench.data.collate import IGNORE_INDEX, LeftPadCollator, answer_ids, form
 from clbench.data.tasks import Example, Task
 from clbench.errors import ConfigError
 from clbench.files import write_json
-from clbench.prompts import SoftPrompts
+from clbench.prompts import SoftPrompts, refuse_adapters
 from clbench.strategy import (
     CLStrategy,
     StrategyContext,
@@ -210,11 +210,7 @@ class LFPT5(CLStrategy):
         self._rows: dict[bytes, tuple[int, dict]] = {}  # a training row's tokens -> (task, generation item)
 
     def prepare_model(self, ctx: StrategyContext) -> None:
-        if ctx.module.adapter_names():
-            raise ConfigError(
-                "lfpt5 trains one soft prompt on a frozen model: unset model.lora "
-                "(LoRA adapters would stay frozen at zero)"
-            )
+        refuse_adapters(ctx.module, "lfpt5 trains one soft prompt")
         names = ctx.module.prompt_names()
         if names == [PROMPT]:  # a module another instance prepared (a resume builds it anew)
             return

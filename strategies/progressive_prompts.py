@@ -30,6 +30,7 @@ import torch
 from clbench.distributed import full
 from clbench.errors import ConfigError
 from clbench.files import write_json
+from clbench.prompts import refuse_adapters
 from clbench.strategy import CLStrategy, StrategyContext
 
 
@@ -48,11 +49,7 @@ class ProgressivePrompts(CLStrategy):
         self.norms: dict[str, dict[str, float]] = {}
 
     def prepare_model(self, ctx: StrategyContext) -> None:
-        if ctx.module.adapter_names():
-            raise ConfigError(
-                "progressive_prompts trains soft prompts on a frozen model: unset model.lora "
-                "(LoRA adapters would stay frozen at zero)"
-            )
+        refuse_adapters(ctx.module, "progressive_prompts trains soft prompts")
         self.prompts = [f"progressive_task{t}" for t in range(len(ctx.stream))]
         names = ctx.module.prompt_names()
         if names == self.prompts:  # a module another instance prepared (a resume builds it anew)
