@@ -42,8 +42,8 @@ def run_columns(results: dict) -> dict[str, float | None]:
     train, evaluate = timings.get("train_s"), timings.get("eval_s")
     general_s = timings.get("general_s", 0.0)
     cols["wall time s"] = None if train is None or evaluate is None else train + evaluate + general_s
-    # the costs a method adds: per optimizer step (GEM's memory gradients, OGD's projection), and at
-    # evaluation (MbPA++'s local adaptation, L2P's prompt lookup), beside the same split's seqft
+    # the costs a strategy adds per optimizer step (its own gradients or projections) and at
+    # evaluation (its own answers), read beside another strategy's on the same split and machine
     steps = sum((timings.get("steps") or {}).values())
     cols["step time s"] = train / steps if train is not None and steps else None
     cols["eval time s"] = evaluate
